@@ -1,0 +1,96 @@
+"""Command-line flags, tolerant of how ModelArts/Xihe call the boot file.
+
+The platform passes every value as a string (`--epochs=30`, `--freeze=true`), names outputs `output_path` /
+`train_url` as well as `output_url`, and may add flags of its own (`--init_method`, ...). Unknown flags get one warning.
+"""
+import argparse
+import sys
+
+from resnet import ARCHS
+
+TRUE_WORDS = {"true", "1", "yes", "y", "on"}
+FALSE_WORDS = {"false", "0", "no", "n", "off"}
+DEVICE_TARGETS = ("auto", "CPU", "GPU", "Ascend")
+
+
+def str2bool(value):
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {value!r}")
+
+
+def _bounded(kind, low, inclusive=True):
+    """A type that also enforces a lower bound, so `--epochs=0` is refused as early as `--epochs=ten`."""
+    def parse(value):
+        number = kind(value)
+        if number < low or (not inclusive and number == low):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {value}")
+        return number
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _device(value):
+    for target in DEVICE_TARGETS:
+        if value.strip().lower() == target.lower():
+            return target
+    raise argparse.ArgumentTypeError(f"choose from {', '.join(DEVICE_TARGETS)}")
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; a platform log wants one line."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_args_parser():
+    parser = _OneLineErrors(
+        description="Train a ResNet image classifier with MindSpore on CIFAR-10 (binary) or an ImageFolder dataset. "
+                    "Runs locally and as the boot file of a Xihe/ModelArts training job.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--data_url", "--data_path", dest="data_url", required=True,
+                    help="folder holding CIFAR-10 binary files or train/ and val/ class folders (searched recursively)")
+    io.add_argument("--pretrain_url", "--pretrain_path", dest="pretrain_url", default=None,
+                    help="a .ckpt to start from (e.g. ImageNet weights); a head of another size is re-initialised")
+    io.add_argument("--output_url", "--output_path", "--train_url", dest="output_url", default="output",
+                    help="where checkpoints, the MindIR export, labels.json, metrics.json and curves.png go")
+    io.add_argument("--aim_repo", default=None,
+                    help="folder that holds the Aim repo (.aim is created inside); default: the output folder")
+
+    hp = parser.add_argument_group("hyperparameters")
+    hp.add_argument("--epochs", type=_bounded(int, 1), default=10)
+    hp.add_argument("--batch_size", type=_bounded(int, 1), default=18, help="per-device batch size")
+    hp.add_argument("--lr", type=_bounded(float, 0.0, inclusive=False), default=0.001,
+                    help="peak learning rate (after warmup) of momentum SGD with a cosine schedule")
+    hp.add_argument("--momentum", type=_bounded(float, 0.0), default=0.9)
+    hp.add_argument("--weight_decay", type=_bounded(float, 0.0), default=1e-4,
+                    help="L2 on conv and dense weights (not on BatchNorm or biases)")
+    hp.add_argument("--warmup_epochs", type=_bounded(float, 0.0), default=0.0, help="linear warmup length")
+    hp.add_argument("--image_size", type=_bounded(int, 32), default=224,
+                    help="train/val crop size; CIFAR-10 is resized to it unless it is 32")
+    hp.add_argument("--arch", type=str.lower, choices=sorted(ARCHS), default="resnet50")
+    hp.add_argument("--num_classes", type=_bounded(int, 2), default=None, help="default: from the data")
+    hp.add_argument("--freeze", type=str2bool, nargs="?", const=True, default=False,
+                    help="fixed-feature mode: train only the classifier head on a frozen backbone")
+    hp.add_argument("--seed", type=int, default=1)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")
+    run.add_argument("--num_workers", type=_bounded(int, 1), default=None,
+                     help="data pipeline workers; default and maximum: the number of cores")
+    run.add_argument("--experiment", default=None, help="Aim experiment name; default: the dataset's name")
+    return parser
+
+
+def parse_args(argv=None, warn=None):
+    """Parse known flags; warn once about the rest and ignore them."""
+    args, unknown = get_args_parser().parse_known_args(argv)
+    if unknown:
+        (warn or (lambda msg: print(msg, file=sys.stderr)))(
+            f"warning: ignoring unknown arguments: {' '.join(unknown)}")
+    return args

@@ -1,0 +1,71 @@
+"""Writing the job's outputs: checkpoints, labels.json, metrics.json, curves.png and the MindIR export.
+
+Every file is written to a temporary name and renamed into place, so a killed job never leaves a half-written output.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _temporary(path):
+    # MindSpore appends ".ckpt"/".mindir" to names that lack them, so keep the suffix last.
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def write_json(path, data):
+    path = Path(path)
+    tmp = _temporary(path)
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(net, path):
+    import mindspore as ms
+    path = Path(path)
+    tmp = _temporary(path)
+    ms.save_checkpoint(net, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_labels(path, class_names, image_size, mean, std, arch, dataset):
+    """What inference needs to turn the network's outputs back into class names."""
+    write_json(path, {"class_names": list(class_names), "num_classes": len(class_names), "image_size": image_size,
+                      "mean": list(mean), "std": list(std), "input_scale": "0-255", "arch": arch,
+                      "dataset": dataset})
+
+
+def export_mindir(net, image_size, path):
+    """A MindIR graph with a batch-1 NCHW float32 input: servable without the network's Python code."""
+    import mindspore as ms
+    path = Path(path)
+    tmp = _temporary(path)
+    net.set_train(False)
+    sample = ms.Tensor(np.zeros((1, 3, image_size, image_size), np.float32))
+    ms.export(net, sample, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
+    os.replace(tmp, path)
+
+
+def plot_curves(history, path):
+    """Loss (train and val) and val accuracy by epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], "o-", color="tab:green")
+    ax_acc.set(title="val accuracy", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(epochs)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = _temporary(path)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

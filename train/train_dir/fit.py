@@ -1,0 +1,193 @@
+"""Fitting: device and mode set-up, the optimiser and its schedule, and the epoch bookkeeping callbacks.
+
+Training runs through `mindspore.train.Model.fit` in GRAPH_MODE (the fastest mode on CPU, and the usual one on
+GPU/Ascend); per-epoch work (validation numbers, checkpoints, metrics.json, the console line) happens in callbacks.
+"""
+import math
+import os
+import platform
+import sys
+import time
+
+import mindspore as ms
+import mindspore.nn as nn
+import numpy as np
+from mindspore.train import Callback, Model
+
+from errors import UserError
+from export import save_checkpoint, write_json
+
+PREFERRED_DEVICES = ("Ascend", "GPU", "CPU")
+
+
+# ---------------------------------------------------------------- device
+
+def tune_cpu_env(environ=os.environ):
+    """oneDNN in MindSpore picks a reference convolution kernel on AVX-512 CPUs (10-30x slower).
+
+    Capping the ISA at AVX2 selects the fast JIT GEMM kernels. It must be set before the first op, and a value
+    the user set wins.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+
+def available_devices():
+    """The device targets this MindSpore build can use, best first."""
+    try:
+        from mindspore import hal  # MindSpore >= 2.2
+        return [d for d in PREFERRED_DEVICES if hal.is_available(d)]
+    except (ImportError, AttributeError):
+        return [ms.get_context("device_target")]
+
+
+def choose_device(requested, available):
+    """`auto` takes the best available target; an explicit one must be available."""
+    if requested == "auto":
+        for target in PREFERRED_DEVICES:
+            if target in available:
+                return target
+        raise UserError("no usable device found by MindSpore")
+    if requested not in available:
+        raise UserError(f"--device_target {requested} is not available in this MindSpore installation "
+                        f"(available: {', '.join(available) or 'none'})")
+    return requested
+
+
+def setup_device(requested):
+    target = choose_device(requested, available_devices())
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=target)
+    return target
+
+
+# ---------------------------------------------------------------- optimiser
+
+def cosine_lr(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0):
+    """Per-step learning rates: linear warmup to `base_lr`, then cosine decay to zero."""
+    total = epochs * steps_per_epoch
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    step = np.arange(total, dtype=np.float64)
+    warm = base_lr * (step + 1) / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    cosine = 0.5 * base_lr * (1 + np.cos(math.pi * progress))
+    return np.where(step < warmup, warm, cosine).astype(np.float32)
+
+
+def create_optimizer(net, lr_schedule, momentum, weight_decay):
+    """Momentum SGD over the trainable parameters; no weight decay on BatchNorm and biases."""
+    params = net.trainable_params()
+    decay = [p for p in params if len(p.shape) > 1]
+    no_decay = [p for p in params if len(p.shape) <= 1]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups.append({"order_params": params})
+    return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
+
+
+def create_trainer(net, optimizer):
+    """A Model whose evaluation reports accuracy and loss."""
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    return Model(net, loss_fn=loss_fn, optimizer=optimizer,
+                 metrics={"accuracy": nn.Accuracy(), "loss": nn.Loss()})
+
+
+def fit(trainer, epochs, train_data, val_data, callbacks):
+    """Train for `epochs`, validating after each one; GRAPH_MODE, no sink (works on every target)."""
+    trainer.fit(epochs, train_data, valid_dataset=val_data, callbacks=callbacks,
+                dataset_sink_mode=False, valid_dataset_sink_mode=False)
+
+
+# ---------------------------------------------------------------- callbacks
+
+def step_loss(cb_params):
+    """The scalar loss of the last step (the first output when the step returns a tuple, e.g. with loss scaling)."""
+    outputs = cb_params.net_outputs
+    if isinstance(outputs, (tuple, list)):
+        outputs = outputs[0]
+    return float(np.asarray(outputs.asnumpy()).reshape(-1)[0])
+
+
+class EpochRecorder(Callback):
+    """Times each epoch, saves `<arch>-last.ckpt` and `<arch>-best.ckpt`, and rewrites metrics.json.
+
+    The finished record is put on `cb_params.epoch_record` for callbacks that come after this one.
+    """
+
+    def __init__(self, net, output_dir, arch):
+        super().__init__()
+        self.net = net
+        self.metrics_path = output_dir / "metrics.json"
+        self.last_path = output_dir / f"{arch}-last.ckpt"
+        self.best_path = output_dir / f"{arch}-best.ckpt"
+        self.history = []
+        self.best_accuracy = -1.0
+
+    def on_train_epoch_begin(self, run_context):
+        self.epoch_start = time.perf_counter()
+        self.step_seconds, self.images, self.losses = 0.0, 0, []
+
+    def on_train_step_begin(self, run_context):
+        self.step_start = time.perf_counter()
+
+    def on_train_step_end(self, run_context):
+        cb_params = run_context.original_args()
+        self.losses.append(step_loss(cb_params))  # reading the loss waits for the step to finish
+        self.step_seconds += time.perf_counter() - self.step_start
+        self.images += cb_params.train_dataset_element[0].shape[0]
+
+    def on_train_epoch_end(self, run_context):
+        cb_params = run_context.original_args()
+        val = cb_params.get("metrics") or {}
+        record = {
+            "epoch": cb_params.cur_epoch_num,
+            "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "val_loss": float(val.get("loss", float("nan"))),
+            "val_accuracy": float(val.get("accuracy", float("nan"))),
+        }
+        save_checkpoint(self.net, self.last_path)
+        record["best"] = record["val_accuracy"] > self.best_accuracy
+        if record["best"]:
+            self.best_accuracy = record["val_accuracy"]
+            save_checkpoint(self.net, self.best_path)
+        record["seconds"] = time.perf_counter() - self.epoch_start
+        record["images_per_second"] = self.images / self.step_seconds if self.step_seconds else 0.0
+        self.history.append(record)
+        write_json(self.metrics_path, self.history)
+        cb_params.epoch_record = record
+
+
+class ConsoleProgress(Callback):
+    """A tqdm bar per epoch on a terminal, plain lines otherwise; one summary line per epoch."""
+
+    def __init__(self, epochs, steps_per_epoch, lines_per_epoch=4):
+        super().__init__()
+        self.epochs, self.steps = epochs, steps_per_epoch
+        self.interactive = sys.stdout.isatty()
+        self.every = max(1, steps_per_epoch // lines_per_epoch)
+        self.bar = None
+
+    def on_train_epoch_begin(self, run_context):
+        epoch = run_context.original_args().cur_epoch_num
+        if self.interactive:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.steps, desc=f"epoch {epoch}/{self.epochs}", file=sys.stdout,
+                            leave=False, dynamic_ncols=True)
+
+    def on_train_step_end(self, run_context):
+        cb_params = run_context.original_args()
+        step = (cb_params.cur_step_num - 1) % self.steps + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{step_loss(cb_params):.4f}", refresh=False)
+        elif step % self.every == 0 or step == self.steps:
+            print(f"epoch {cb_params.cur_epoch_num}/{self.epochs} step {step}/{self.steps} "
+                  f"loss {step_loss(cb_params):.4f}", flush=True)
+
+    def on_train_epoch_end(self, run_context):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        r = run_context.original_args().epoch_record
+        print(f"epoch {r['epoch']}/{self.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
+              f"val_accuracy {r['val_accuracy']:.4f}{' *' if r['best'] else ''}  {r['seconds']:.1f}s  "
+              f"{r['images_per_second']:.1f} img/s", flush=True)

@@ -1,0 +1,106 @@
+"""Train a ResNet image classifier with MindSpore: locally, or as the boot file of a Xihe/ModelArts training job.
+
+    python train.py --data_url DATA --output_url OUT --epochs 10 [--pretrain_url resnet50.ckpt]
+
+The job, top to bottom: parse flags -> pick the device -> stage inputs -> find the data -> build the network
+(optionally from pretrained weights) -> fit with validation every epoch -> export -> report.
+"""
+import os
+import sys
+
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only, so the job's own lines stay readable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules, from any working directory
+
+import datasets  # noqa: E402
+import export  # noqa: E402
+import fit  # noqa: E402
+import storage  # noqa: E402
+from args import parse_args  # noqa: E402
+from errors import UserError  # noqa: E402
+from resnet import create_model, load_pretrained  # noqa: E402
+from tracking import AimCallback  # noqa: E402
+
+
+def load_data(args):
+    source = datasets.find_data(storage.stage_in(args.data_url, "data_url"))
+    print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val images, "
+          f"{len(source.class_names)} classes")
+    train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers)
+    val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers)
+    return source, train_data, val_data
+
+
+def build_network(args, num_classes):
+    net = create_model(args.arch, num_classes)
+    if args.pretrain_url:
+        load_pretrained(net, storage.stage_in(args.pretrain_url, "pretrain_url"))
+    elif args.freeze:
+        print("warning: --freeze without --pretrain_url trains a head on a randomly initialised backbone",
+              file=sys.stderr)
+    if args.freeze:
+        net.freeze_backbone()
+    return net
+
+
+def hyperparameters(args, source, device, num_classes):
+    """Everything that defines the run, for Aim's hparams."""
+    import mindspore as ms
+    return {**vars(args), "num_classes": num_classes, "device": device, "mindspore": ms.__version__,
+            "dataset": source.name, "data_format": source.kind, "class_names": source.class_names,
+            "train_size": source.sizes["train"], "val_size": source.sizes["val"]}
+
+
+def main(args):
+    import mindspore as ms
+
+    fit.tune_cpu_env()
+    device = fit.setup_device(args.device_target)
+    output_dir = storage.prepare_output(args.output_url)
+    aim_repo = storage.prepare_output(args.aim_repo, "Aim repo folder") if args.aim_repo else output_dir
+    ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
+
+    source, train_data, val_data = load_data(args)
+    num_classes = args.num_classes or len(source.class_names)
+    if num_classes < len(source.class_names):
+        raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes in the data")
+    net = build_network(args, num_classes)
+    export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
+                        datasets.IMAGENET_STD, args.arch, source.name)
+
+    steps_per_epoch = train_data.get_dataset_size()
+    lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    optimizer = fit.create_optimizer(net, lr_schedule, args.momentum, args.weight_decay)
+    trainer = fit.create_trainer(net, optimizer)
+    recorder = fit.EpochRecorder(net, output_dir, args.arch)
+    tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes))
+    print(f"train: {args.arch} on {device}, {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, "
+          f"Aim run {tracker.hash} in {aim_repo}")
+    try:
+        fit.fit(trainer, args.epochs, train_data, val_data,
+                [recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker])
+    finally:
+        tracker.close()
+
+    best = max(recorder.history, key=lambda r: r["val_accuracy"])
+    ms.load_param_into_net(net, ms.load_checkpoint(str(recorder.best_path)))
+    export.export_mindir(net, args.image_size, output_dir / f"{args.arch}-best.mindir")
+    export.plot_curves(recorder.history, output_dir / "curves.png")
+    print(f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; outputs in {output_dir}")
+    print(f"see the run in Aim: aim up --repo {aim_repo}")
+
+
+def run(argv=None):
+    """Entry point: user mistakes end with one `error:` line and exit code 2, never a traceback."""
+    try:
+        main(parse_args(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
