@@ -1,0 +1,32 @@
+# Two commands on a fresh clone: `make demo` (train offline on generated data) and `make test`.
+# Each target creates a git-ignored venv in .venv and installs the pinned requirements.txt into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements
+DEMO_DATA := demo/data
+DEMO_OUTPUT := demo/output
+
+.PHONY: demo test test-fast venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train/make_demo_data.py --out $(DEMO_DATA)
+	$(PY) train/train_dir/train.py --data_url $(DEMO_DATA)/cifar-10-batches-bin --output_url $(DEMO_OUTPUT) \
+		--experiment demo-shapes --image_size 32 --batch_size 32 --epochs 8 --lr 0.01 --warmup_epochs 1
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf demo .pytest_cache

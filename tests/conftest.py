@@ -1,0 +1,45 @@
+"""Shared fixtures: generated learnable data, a train.py runner, and one trained model for the tests that need one."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_DIR = ROOT / "train" / "train_dir"
+TRAIN_PY = TRAIN_DIR / "train.py"
+sys.path[:0] = [str(TRAIN_DIR), str(ROOT / "train"), str(Path(__file__).parent)]
+os.environ.setdefault("GLOG_v", "3")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+from make_demo_data import make_demo_data  # noqa: E402
+
+# The shared training run: ResNet50 from scratch on 4 colour-and-shape classes (chance: 0.25).
+# Several hundred images and ~150 steps, because BatchNorm's moving statistics lag on less (see toolchain notes).
+TRAINED = {"classes": 4, "train": 960, "val": 200, "epochs": 5, "batch_size": 32}
+
+
+def run_train(*args, timeout=900, cwd=None):
+    """train.py in a fresh interpreter, as a user or the platform runs it."""
+    return subprocess.run([sys.executable, str(TRAIN_PY), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A few images per class in both layouts: enough to load, too few to learn from."""
+    return make_demo_data(tmp_path_factory.mktemp("small"), train=64, val=32, num_classes=4, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One ResNet50 trained on learnable data, shared by every test that inspects a finished job."""
+    root = tmp_path_factory.mktemp("trained")
+    cifar, _ = make_demo_data(root / "data", TRAINED["train"], TRAINED["val"], TRAINED["classes"], seed=0)
+    out = root / "out"
+    result = run_train("--data_url", root / "data", "--output_url", out, "--image_size", 32,
+                       "--epochs", TRAINED["epochs"], "--batch_size", TRAINED["batch_size"], "--lr", 0.01,
+                       "--warmup_epochs", 1, "--experiment", "pytest", "--seed", 7)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"out": out, "data": cifar, "result": result}

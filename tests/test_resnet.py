@@ -1,0 +1,101 @@
+"""The network: tutorial parameter names, every depth and input size, and pretrained loading."""
+import mindspore as ms
+import numpy as np
+import pytest
+
+from errors import UserError
+from resnet import ARCHS, create_model, load_pretrained
+from tutorial_resnet import TutorialResNet50
+
+
+def names(net):
+    return {name for name, _ in net.parameters_and_names()}
+
+
+def predict(net, images):
+    net.set_train(False)
+    return net(ms.Tensor(images)).asnumpy()
+
+
+@pytest.fixture(scope="module")
+def tutorial_checkpoint(tmp_path_factory):
+    """A checkpoint of the tutorial's ResNet50 with non-trivial BatchNorm statistics, and the net that made it."""
+    ms.set_seed(0)
+    net = TutorialResNet50(num_classes=1000)
+    rng = np.random.default_rng(0)
+    for name, param in net.parameters_and_names():
+        if name.endswith(("moving_mean", "moving_variance", "beta")):
+            value = rng.uniform(0.5, 1.5, param.shape) if "variance" in name else rng.normal(0, 0.1, param.shape)
+            param.set_data(ms.Tensor(value.astype(np.float32)))
+    path = tmp_path_factory.mktemp("tutorial") / "resnet50_224_new.ckpt"
+    ms.save_checkpoint(net, str(path))
+    return path, net
+
+
+def test_parameter_names_follow_the_tutorial():
+    got = names(create_model("resnet50", 10))
+    for expected in ("conv1.weight", "norm.gamma", "norm.moving_mean", "layer1.0.conv3.weight",
+                     "layer1.0.norm3.moving_variance", "layer1.0.down_sample.0.weight", "layer1.0.down_sample.1.beta",
+                     "layer4.2.norm2.gamma", "fc.weight", "fc.bias"):
+        assert expected in got
+    basic = names(create_model("resnet18", 10))
+    assert {"layer1.0.norm1.gamma", "layer1.0.norm2.gamma", "layer2.0.down_sample.0.weight"} <= basic
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_arch_takes_any_input_size(arch):
+    net = create_model(arch, 7)
+    for side in (32, 72):
+        assert predict(net, np.zeros((2, 3, side, side), np.float32)).shape == (2, 7)
+
+
+def test_tutorial_checkpoint_loads_unchanged_and_computes_the_same(tutorial_checkpoint):
+    path, tutorial = tutorial_checkpoint
+    net = create_model("resnet50", 1000)
+    loaded, skipped = load_pretrained(net, path, log=lambda _: None)
+    assert loaded == len(names(net)) and skipped == []
+    images = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(predict(net, images), predict(tutorial, images), rtol=1e-4, atol=1e-4)
+
+
+def test_head_of_another_size_is_replaced(tutorial_checkpoint):
+    path, tutorial = tutorial_checkpoint
+    net = create_model("resnet50", 10)
+    messages = []
+    loaded, skipped = load_pretrained(net, path, log=messages.append)
+    assert loaded == len(names(net)) - 2
+    assert sorted(s.split()[0] for s in skipped) == ["fc.bias", "fc.weight"]
+    assert "head re-initialised" in messages[0] and "fc.weight (shape (1000, 2048) != (10, 2048))" in messages[1]
+    ours = dict(net.parameters_and_names())
+    np.testing.assert_array_equal(ours["layer3.4.norm2.moving_mean"].asnumpy(),
+                                  dict(tutorial.parameters_and_names())["layer3.4.norm2.moving_mean"].asnumpy())
+
+
+def test_checkpoint_of_another_arch_is_refused(tmp_path):
+    path = tmp_path / "resnet18.ckpt"
+    ms.save_checkpoint(create_model("resnet18", 10), str(path))
+    with pytest.raises(UserError, match="does not fit this architecture"):
+        load_pretrained(create_model("resnet50", 10), path, log=lambda _: None)
+
+
+def test_optimizer_state_is_ignored(tmp_path):
+    net = create_model("resnet18", 5)
+    params = [{"name": n, "data": p} for n, p in net.parameters_and_names()]
+    params += [{"name": "moments.fc.weight", "data": ms.Tensor(np.zeros((5, 512), np.float32))},
+               {"name": "learning_rate", "data": ms.Tensor(np.float32(0.1))}]
+    ms.save_checkpoint(params, str(tmp_path / "with_state.ckpt"))
+    loaded, skipped = load_pretrained(create_model("resnet18", 5), tmp_path / "with_state.ckpt", log=lambda _: None)
+    assert loaded == len(names(net)) and skipped == []
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"definitely not protobuf" * 10)
+    with pytest.raises(UserError, match="not a readable MindSpore checkpoint"):
+        load_pretrained(create_model("resnet18", 10), path, log=lambda _: None)
+
+
+def test_freeze_leaves_only_the_head_trainable():
+    net = create_model("resnet50", 3)
+    net.freeze_backbone()
+    assert sorted(p.name for p in net.trainable_params()) == ["fc.bias", "fc.weight"]
