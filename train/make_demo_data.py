@@ -85,7 +85,7 @@ def write_imagefolder(folder, splits, class_names):
     return folder
 
 
-def make_demo_data(out, train=1600, val=400, num_classes=4, seed=0, side=SIDE):
+def make_demo_data(out, train=1600, val=400, num_classes=6, seed=0, side=SIDE):
     out = Path(out)
     names = [name for name, _ in CLASSES[:num_classes]]
     train_split = make_split(train, num_classes, seed, side)
@@ -100,7 +100,7 @@ def main():
     parser.add_argument("--out", default="demo/data")
     parser.add_argument("--train", type=int, default=1600, help="training images")
     parser.add_argument("--val", type=int, default=400, help="validation images")
-    parser.add_argument("--classes", type=int, default=4, choices=range(2, len(CLASSES) + 1))
+    parser.add_argument("--classes", type=int, default=6, choices=range(2, len(CLASSES) + 1))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cifar, folder = make_demo_data(args.out, args.train, args.val, args.classes, args.seed)

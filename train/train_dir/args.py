@@ -63,11 +63,11 @@ def get_args_parser():
                     help="folder that holds the Aim repo (.aim is created inside); default: the output folder")
 
     hp = parser.add_argument_group("hyperparameters")
-    hp.add_argument("--epochs", type=_bounded(int, 1), default=10)
+    hp.add_argument("--epochs", type=_bounded(int, 1), default=10, help="passes over the training split")
     hp.add_argument("--batch_size", type=_bounded(int, 1), default=18, help="per-device batch size")
     hp.add_argument("--lr", type=_bounded(float, 0.0, inclusive=False), default=0.001,
                     help="peak learning rate (after warmup) of momentum SGD with a cosine schedule")
-    hp.add_argument("--momentum", type=_bounded(float, 0.0), default=0.9)
+    hp.add_argument("--momentum", type=_bounded(float, 0.0), default=0.9, help="SGD momentum")
     hp.add_argument("--weight_decay", type=_bounded(float, 0.0), default=1e-4,
                     help="L2 on conv and dense weights (not on BatchNorm or biases)")
     hp.add_argument("--warmup_epochs", type=_bounded(float, 0.0), default=0.0, help="linear warmup length")
@@ -77,7 +77,7 @@ def get_args_parser():
     hp.add_argument("--num_classes", type=_bounded(int, 2), default=None, help="default: from the data")
     hp.add_argument("--freeze", type=str2bool, nargs="?", const=True, default=False,
                     help="fixed-feature mode: train only the classifier head on a frozen backbone")
-    hp.add_argument("--seed", type=int, default=1)
+    hp.add_argument("--seed", type=int, default=1, help="seeds weights, shuffling and augmentation")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")

@@ -16,11 +16,10 @@ VAL = {"subset": "val"}
 
 def current_lr(optimizer, step):
     """The learning rate used at 0-based global `step`, for a fixed or per-step list learning rate."""
-    if optimizer is None:
-        return None
     lr = getattr(optimizer, "learning_rate", None)
-    if lr is None or not hasattr(lr, "asnumpy"):
-        return None  # a LearningRateSchedule cell: no cheap way to read it here
+    lr = getattr(lr, "learning_rate", lr)  # a per-step list is wrapped in a schedule cell holding the Parameter
+    if not hasattr(lr, "asnumpy"):
+        return None  # no optimizer, or a computed LearningRateSchedule: nothing cheap to read
     values = np.asarray(lr.asnumpy()).reshape(-1)
     return float(values[min(step, len(values) - 1)])
 

@@ -21,8 +21,8 @@ from resnet import create_model, load_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
 
-def load_data(args):
-    source = datasets.find_data(storage.stage_in(args.data_url, "data_url"))
+def load_data(args, data_dir):
+    source = datasets.find_data(data_dir)
     print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val images, "
           f"{len(source.class_names)} classes")
     train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers)
@@ -30,10 +30,10 @@ def load_data(args):
     return source, train_data, val_data
 
 
-def build_network(args, num_classes):
+def build_network(args, num_classes, pretrained):
     net = create_model(args.arch, num_classes)
-    if args.pretrain_url:
-        load_pretrained(net, storage.stage_in(args.pretrain_url, "pretrain_url"))
+    if pretrained:
+        load_pretrained(net, pretrained)
     elif args.freeze:
         print("warning: --freeze without --pretrain_url trains a head on a randomly initialised backbone",
               file=sys.stderr)
@@ -55,15 +55,17 @@ def main(args):
 
     fit.tune_cpu_env()
     device = fit.setup_device(args.device_target)
+    data_dir = storage.stage_in(args.data_url, "data_url")  # inputs first: a wrong path creates no output folder
+    pretrained = storage.stage_in(args.pretrain_url, "pretrain_url") if args.pretrain_url else None
     output_dir = storage.prepare_output(args.output_url)
     aim_repo = storage.prepare_output(args.aim_repo, "Aim repo folder") if args.aim_repo else output_dir
     ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
 
-    source, train_data, val_data = load_data(args)
+    source, train_data, val_data = load_data(args, data_dir)
     num_classes = args.num_classes or len(source.class_names)
     if num_classes < len(source.class_names):
         raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes in the data")
-    net = build_network(args, num_classes)
+    net = build_network(args, num_classes, pretrained)
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name)
 

@@ -1,0 +1,95 @@
+"""Each user mistake ends with one `error:` line, a non-zero exit, no traceback, and existing outputs untouched."""
+import mindspore as ms
+import pytest
+from conftest import run_train
+
+from make_demo_data import make_split, write_cifar, write_imagefolder
+from resnet import create_model
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An output folder holding a previous run's file, which a failed run must leave alone."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('[{"epoch": 1}]\n')
+    return folder
+
+
+def cifar(tmp_path):
+    return write_cifar(tmp_path / "cifar", make_split(40, 2, 0), make_split(10, 2, 1), ["a", "b"])
+
+
+def truncated_cifar(tmp_path):
+    folder = cifar(tmp_path)
+    batch = folder / "test_batch.bin"
+    batch.write_bytes(batch.read_bytes()[:5000])
+    return folder
+
+
+def mismatched_classes(tmp_path):
+    root = tmp_path / "canidae"
+    write_imagefolder(root, {"train": make_split(8, 2, 0)}, ["dogs", "wolves"])
+    write_imagefolder(root, {"val": make_split(4, 2, 1)}, ["cats", "dogs"])
+    return root
+
+
+def not_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.ckpt"
+    path.write_text("<html>404 Not Found</html>")
+    return path
+
+
+def resnet18_checkpoint(tmp_path):
+    path = tmp_path / "resnet18.ckpt"
+    ms.save_checkpoint(create_model("resnet18", 2), str(path))
+    return path
+
+
+def unrecognised(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "readme.txt").write_text("no images here")
+    return tmp_path / "stuff"
+
+
+def empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+CASES = {
+    # name: (argv builder (tmp_path, out) -> list, what the error line must mention)
+    "no data_url": (lambda t, o: ["--output_url", o], "--data_url"),
+    "missing data_url": (lambda t, o: ["--data_url", t / "nope", "--output_url", o], "does not exist"),
+    "empty data folder": (lambda t, o: ["--data_url", empty(t), "--output_url", o], "no dataset found"),
+    "unrecognised data folder": (lambda t, o: ["--data_url", unrecognised(t), "--output_url", o], "no dataset found"),
+    "truncated CIFAR file": (lambda t, o: ["--data_url", truncated_cifar(t), "--output_url", o], "test_batch.bin"),
+    "train/val class mismatch": (lambda t, o: ["--data_url", mismatched_classes(t), "--output_url", o],
+                                 "classes differ"),
+    "missing pretrain file": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
+                                            "--pretrain_url", t / "missing.ckpt"], "missing.ckpt does not exist"),
+    "pretrain is not a checkpoint": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
+                                                   "--pretrain_url", not_a_checkpoint(t)], "not a readable"),
+    "checkpoint of another arch": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
+                                                 "--pretrain_url", resnet18_checkpoint(t)], "does not fit"),
+    "non-numeric hyperparameter": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--lr", "fast"],
+                                   "--lr"),
+    "output folder cannot be written": (lambda t, o: ["--data_url", cifar(t), "--output_url",
+                                                      o / "metrics.json" / "sub"], "cannot be written"),
+    "batch larger than the data": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--batch_size", 64],
+                                   "fewer than --batch_size"),
+    "unavailable device": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--device_target", "GPU"],
+                           "GPU is not available"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_cleanly(case, tmp_path, out):
+    build_argv, needle = CASES[case]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_train(*build_argv(tmp_path, out), "--image_size", 32, "--epochs", 1, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,0 +1,146 @@
+"""The whole job, run as `python train.py ...`: it learns, writes every output, and logs a readable Aim run."""
+import json
+
+import mindspore as ms
+import numpy as np
+import pytest
+from conftest import TRAINED, run_train
+
+import datasets
+import fit
+from resnet import create_model
+from tutorial_resnet import TutorialResNet50
+
+pytestmark = pytest.mark.slow
+STEPS = TRAINED["train"] // TRAINED["batch_size"]
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def evaluate(net, data):
+    """Accuracy of `net` over a val pipeline, computed here rather than by the training code."""
+    net.set_train(False)
+    correct = total = 0
+    for images, labels in data.create_tuple_iterator(output_numpy=True):
+        correct += int((net(ms.Tensor(images)).asnumpy().argmax(1) == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+@pytest.fixture(scope="module")
+def aim_run(trained):
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+    repo = Repo(str(trained["out"]))
+    hashes = repo.list_all_runs()
+    for run_hash in hashes:
+        RepoIndexManager.get_index_manager(repo).index(run_hash)
+    return hashes, repo.get_run(hashes[0])
+
+
+def test_every_output_is_written(trained):
+    out = trained["out"]
+    for name in ("resnet50-best.ckpt", "resnet50-last.ckpt", "resnet50-best.mindir", "labels.json", "metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / ".aim").is_dir()
+    assert not list(out.glob(".*partial*")), "temporary files left behind"
+
+
+def test_labels_json_describes_the_model(trained):
+    labels = read_json(trained["out"] / "labels.json")
+    assert labels["class_names"] == ["red_circle", "blue_square", "red_square", "blue_circle"]
+    assert (labels["image_size"], labels["arch"]) == (32, "resnet50")
+    assert labels["mean"] == pytest.approx(datasets.IMAGENET_MEAN) and labels["std"] == pytest.approx(datasets.IMAGENET_STD)
+
+
+def test_metrics_json_has_one_entry_per_epoch(trained):
+    history = read_json(trained["out"] / "metrics.json")
+    assert [r["epoch"] for r in history] == list(range(1, TRAINED["epochs"] + 1))
+    for r in history:
+        assert {"train_loss", "val_loss", "val_accuracy", "seconds", "images_per_second"} <= set(r)
+        assert np.isfinite([r["train_loss"], r["val_loss"]]).all() and 0 <= r["val_accuracy"] <= 1
+        # seconds is the whole epoch; images_per_second counts only the training steps
+        step_seconds = STEPS * TRAINED["batch_size"] / r["images_per_second"]
+        assert 0 < step_seconds < r["seconds"]
+
+
+def test_the_network_learns(trained):
+    history = read_json(trained["out"] / "metrics.json")
+    chance = 1 / TRAINED["classes"]
+    assert max(r["val_accuracy"] for r in history) >= chance + 0.2, history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_best_checkpoint_scores_what_metrics_json_says(trained):
+    history = read_json(trained["out"] / "metrics.json")
+    net = create_model("resnet50", TRAINED["classes"])
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["out"] / "resnet50-best.ckpt")))
+    val = datasets.create_dataset(datasets.find_data(trained["data"]), "val", 32, batch_size=50)
+    assert evaluate(net, val) == pytest.approx(max(r["val_accuracy"] for r in history), abs=1e-6)
+
+
+def test_mindir_export_predicts_like_the_checkpoint(trained):
+    net = create_model("resnet50", TRAINED["classes"])
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["out"] / "resnet50-best.ckpt")))
+    net.set_train(False)
+    graph = ms.nn.GraphCell(ms.load(str(trained["out"] / "resnet50-best.mindir")))
+    image = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    np.testing.assert_allclose(graph(image).asnumpy(), net(image).asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_console_prints_one_line_per_epoch(trained):
+    out = trained["result"].stdout
+    lines = [line for line in out.splitlines() if line.startswith("epoch ") and "val_accuracy" in line]
+    assert len(lines) == TRAINED["epochs"]
+    assert all("train_loss" in line and "img/s" in line for line in lines)
+    assert f"aim up --repo {trained['out']}" in out
+    assert "Traceback" not in trained["result"].stderr
+
+
+def test_aim_run_reads_back_with_names_contexts_and_steps(trained, aim_run):
+    hashes, run = aim_run
+    assert len(hashes) == 1 and run.experiment == "pytest"
+    hparams = run["hparams"]
+    assert (hparams["epochs"], hparams["batch_size"], hparams["lr"], hparams["arch"]) == (5, 32, 0.01, "resnet50")
+    assert hparams["train_size"] == TRAINED["train"] and hparams["device"] == "CPU"
+
+    def series(name, subset):
+        from aim.storage.context import Context
+        metric = run.get_metric(name, Context({"subset": subset}))
+        assert metric is not None, (name, subset)
+        return metric.dataframe()
+
+    total_steps = STEPS * TRAINED["epochs"]
+    for name in ("loss", "lr"):
+        assert series(name, "train")["step"].tolist() == list(range(1, total_steps + 1))
+    lr = series("lr", "train")["value"].to_numpy()
+    np.testing.assert_allclose(lr, fit.cosine_lr(0.01, TRAINED["epochs"], STEPS, 1), rtol=1e-6)
+    epochs = list(range(1, TRAINED["epochs"] + 1))
+    for name, subset in (("epoch_loss", "train"), ("loss", "val"), ("accuracy", "val")):
+        assert series(name, subset)["step"].tolist() == epochs
+    history = read_json(trained["out"] / "metrics.json")
+    np.testing.assert_allclose(series("accuracy", "val")["value"], [r["val_accuracy"] for r in history])
+    np.testing.assert_allclose(series("epoch_loss", "train")["value"], [r["train_loss"] for r in history], rtol=1e-6)
+
+
+def test_freeze_keeps_the_pretrained_backbone_bit_identical(small_data, tmp_path):
+    ms.set_seed(0)
+    pretrained = tmp_path / "tutorial.ckpt"
+    ms.save_checkpoint(TutorialResNet50(num_classes=1000), str(pretrained))
+    out = tmp_path / "out"
+    result = run_train("--data_url", small_data[0], "--output_url", out, "--pretrain_url", pretrained,
+                       "--freeze=true", "--image_size", 32, "--epochs", 2, "--batch_size", 16, "--lr", 0.05)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "head re-initialised" in result.stdout
+    before = ms.load_checkpoint(str(pretrained))
+    after = ms.load_checkpoint(str(out / "resnet50-last.ckpt"))
+    backbone = [name for name in before if not name.startswith("fc.")]
+    assert backbone and all(name in after for name in backbone)
+    for name in backbone:
+        assert np.array_equal(before[name].asnumpy(), after[name].asnumpy()), name
+    assert after["fc.weight"].shape == (4, 2048)
+    history = read_json(out / "metrics.json")
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # the head did train
