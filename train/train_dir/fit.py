@@ -179,7 +179,7 @@ class ConsoleProgress(Callback):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{step_loss(cb_params):.4f}", refresh=False)
-        elif step % self.every == 0 or step == self.steps:
+        elif step % self.every == 0 and step < self.steps:  # the epoch line reports the last step
             print(f"epoch {cb_params.cur_epoch_num}/{self.epochs} step {step}/{self.steps} "
                   f"loss {step_loss(cb_params):.4f}", flush=True)
 
