@@ -54,13 +54,17 @@ def get_args_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--data_url", "--data_path", dest="data_url", required=True,
-                    help="folder holding CIFAR-10 binary files or train/ and val/ class folders (searched recursively)")
+                    help="CIFAR-10 binary files or train/ and val/ class folders, searched recursively: a local "
+                         "folder, an obs:// or s3:// folder, or a .zip/.tar/.tar.gz archive (also over http(s))")
     io.add_argument("--pretrain_url", "--pretrain_path", dest="pretrain_url", default=None,
-                    help="a .ckpt to start from (e.g. ImageNet weights); a head of another size is re-initialised")
+                    help="a .ckpt to start from (e.g. ImageNet weights), local, obs://, s3:// or http(s)://; "
+                         "a head of another size is re-initialised")
     io.add_argument("--output_url", "--output_path", "--train_url", dest="output_url", default="output",
-                    help="where checkpoints, the MindIR export, labels.json, metrics.json and curves.png go")
+                    help="where checkpoints, the MindIR export, labels.json, metrics.json and curves.png go: "
+                         "a local folder, or obs:// / s3:// (written locally, copied there after every epoch)")
     io.add_argument("--aim_repo", default=None,
-                    help="folder that holds the Aim repo (.aim is created inside); default: the output folder")
+                    help="folder that holds the Aim repo (.aim is created inside), local, obs:// or s3://, or an "
+                         "aim://host:port tracking server; default: the output folder")
 
     hp = parser.add_argument_group("hyperparameters")
     hp.add_argument("--epochs", type=_bounded(int, 1), default=10, help="passes over the training split")
@@ -84,6 +88,9 @@ def get_args_parser():
     run.add_argument("--num_workers", type=_bounded(int, 1), default=None,
                      help="data pipeline workers; default and maximum: the number of cores")
     run.add_argument("--experiment", default=None, help="Aim experiment name; default: the dataset's name")
+    run.add_argument("--cache_dir", default=None,
+                     help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
+                          "on ModelArts, else ~/.cache/resnet-job")
     return parser
 
 

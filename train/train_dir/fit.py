@@ -191,3 +191,14 @@ class ConsoleProgress(Callback):
         print(f"epoch {r['epoch']}/{self.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
               f"val_accuracy {r['val_accuracy']:.4f}{' *' if r['best'] else ''}  {r['seconds']:.1f}s  "
               f"{r['images_per_second']:.1f} img/s", flush=True)
+
+
+class EpochEndHook(Callback):
+    """Calls `action()` after every epoch, once the epoch's outputs are written (e.g. to upload them)."""
+
+    def __init__(self, action):
+        super().__init__()
+        self.action = action
+
+    def on_train_epoch_end(self, run_context):
+        self.action()

@@ -20,6 +20,26 @@ from errors import UserError  # noqa: E402
 from resnet import create_model, load_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
+URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo")
+
+
+def stage_outputs(args):
+    """Local folders for the outputs and the Aim repo, mirrored to remote locations when they are remote."""
+    outputs = storage.OutputMirror(args.output_url, "output_url", args.cache_dir)
+    if not args.aim_repo:
+        return outputs, outputs, outputs.local
+    if storage.scheme_of(args.aim_repo) == "aim":  # an Aim tracking server: nothing to stage
+        return outputs, None, args.aim_repo
+    aim_store = storage.OutputMirror(args.aim_repo, "aim_repo", args.cache_dir)
+    return outputs, aim_store, aim_store.local
+
+
+def push(*mirrors):
+    for mirror in {id(m): m for m in mirrors if m is not None}.values():
+        copied = mirror.push()
+        if copied:
+            print(f"synced {copied} file(s) to {storage.redact(mirror.remote)}", flush=True)
+
 
 def load_data(args, data_dir):
     source = datasets.find_data(data_dir)
@@ -43,9 +63,10 @@ def build_network(args, num_classes, pretrained):
 
 
 def hyperparameters(args, source, device, num_classes):
-    """Everything that defines the run, for Aim's hparams."""
+    """Everything that defines the run, for Aim's hparams (locations without credentials)."""
     import mindspore as ms
-    return {**vars(args), "num_classes": num_classes, "device": device, "mindspore": ms.__version__,
+    locations = {k: storage.redact(getattr(args, k)) for k in URL_ARGS if getattr(args, k)}
+    return {**vars(args), **locations, "num_classes": num_classes, "device": device, "mindspore": ms.__version__,
             "dataset": source.name, "data_format": source.kind, "class_names": source.class_names,
             "train_size": source.sizes["train"], "val_size": source.sizes["val"]}
 
@@ -55,10 +76,10 @@ def main(args):
 
     fit.tune_cpu_env()
     device = fit.setup_device(args.device_target)
-    data_dir = storage.stage_in(args.data_url, "data_url")  # inputs first: a wrong path creates no output folder
-    pretrained = storage.stage_in(args.pretrain_url, "pretrain_url") if args.pretrain_url else None
-    output_dir = storage.prepare_output(args.output_url)
-    aim_repo = storage.prepare_output(args.aim_repo, "Aim repo folder") if args.aim_repo else output_dir
+    data_dir = storage.stage_in(args.data_url, "data_url", args.cache_dir)  # inputs first: no output on a typo
+    pretrained = storage.stage_in(args.pretrain_url, "pretrain_url", args.cache_dir) if args.pretrain_url else None
+    outputs, aim_store, aim_repo = stage_outputs(args)
+    output_dir = outputs.local
     ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
 
     source, train_data, val_data = load_data(args, data_dir)
@@ -76,19 +97,24 @@ def main(args):
     recorder = fit.EpochRecorder(net, output_dir, args.arch)
     tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes))
     print(f"train: {args.arch} on {device}, {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, "
-          f"Aim run {tracker.hash} in {aim_repo}")
+          f"Aim run {tracker.hash} in {storage.redact(aim_repo)}")
     try:
         fit.fit(trainer, args.epochs, train_data, val_data,
-                [recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker])
+                [recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
+                 fit.EpochEndHook(lambda: push(outputs, aim_store))])
     finally:
         tracker.close()
+        push(outputs, aim_store)  # also after a failure: keep what the finished epochs made
 
     best = max(recorder.history, key=lambda r: r["val_accuracy"])
     ms.load_param_into_net(net, ms.load_checkpoint(str(recorder.best_path)))
     export.export_mindir(net, args.image_size, output_dir / f"{args.arch}-best.mindir")
     export.plot_curves(recorder.history, output_dir / "curves.png")
-    print(f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; outputs in {output_dir}")
-    print(f"see the run in Aim: aim up --repo {aim_repo}")
+    push(outputs, aim_store)
+    print(f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; "
+          f"outputs in {storage.redact(outputs.remote or output_dir)}")
+    if storage.scheme_of(aim_repo) != "aim":
+        print(f"see the run in Aim: aim up --repo {aim_repo}")
 
 
 def run(argv=None):
