@@ -318,6 +318,9 @@ def _fetch(url, destination):
 
 
 def _reason(exc):
+    """The root cause in one line (`download` wraps urllib's error in a generic RuntimeError)."""
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
     reason = getattr(exc, "reason", None) or exc
     text = str(reason).strip().splitlines()
     return text[0] if text else type(exc).__name__

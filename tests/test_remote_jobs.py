@@ -1,0 +1,94 @@
+"""Whole jobs whose data, weights and outputs live elsewhere: moto S3 (s3:// and obs://) and http.server archives."""
+import json
+import tarfile
+import zipfile
+
+import mindspore as ms
+import pytest
+from conftest import S3_KEYS, run_train
+
+import storage
+from make_demo_data import make_split, write_cifar, write_imagefolder
+from resnet import create_model
+
+pytestmark = pytest.mark.slow
+QUICK = ["--arch", "resnet18", "--image_size", 32, "--epochs", 2, "--batch_size", 16, "--lr", 0.01]
+OUTPUTS = {"resnet18-best.ckpt", "resnet18-last.ckpt", "resnet18-best.mindir", "labels.json", "metrics.json",
+           "curves.png"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "resnet18_imagenet.ckpt"
+    ms.set_seed(0)
+    ms.save_checkpoint(create_model("resnet18", 1000), str(path))
+    return path
+
+
+def assert_clean(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("scheme", ["s3", "obs"])
+def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
+    cifar = write_cifar(tmp_path / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
+    storage.copy_parallel(cifar, f"{scheme}://{bucket}/datasets/cifar-10-batches-bin")
+    storage.copy(pretrained, f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt")
+    result = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "cache",
+                       "--pretrain_url", f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt",
+                       "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
+                       *QUICK)
+    assert_clean(result)
+    assert "pretrained: loaded" in result.stdout and "head re-initialised" in result.stdout
+    assert set(storage.list_directory(f"{scheme}://{bucket}/output")) >= OUTPUTS
+    assert ".aim" in storage.list_directory(f"{scheme}://{bucket}/aim")
+    assert storage.exists(f"{scheme}://{bucket}/aim/.aim/run_metadata.sqlite")
+    storage.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
+    assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
+    assert result.stdout.count("synced") >= 3  # after each epoch and at the end
+
+    # The bucket's copy of the Aim repo is a working repo: it lists the job's run.
+    storage.copy_parallel(f"{scheme}://{bucket}/aim", tmp_path / "aim-copy")
+    from aim import Repo
+    assert len(Repo(str(tmp_path / "aim-copy")).list_all_runs()) == 1
+
+    # Keys never leak into logs or outputs.
+    secret = S3_KEYS["AWS_SECRET_ACCESS_KEY"].encode()
+    assert secret not in (result.stdout + result.stderr).encode()
+    assert not [p for p in (tmp_path / "aim-copy").rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_job_trains_from_a_canidae_style_zip_over_http(http_server, tmp_path):
+    base, root = http_server
+    layout = write_imagefolder(tmp_path / "src" / "data" / "Canidae",
+                               {"train": make_split(48, 2, 0, side=40), "val": make_split(16, 2, 1, side=40)},
+                               ["dogs", "wolves"])
+    for png in layout.rglob("*.png"):  # the published archive holds ImageNet JPEGs
+        from PIL import Image
+        Image.open(png).convert("RGB").save(png.with_suffix(".JPEG"), "JPEG")
+        png.unlink()
+    with zipfile.ZipFile(root / "Canidae_data.zip", "w") as zf:
+        for path in sorted((tmp_path / "src").rglob("*")):
+            zf.write(path, path.relative_to(tmp_path / "src").as_posix())
+    out = tmp_path / "out"
+    result = run_train("--data_url", f"{base}/Canidae_data.zip", "--output_url", out,
+                       "--cache_dir", tmp_path / "cache", *QUICK)
+    assert_clean(result)
+    assert "imagefolder" in result.stdout and "48 train / 16 val" in result.stdout
+    assert json.loads((out / "labels.json").read_text())["class_names"] == ["dogs", "wolves"]
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
+
+
+def test_job_trains_from_a_cifar_tarball_and_pretrained_weights_over_http(http_server, pretrained, tmp_path):
+    base, root = http_server
+    cifar = write_cifar(tmp_path / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
+    with tarfile.open(root / "cifar-10-binary.tar.gz", "w:gz") as tf:
+        tf.add(cifar, arcname="cifar-10-batches-bin")
+    (root / "resnet18_imagenet.ckpt").write_bytes(pretrained.read_bytes())
+    out = tmp_path / "out"
+    result = run_train("--data_url", f"{base}/cifar-10-binary.tar.gz", "--output_url", out,
+                       "--pretrain_url", f"{base}/resnet18_imagenet.ckpt", "--cache_dir", tmp_path / "cache", *QUICK)
+    assert_clean(result)
+    assert "cifar10-bin" in result.stdout and "pretrained: loaded" in result.stdout
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
