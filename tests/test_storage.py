@@ -214,7 +214,7 @@ def test_http_archive_is_fetched_once_and_detected(http_server, tmp_path, capsys
     url = f"{base}/cifar-10-binary.tar.gz"
     staged = storage.stage_in(url, "data_url", tmp_path / "cache")
     assert datasets.find_data(staged).sizes == {"train": 40, "val": 12}
-    assert "fetching" in capsys.readouterr().out
+    assert "staging" in capsys.readouterr().out
     assert storage.stage_in(url, "data_url", tmp_path / "cache") == staged
     assert "using the cached copy" in capsys.readouterr().out
 

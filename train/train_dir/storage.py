@@ -330,43 +330,44 @@ def stage_in(url, what, cache_dir=None):
     """A local path for an input: local files are used in place, remote ones are fetched into the cache once,
     and archives are extracted there (safely). A half-finished fetch is never taken for a finished one."""
     url = str(url)
+    cache = Path(cache_dir or default_cache_dir())
     if is_local(url):
         path = local_path(url)
         if not path.exists():
             raise UserError(f"{what} {path} does not exist")
-        if path.is_file() and is_archive(path):
-            return _extracted(path, Path(cache_dir or default_cache_dir()) / "extracted" / _cache_key(
-                f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"))
-        return path
+        if not (path.is_file() and is_archive(path)):
+            return path
+        info = path.stat()
+        key = _cache_key(f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}")
+        return _staged(cache / "extracted" / key, what, str(path),
+                       lambda partial: extract_archive(path, partial / "extracted"))
 
-    target = Path(cache_dir or default_cache_dir()) / "inputs" / _cache_key(url)
-    if (target / COMPLETE_MARKER).exists():
-        print(f"{what}: using the cached copy of {redact(url)} in {target}")
-    else:
-        print(f"{what}: fetching {redact(url)} into {target}")
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.mkdir(parents=True)
+    def fetch(partial):
         fetched = _fetch(url, partial)
-        if fetched.is_file() and is_archive(fetched):
-            extract_archive(fetched, partial / "extracted")
-            fetched.unlink()
-        (partial / COMPLETE_MARKER).write_text(redact(url) + "\n")
-        os.replace(partial, target)
-    name = _basename(url)
-    return target / "extracted" if (target / "extracted").is_dir() and not (target / name).exists() else target / name
+        if not (fetched.is_file() and is_archive(fetched)):
+            return fetched
+        extract_archive(fetched, partial / "extracted")
+        fetched.unlink()
+        return partial / "extracted"
+
+    return _staged(cache / "inputs" / _cache_key(url), what, redact(url), fetch)
 
 
-def _extracted(archive, target):
-    if not (target / COMPLETE_MARKER).exists():
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        extract_archive(archive, partial)
-        (partial / COMPLETE_MARKER).write_text(str(archive) + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
-    return target
+def _staged(target, what, source, produce):
+    """`produce(partial_folder)` once per target; the marker, written last, names what it produced."""
+    marker = target / COMPLETE_MARKER
+    if marker.exists():
+        print(f"{what}: using the cached copy of {source} in {target}")
+        return target / marker.read_text().strip()
+    print(f"{what}: staging {source} into {target}")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.mkdir(parents=True)
+    produced = produce(partial)
+    (partial / COMPLETE_MARKER).write_text(produced.name + "\n")
+    os.replace(partial, target)
+    return target / produced.name
 
 
 def prepare_output(url, what="output folder"):
