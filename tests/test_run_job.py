@@ -1,0 +1,242 @@
+"""The shipped Xihe configs, the local runner that executes them as the platform would, and the model fetcher."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mindspore as ms
+import pytest
+from conftest import ROOT
+
+import run_job
+from make_demo_data import make_split, write_cifar
+from resnet import create_model
+
+RUNNER = ROOT / "train" / "run_job.py"
+SHIPPED = ["config.json", "config_aim.json", "configs/canidae_fixed_feature.json"]
+FETCH_MODEL = ROOT / "inference" / "fetch_model.py"
+
+
+def run_runner(*args, timeout=600):
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def shipped(name):
+    return json.loads((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_are_valid_xihe_jobs(name):
+    config = shipped(name)
+    assert set(run_job.REQUIRED) <= set(config) and "hyperparameters" not in config
+    assert config["code_dir"] == "train/train_dir/" and config["boot_file"] == "train.py"
+    assert config["frameworks"]["framework_version"] == "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3"
+    assert all(isinstance(h["value"], str) for h in config["hypeparameters"])
+    run_job.validate(config)  # names are flags train.py knows, code_dir and boot_file exist
+
+
+def test_aim_config_wires_an_aim_repo_output():
+    outputs = {o["name"]: o["output_dir"] for o in shipped("config_aim.json")["outputs"]}
+    assert set(outputs) == {"output_path", "aim_repo"} and outputs["aim_repo"] != outputs["output_path"]
+
+
+def test_runner_passes_everything_as_the_platform_does(tmp_path):
+    result = run_runner("config_aim.json", "--input", "data_url=/data/cifar", "--hub", tmp_path, "--check",
+                        "--input", "pretrain_url=https://host/w.ckpt", "--set", "epochs=3", "--set", "seed=9",
+                        "--work", tmp_path / "work")
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.split("running: ", 1)[1].split()
+    assert command[0].endswith("train/train_dir/train.py")
+    assert "--epochs=3" in command and "--seed=9" in command and "--batch_size=32" in command
+    assert "--data_url=/data/cifar" in command and "--pretrain_url=https://host/w.ckpt" in command
+    assert f"--output_path={tmp_path / 'work' / 'train' / 'output'}" in command
+    assert f"--aim_repo={tmp_path / 'work' / 'train' / 'aim'}" in command
+    assert "pip-requirements.txt" in result.stdout and "not installed" in result.stdout
+
+
+def test_hub_paths_resolve_under_hub(tmp_path):
+    (tmp_path / "hub" / "datasets" / "drizzlezyk" / "cifar10").mkdir(parents=True)
+    model = tmp_path / "hub" / "models" / "MindSpore" / "ResNet50_model" / "resnet50_224_new.ckpt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"x")
+    result = run_runner("config.json", "--hub", tmp_path / "hub", "--check")
+    assert result.returncode == 0, result.stderr
+    assert f"--pretrain_url={model}" in result.stdout
+
+
+def write_config(tmp_path, text=None, **changes):
+    config = shipped("config.json")
+    config.update(changes)
+    path = tmp_path / "nested" / "my_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text is not None else json.dumps(config, indent=2))
+    return path
+
+
+def renamed_hyperparameters(tmp_path):
+    config = shipped("config.json")
+    config["hyperparameters"] = config.pop("hypeparameters")
+    return write_config(tmp_path, json.dumps(config))
+
+
+MISTAKES = {
+    "JSON that does not parse": (lambda t: write_config(t, text='{\n  "SDK": "ModelArts",\n  "job_name": x\n}'),
+                                 ["my_config.json:3:", "plain JSON"]),
+    "missing boot_file": (lambda t: write_config(t, boot_file="main.py"), ["boot_file 'main.py' does not exist"]),
+    "hyperparameters spelling": (renamed_hyperparameters, ['"hypeparameters" (sic)', "rename"]),
+    "unknown input name": (lambda t: write_config(t, inputs=[{"name": "dataset_url", "input_url": "/d"}]),
+                           ["input 'dataset_url'", "did you mean 'data_url'"]),
+    "non-string value": (lambda t: write_config(t, hypeparameters=[{"name": "epochs", "value": 10}]),
+                         ["hypeparameters[0].value must be a string", '"10"']),
+    "missing code_dir": (lambda t: write_config(t, code_dir="train/trainDir/"), ["code_dir 'train/trainDir/'"]),
+    "hyperparameter typo": (lambda t: write_config(t, hypeparameters=[{"name": "epoch", "value": "1"}]),
+                            ["did you mean 'epochs'"]),
+    "duplicate name": (lambda t: write_config(t, hypeparameters=[{"name": "data_url", "value": "/x"}]),
+                       ["'data_url' is used more than once"]),
+    "missing field": (lambda t: write_config(t, text=json.dumps({k: v for k, v in shipped("config.json").items()
+                                                                 if k != "log_url"})), ["missing field 'log_url'"]),
+    "docs form with // comments": (lambda t: write_config(t, text=DOCS_FORM), ["//", "--strip-comments"]),
+}
+DOCS_FORM = """{
+"SDK": "ModelArts",               //training platform
+"code_dir": "train/train_dir/",   //code folder, see https://xihe.mindspore.cn/docs
+"boot_file": "train.py",
+"outputs": [{"output_dir": "train/output/", "name": "output_path"}],
+"hypeparameters": [{"name": "epochs", "value": "1"}],
+"frameworks": {"framework_type": "Ascend-Powered-Engine",
+    "framework_version": "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3",},
+"train_instance_type": "modelarts.kat1.xlarge.public",
+"log_url": "train/log/",
+"env_variables": {},
+"job_description": "a // inside a string is not a comment",
+"inputs": [{"input_url": "/data/", "name": "data_url"}],
+"job_name": "docs-form"   // the job's name
+}
+"""
+
+
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_config_mistakes_give_one_line_with_a_hint(case, tmp_path):
+    build, needles = MISTAKES[case]
+    result = run_runner(build(tmp_path), "--check", "--input", "data_url=/d", "--input", "pretrain_url=/p")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert all(needle in lines[0] for needle in needles), lines[0]
+
+
+def test_docs_form_runs_with_strip_comments_and_a_warning(tmp_path):
+    result = run_runner(write_config(tmp_path, text=DOCS_FORM), "--check", "--strip-comments")
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "line(s) 2, 3, 14" in result.stderr
+    assert "--data_url=/data/" in result.stdout
+
+
+def test_unknown_compute_is_only_a_warning(tmp_path):
+    path = write_config(tmp_path, train_instance_type="modelarts.vm.cpu.2u",
+                        frameworks={"framework_type": "Ascend-Powered-Engine", "framework_version": "mindspore_9.9"})
+    result = run_runner(path, "--check", "--input", "data_url=/d", "--input", "pretrain_url=/p")
+    assert result.returncode == 0
+    assert "framework_version 'mindspore_9.9'" in result.stderr and "modelarts.vm.cpu.2u" in result.stderr
+
+
+def test_fetch_model_places_files_by_basename(tmp_path):
+    out = tmp_path / "job-output"
+    out.mkdir()
+    (out / "resnet50-best.ckpt").write_bytes(b"weights")
+    (out / "labels.json").write_text('{"class_names": ["a"]}')
+    paths = json.loads((ROOT / "inference" / "config.json").read_text())["model_path"]
+    sys.path.insert(0, str(ROOT / "inference"))
+    import fetch_model
+    written = fetch_model.fetch(paths, source=out, target=tmp_path)
+    assert sorted(p.name for p in written) == ["labels.json", "resnet50-best.ckpt"]
+    assert (tmp_path / "resnet50-best.ckpt").read_bytes() == b"weights"
+    result = subprocess.run([sys.executable, str(FETCH_MODEL), "--from", tmp_path / "empty"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: model file") and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- whole jobs through the runner
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job-inputs")
+    data = write_cifar(root / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
+    weights = root / "resnet18.ckpt"
+    ms.save_checkpoint(create_model("resnet18", 1000), str(weights))
+    return data, weights
+
+
+SMALL = ["--set", "epochs=1", "--set", "image_size=32", "--set", "batch_size=16", "--set", "arch=resnet18"]
+
+
+@pytest.mark.slow
+def test_shipped_config_runs_locally(job_inputs, tmp_path):
+    data, weights = job_inputs
+    work = tmp_path / "work"
+    result = run_runner("config.json", "--input", f"data_url={data}", "--input", f"pretrain_url={weights}",
+                        "--work", work, *SMALL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    outputs = {p.name for p in (work / "train" / "output").iterdir()}
+    assert {"resnet18-best.ckpt", "resnet18-best.mindir", "metrics.json", "labels.json", ".aim"} <= outputs
+    log = (work / "train" / "log" / "resnet50-cifar10.log").read_text()
+    assert "epoch 1/1" in log and "pretrained: loaded" in log
+
+
+@pytest.mark.slow
+def test_runner_propagates_the_exit_code(job_inputs, tmp_path):
+    data, weights = job_inputs
+    result = run_runner("config.json", "--input", f"data_url={data}", "--input", f"pretrain_url={weights}",
+                        "--work", tmp_path / "work", "--set", "lr=fast")
+    assert result.returncode == 2
+    assert "invalid" in (tmp_path / "work" / "train" / "log" / "resnet50-cifar10.log").read_text()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, deadline):
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
+    data, weights = job_inputs
+    work = tmp_path / "work"
+    result = run_runner("config_aim.json", "--input", f"data_url={data}", "--input", f"pretrain_url={weights}",
+                        "--work", work, *SMALL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    aim_folder = work / "train" / "aim"
+    assert (aim_folder / ".aim").is_dir() and not (work / "train" / "output" / ".aim").exists()
+    run_hash = result.stdout.split("Aim run ", 1)[1].split()[0]
+
+    # What Xihe's evaluation image does: aim up --repo <the aim_repo output folder>
+    port = free_port()
+    aim = Path(sys.executable).parent / "aim"
+    server = subprocess.Popen([str(aim), "up", "--repo", str(aim_folder), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}/api"
+        experiments = get_json(f"{base}/experiments/", time.monotonic() + 60)
+        assert "cifar10-finetune" in [e["name"] for e in experiments]
+        info = get_json(f"{base}/runs/{run_hash}/info/", time.monotonic() + 30)
+        assert info["props"]["experiment"]["name"] == "cifar10-finetune"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

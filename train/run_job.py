@@ -1,0 +1,279 @@
+"""Run a Xihe training-job config locally, the way the platform runs it, after checking it the way the platform
+would (and a little stricter, so mistakes show here rather than after a cloud job fails).
+
+    python train/run_job.py config.json --input data_url=demo/data --input pretrain_url=weights.ckpt \\
+        --set epochs=1 --work job-work
+
+- `code_dir` resolves against the repository root; the boot file runs there, with the runner's Python.
+- Every hyperparameter is passed as `--name=value` (a string, as the platform does); `--set` overrides or adds one.
+- Each input is passed as `--<name>=<path or URL>`: Xihe hub paths (`datasets/owner/name/path`, `models/...`) are
+  resolved under `--hub DIR`, or replaced with `--input NAME=URL`.
+- Each output is passed as `--<name>=<work>/<output_dir>`; the log goes to `<work>/<log_url>/<job_name>.log`.
+- Nothing is installed: the platform would install `<code_dir>/pip-requirements.txt` first.
+"""
+import argparse
+import difflib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB_PREFIXES = ("datasets/", "models/", "projects/")
+REQUIRED = {  # field: type, as in Xihe's job form
+    "SDK": str, "job_name": str, "code_dir": str, "boot_file": str, "inputs": list, "outputs": list,
+    "hypeparameters": list, "frameworks": dict, "train_instance_type": str, "log_url": str,
+    "env_variables": dict, "job_description": str,
+}
+JSON_TYPES = {str: "string", list: "array", dict: "object"}
+KNOWN_COMPUTE = {  # framework_type -> instance types and framework versions Xihe offers (xihe-server dp_training.go)
+    "MPI": ({"modelarts.p3.large.public"}, {"mindspore_1.3.0-cuda_10.1-py_3.7-ubuntu_1804-x86_64"}),
+    "Ascend-Powered-Engine": ({"modelarts.kat1.xlarge.public"}, {
+        "mindspore_1.7.0-cann_5.1.0-py_3.7-euler_2.8.3-aarch64",
+        "mindspore_1.9.0-cann_6.0.RC1-py_3.7-ubuntu_18.04-amd64",
+        "mindspore_1.9.0-cann_6.0.RC1-py_3.9-ubuntu_18.04-amd64",
+        "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3"}),
+}
+
+
+class ConfigError(Exception):
+    """A mistake in the config: reported as one line with a hint."""
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- reading
+
+COMMENT = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*')
+TRAILING_COMMA = re.compile(r'("(?:\\.|[^"\\])*")|,(\s*[}\]])')
+
+
+def strip_comments(text):
+    """The docs' annotated form: `//` comments and trailing commas removed, strings untouched."""
+    text = COMMENT.sub(lambda m: m.group(1) or "", text)
+    return TRAILING_COMMA.sub(lambda m: m.group(1) or m.group(2), text)
+
+
+def read_config(path, allow_comments=False):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    lines_with_comments = [i for i, line in enumerate(text.splitlines(), 1)
+                           if "//" in COMMENT.sub(lambda m: '""' if m.group(1) else m.group(0), line)]
+    if lines_with_comments:
+        if not allow_comments:
+            raise ConfigError(f"{path}:{lines_with_comments[0]}: `//` comments are not JSON and the platform "
+                              f"rejects them; delete them (the docs only annotate the fields), or pass "
+                              f"--strip-comments to run this copy locally")
+        warn(f"{path}: ignoring `//` comments on line(s) {', '.join(map(str, lines_with_comments))}; "
+             f"remove them before submitting")
+        text = strip_comments(text)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: {exc.msg} (the file must be plain JSON)") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object {{...}}")
+    return config
+
+
+# ---------------------------------------------------------------- validation
+
+def _entries(config, field, value_key):
+    entries = config[field]
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"name", value_key}:
+            raise ConfigError(f"{field}[{i}] must be {{\"name\": ..., \"{value_key}\": ...}}, got {json.dumps(entry)}")
+        for key in ("name", value_key):
+            if not isinstance(entry[key], str):
+                raise ConfigError(f"{field}[{i}].{key} must be a string (the platform passes strings, e.g. "
+                                  f"\"{entry[key]}\"), got {json.dumps(entry[key])}")
+    return entries
+
+
+def known_flags(code_dir):
+    """The flag names the boot file's parser accepts (train/train_dir/args.py), or None for another boot file."""
+    if not (code_dir / "args.py").exists():
+        return None
+    sys.path.insert(0, str(code_dir))
+    os.environ.setdefault("GLOG_v", "3")
+    try:
+        from args import get_args_parser
+    except Exception:  # a foreign args.py: no name checks, the boot file will complain itself
+        return None
+    finally:
+        sys.path.remove(str(code_dir))
+    return {opt.lstrip("-") for action in get_args_parser()._actions for opt in action.option_strings}
+
+
+def _check_names(kind, names, flags):
+    for name in names:
+        if flags is not None and name not in flags:
+            close = difflib.get_close_matches(name, sorted(flags), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see `python train.py --help`"
+            raise ConfigError(f"{kind} {name!r} is not a flag train.py understands; {hint}")
+
+
+def validate(config):
+    """Check the config; returns (code_dir, boot_file) as paths. Unknown compute is only a warning."""
+    if "hyperparameters" in config and "hypeparameters" not in config:
+        raise ConfigError("the field is spelled \"hypeparameters\" (sic) on the platform; rename \"hyperparameters\"")
+    for field, kind in REQUIRED.items():
+        if field not in config:
+            raise ConfigError(f"missing field {field!r} (see the README's config field table)")
+        if not isinstance(config[field], kind):
+            raise ConfigError(f"field {field!r} must be a JSON {JSON_TYPES[kind]}, got {json.dumps(config[field])}")
+    inputs = _entries(config, "inputs", "input_url")
+    outputs = _entries(config, "outputs", "output_dir")
+    hyper = _entries(config, "hypeparameters", "value")
+    names = [e["name"] for e in inputs + outputs + hyper]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"name {duplicates[0]!r} is used more than once across inputs, outputs and hypeparameters "
+                          f"(each becomes one --flag)")
+    for key, value in config["env_variables"].items():
+        if not isinstance(value, str):
+            raise ConfigError(f"env_variables.{key} must be a string, got {json.dumps(value)}")
+
+    code_dir = (ROOT / config["code_dir"]).resolve()
+    if not code_dir.is_dir():
+        raise ConfigError(f"code_dir {config['code_dir']!r} does not exist in the repository ({ROOT})")
+    boot_file = code_dir / config["boot_file"]
+    if not boot_file.is_file():
+        raise ConfigError(f"boot_file {config['boot_file']!r} does not exist in code_dir {config['code_dir']!r}")
+
+    flags = known_flags(code_dir)
+    _check_names("input", [e["name"] for e in inputs], flags)
+    _check_names("output", [e["name"] for e in outputs], flags)
+    _check_names("hypeparameter", [e["name"] for e in hyper], flags)
+
+    frameworks = config["frameworks"]
+    framework_type, version = frameworks.get("framework_type"), frameworks.get("framework_version")
+    instances, versions = KNOWN_COMPUTE.get(framework_type, (set(), set()))
+    if framework_type not in KNOWN_COMPUTE:
+        warn(f"framework_type {framework_type!r} is not one Xihe is known to offer ({', '.join(KNOWN_COMPUTE)})")
+    elif version not in versions:
+        warn(f"framework_version {version!r} is not known for {framework_type}; known: {', '.join(sorted(versions))}")
+    if config["train_instance_type"] not in instances and framework_type in KNOWN_COMPUTE:
+        warn(f"train_instance_type {config['train_instance_type']!r} is not known for {framework_type}; "
+             f"known: {', '.join(sorted(instances))}")
+    return code_dir, boot_file
+
+
+# ---------------------------------------------------------------- running
+
+def _pairs(values, option):
+    pairs = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{option} takes NAME=VALUE, got {item!r}")
+        pairs[name] = value
+    return pairs
+
+
+def resolve_input(name, url, hub):
+    if url.startswith(HUB_PREFIXES) and "://" not in url:
+        if hub is None:
+            raise ConfigError(f"input {name!r} is the Xihe hub path {url!r}; pass --input {name}=PATH_OR_URL, "
+                              f"or --hub DIR holding {url}")
+        local = Path(hub) / url
+        if not local.exists():
+            raise ConfigError(f"input {name!r}: {local} does not exist under --hub {hub}")
+        return str(local)
+    return url
+
+
+def build_command(config, code_dir, boot_file, work, inputs, overrides, hub):
+    hyper = {e["name"]: e["value"] for e in config["hypeparameters"]}
+    hyper.update(overrides)
+    _check_names("--set", list(overrides), known_flags(code_dir))
+    unknown_inputs = sorted(set(inputs) - {e["name"] for e in config["inputs"]})
+    if unknown_inputs:
+        raise ConfigError(f"--input {unknown_inputs[0]!r} is not an input of this config "
+                          f"({', '.join(e['name'] for e in config['inputs']) or 'none'}); use --set for hyperparameters")
+    argv = [sys.executable, str(boot_file)]
+    argv += [f"--{name}={value}" for name, value in hyper.items()]
+    for entry in config["inputs"]:
+        argv.append(f"--{entry['name']}={inputs.get(entry['name']) or resolve_input(entry['name'], entry['input_url'], hub)}")
+    for entry in config["outputs"]:
+        folder = (work / entry["output_dir"]).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        argv.append(f"--{entry['name']}={folder}")
+    return argv
+
+
+def _tee(source, sinks):
+    for line in iter(source.readline, ""):
+        for sink in sinks:
+            sink.write(line)
+            sink.flush()
+
+
+def run(argv, cwd, env, log_path):
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, bufsize=1)
+        threads = [threading.Thread(target=_tee, args=(process.stdout, [sys.stdout, log])),
+                   threading.Thread(target=_tee, args=(process.stderr, [sys.stderr, log]))]
+        for thread in threads:
+            thread.start()
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            code = process.wait()
+        for thread in threads:
+            thread.join()
+    return code
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("config", help="a Xihe job config (config.json, config_aim.json, configs/*.json)")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=URL",
+                        help="use this path or URL for input NAME instead of its input_url")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a hyperparameter, or add one the config does not have")
+    parser.add_argument("--work", default=None, help="folder for outputs and logs (default: job-work/<job_name>)")
+    parser.add_argument("--hub", default=None, help="folder that mirrors Xihe's hub: DIR/datasets/owner/name/...")
+    parser.add_argument("--strip-comments", action="store_true",
+                        help="accept the docs' annotated form (// comments, trailing commas), with a warning")
+    parser.add_argument("--check", action="store_true", help="validate the config and print the command; do not run")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        config = read_config(args.config, args.strip_comments)
+        code_dir, boot_file = validate(config)
+        work = Path(args.work or Path("job-work") / config["job_name"]).resolve()
+        command = build_command(config, code_dir, boot_file, work, _pairs(args.input, "--input"),
+                                _pairs(args.set, "--set"), args.hub)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    requirements = code_dir / "pip-requirements.txt"
+    print(f"job {config['job_name']}: the platform would first install {requirements.relative_to(ROOT)} "
+          f"(not installed here)" if requirements.exists() else f"job {config['job_name']}")
+    print("running: " + " ".join(command[1:]), flush=True)
+    if args.check:
+        return 0
+    env = {**os.environ, **config["env_variables"],
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")]))}
+    log_path = work / config["log_url"] / f"{config['job_name']}.log"
+    code = run(command, code_dir, env, log_path)
+    print(f"job {config['job_name']} exited with {code}; log: {log_path}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
