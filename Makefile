@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-requirements
 DEMO_DATA := demo/data
 DEMO_OUTPUT := demo/output
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast check-cloud venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Asks PyPI whether train/train_dir/pip-requirements.txt resolves for the platform's Python 3.9 (needs the network).
+check-cloud: $(STAMP)
+	RUN_NETWORK_TESTS=1 $(PY) -m pytest tests/test_cloud_requirements.py
 
 clean:
 	rm -rf demo .pytest_cache
