@@ -176,12 +176,17 @@ def job_inputs(tmp_path_factory):
 SMALL = ["--set", "epochs=1", "--set", "image_size=32", "--set", "batch_size=16", "--set", "arch=resnet18"]
 
 
+def run_shipped(config, job_inputs, work, *overrides):
+    """A shipped config through the runner, on local inputs, with small overrides."""
+    data, weights = job_inputs
+    return run_runner(config, "--input", f"data_url={data}", "--input", f"pretrain_url={weights}", "--work", work,
+                      *overrides)
+
+
 @pytest.mark.slow
 def test_shipped_config_runs_locally(job_inputs, tmp_path):
-    data, weights = job_inputs
     work = tmp_path / "work"
-    result = run_runner("config.json", "--input", f"data_url={data}", "--input", f"pretrain_url={weights}",
-                        "--work", work, *SMALL)
+    result = run_shipped("config.json", job_inputs, work, *SMALL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     outputs = {p.name for p in (work / "train" / "output").iterdir()}
     assert {"resnet18-best.ckpt", "resnet18-best.mindir", "metrics.json", "labels.json", ".aim"} <= outputs
@@ -191,9 +196,7 @@ def test_shipped_config_runs_locally(job_inputs, tmp_path):
 
 @pytest.mark.slow
 def test_runner_propagates_the_exit_code(job_inputs, tmp_path):
-    data, weights = job_inputs
-    result = run_runner("config.json", "--input", f"data_url={data}", "--input", f"pretrain_url={weights}",
-                        "--work", tmp_path / "work", "--set", "lr=fast")
+    result = run_shipped("config.json", job_inputs, tmp_path / "work", "--set", "lr=fast")
     assert result.returncode == 2
     assert "invalid" in (tmp_path / "work" / "train" / "log" / "resnet50-cifar10.log").read_text()
 
@@ -217,10 +220,8 @@ def get_json(url, deadline):
 
 @pytest.mark.slow
 def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
-    data, weights = job_inputs
     work = tmp_path / "work"
-    result = run_runner("config_aim.json", "--input", f"data_url={data}", "--input", f"pretrain_url={weights}",
-                        "--work", work, *SMALL)
+    result = run_shipped("config_aim.json", job_inputs, work, *SMALL)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     aim_folder = work / "train" / "aim"
     assert (aim_folder / ".aim").is_dir() and not (work / "train" / "output" / ".aim").exists()
