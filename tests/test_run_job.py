@@ -241,3 +241,19 @@ def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_runner_sets_env_cwd_and_tees_the_log(tmp_path):
+    config = {**shipped("config.json"), "code_dir": "tests/fixtures/echo_job/", "boot_file": "echo.py",
+              "job_name": "echo", "env_variables": {"JOB_FLAG": "on", "EXIT_WITH": "3"},
+              "inputs": [{"name": "data_url", "input_url": "/data/"}]}
+    path = tmp_path / "echo.json"
+    path.write_text(json.dumps(config))
+    result = run_runner(path, "--work", tmp_path / "work", "--set", "epochs=2")
+    assert result.returncode == 3  # the boot file's exit code
+    seen = json.loads(result.stdout.splitlines()[2])
+    code_dir = str(ROOT / "tests" / "fixtures" / "echo_job")
+    assert seen["JOB_FLAG"] == "on" and seen["cwd"] == code_dir and seen["pythonpath"].startswith(code_dir)
+    assert "--epochs=2" in seen["argv"] and "--data_url=/data/" in seen["argv"]
+    log = (tmp_path / "work" / "train" / "log" / "echo.log").read_text()
+    assert '"JOB_FLAG": "on"' in log and "to stderr" in log
