@@ -44,7 +44,8 @@ def test_every_output_is_written(trained):
     out = trained["out"]
     for name in ("resnet50-best.ckpt", "resnet50-last.ckpt", "resnet50-best.mindir", "labels.json", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("curves.png", "train_samples.png", "val_predictions.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert (out / ".aim").is_dir()
     assert not list(out.glob(".*partial*")), "temporary files left behind"
 
@@ -144,3 +145,41 @@ def test_freeze_keeps_the_pretrained_backbone_bit_identical(small_data, tmp_path
     assert after["fc.weight"].shape == (4, 2048)
     history = read_json(out / "metrics.json")
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # the head did train
+
+
+def test_aim_run_has_captioned_predictions_confusion_matrix_and_class_accuracy(trained, aim_run):
+    import re
+    from aim.storage.context import Context
+    _, run = aim_run
+    epochs = list(range(1, TRAINED["epochs"] + 1))
+    names = read_json(trained["out"] / "labels.json")["class_names"]
+    _, inputs, labels = datasets.preview_batch(datasets.find_data(trained["data"]), "val", 32, 16)
+
+    steps, batches = run.get_image_sequence("val_predictions", Context({"subset": "val"})).values.sparse_list()
+    assert steps == epochs and all(len(batch) == 16 for batch in batches)
+    pairs = [re.fullmatch(r"true: (\w+) / predicted: (\w+)", image.caption).groups() for image in batches[-1]]
+    assert [names.index(true) for true, _ in pairs] == labels.tolist()
+    # The last epoch's captions are what the last checkpoint predicts for those images.
+    net = create_model("resnet50", TRAINED["classes"])
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["out"] / "resnet50-last.ckpt")))
+    net.set_train(False)
+    predicted = net(ms.Tensor(inputs)).asnumpy().argmax(1)
+    assert [names.index(p) for _, p in pairs] == predicted.tolist()
+
+    steps, figures = run.get_image_sequence("confusion_matrix", Context({"subset": "val"})).values.sparse_list()
+    assert steps == epochs and min(figures[-1].to_pil_image().size) > 200
+
+    # Per-class accuracy, weighted by class sizes, is the overall accuracy.
+    val_labels = datasets.find_data(trained["data"]).val[1]
+    history = read_json(trained["out"] / "metrics.json")
+    weighted = 0.0
+    for label, name in enumerate(names):
+        series = run.get_metric("class_accuracy", Context({"subset": "val", "class": name})).dataframe()
+        assert series["step"].tolist() == epochs
+        weighted += series["value"].iloc[-1] * (val_labels == label).sum() / len(val_labels)
+    assert weighted == pytest.approx(history[-1]["val_accuracy"], abs=1e-6)
+
+    steps, samples = run.get_image_sequence("train_samples", Context({})).values.sparse_list()
+    assert steps == [0] and "labels" in samples[0].caption
+    for name in ("images_per_second", "epoch_seconds"):
+        assert len(run.get_metric(name, Context({"subset": "train"})).dataframe()) > 0

@@ -88,6 +88,9 @@ def get_args_parser():
     run.add_argument("--num_workers", type=_bounded(int, 1), default=None,
                      help="data pipeline workers; default and maximum: the number of cores")
     run.add_argument("--experiment", default=None, help="Aim experiment name; default: the dataset's name")
+    run.add_argument("--aim_log_every", type=_bounded(int, 1), default=1, help="log step metrics to Aim every N steps")
+    run.add_argument("--aim_system_metrics", type=str2bool, nargs="?", const=True, default=True,
+                     help="let Aim record CPU, memory and disk use every 10 s")
     run.add_argument("--cache_dir", default=None,
                      help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
                           "on ModelArts, else ~/.cache/resnet-job")

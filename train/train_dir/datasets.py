@@ -185,7 +185,7 @@ def _transforms(source, image_size, training):
     return resize + _to_tensor()
 
 
-def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None):
+def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None):
     """A batched (image, label) pipeline for `split` ("train" or "val").
 
     Training drops the last partial batch so every step has the same shape (one graph compile, sane BatchNorm).
@@ -196,6 +196,7 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     from mindspore.dataset.transforms import TypeCast
     training = split == "train"
     shuffle = training if shuffle is None else shuffle
+    augment = training if augment is None else augment
     workers = worker_count(workers)
     sharding = {"num_shards": shard[0], "shard_id": shard[1]} if shard else {}
     data = source.train if training else source.val
@@ -208,10 +209,20 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
         images, labels = data
         dataset = ds.NumpySlicesDataset({"image": images, "label": labels}, shuffle=shuffle,
                                         num_parallel_workers=1, **sharding)
-    dataset = dataset.map(operations=_transforms(source, image_size, training), input_columns="image",
+    dataset = dataset.map(operations=_transforms(source, image_size, augment), input_columns="image",
                           num_parallel_workers=workers)
     dataset = dataset.map(operations=TypeCast(ms.int32), input_columns="label")
     if training and dataset.get_dataset_size() < batch_size:
         raise UserError(f"the training split has {dataset.get_dataset_size()} images, fewer than "
                         f"--batch_size {batch_size}")
     return dataset.batch(batch_size, drop_remainder=training)
+
+
+def preview_batch(source, split, image_size, count=16):
+    """The first `count` images of a split, without augmentation: (HWC uint8 for display, the network's NCHW
+    float32 input, labels)."""
+    count = min(count, source.sizes[split])
+    data = create_dataset(source, split, image_size, batch_size=count, workers=1, shuffle=False, augment=False)
+    inputs, labels = next(data.create_tuple_iterator(output_numpy=True))
+    display = inputs.transpose(0, 2, 3, 1) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(display.round(), 0, 255).astype(np.uint8), inputs, labels

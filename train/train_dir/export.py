@@ -47,11 +47,58 @@ def export_mindir(net, image_size, path):
     os.replace(tmp, path)
 
 
-def plot_curves(history, path):
-    """Loss (train and val) and val accuracy by epoch."""
+def _save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    tmp = _temporary(path)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_image_grid(images, titles, path, colours=None, columns=8):
+    """A grid of HWC uint8 images with a title each (the tutorial's sample and prediction pictures)."""
+    plt = _pyplot()
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.0), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i])
+            ax.set_title(titles[i], fontsize=7, color=(colours[i] if colours else "black"))
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_confusion(matrix, class_names, path):
+    """Rows: true class; columns: predicted class; counts in the cells."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix, dtype=np.int64)
+    size = max(4, 0.5 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(class_names))
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="validation confusion matrix")
+    ax.set_xticklabels(class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels(class_names, fontsize=8)
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_curves(history, path):
+    """Loss (train and val) and val accuracy by epoch."""
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
@@ -64,8 +111,4 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
         ax.set_xticks(epochs)
     fig.tight_layout()
-    path = Path(path)
-    tmp = _temporary(path)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return _save_figure(fig, path)

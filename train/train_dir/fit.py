@@ -84,11 +84,21 @@ def create_optimizer(net, lr_schedule, momentum, weight_decay):
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
 
 
-def create_trainer(net, optimizer):
-    """A Model whose evaluation reports accuracy and loss."""
+class ConfusionMatrix(nn.ConfusionMatrix):
+    """Counts (rows: true class, columns: predicted); quiet about classes absent from a split."""
+
+    def eval(self):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return super().eval()
+
+
+def create_trainer(net, optimizer, num_classes):
+    """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    return Model(net, loss_fn=loss_fn, optimizer=optimizer,
-                 metrics={"accuracy": nn.Accuracy(), "loss": nn.Loss()})
+    metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
+    if num_classes >= 5:
+        metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
+    return Model(net, loss_fn=loss_fn, optimizer=optimizer, metrics=metrics)
 
 
 def fit(trainer, epochs, train_data, val_data, callbacks):
@@ -144,6 +154,8 @@ class EpochRecorder(Callback):
             "val_loss": float(val.get("loss", float("nan"))),
             "val_accuracy": float(val.get("accuracy", float("nan"))),
         }
+        if "top5_accuracy" in val:
+            record["val_top5_accuracy"] = float(val["top5_accuracy"])
         save_checkpoint(self.net, self.last_path)
         record["best"] = record["val_accuracy"] > self.best_accuracy
         if record["best"]:

@@ -1,10 +1,19 @@
 """Experiment tracking with Aim: a MindSpore callback that works with any `Model.train` / `Model.fit`.
 
-Metric names and contexts (what the Xihe Aim sample and our tests use):
-- `loss` and `lr` with {"subset": "train"}, every `log_every` training steps (step = global step, from 1);
-- `epoch_loss` with {"subset": "train"}, the epoch's mean step loss, once per epoch (step = epoch);
-- `loss` and `accuracy` with {"subset": "val"}, once per epoch, when the fit has a validation set.
+    from tracking import AimCallback
+    aim_cb = AimCallback("runs", experiment="my-exp", hparams={"lr": 0.01})
+    model.fit(10, train_ds, valid_dataset=val_ds, callbacks=[aim_cb])   # closes the run when training ends
+
+Metric names and contexts:
+- `loss`, `lr` and `images_per_second` with {"subset": "train"}, every `log_every` steps (step = global step, from 1);
+- `epoch_loss` and `epoch_seconds` with {"subset": "train"}, once per epoch (step = epoch);
+- `loss`, `accuracy` and (5 classes or more) `top5_accuracy` with {"subset": "val"}, once per epoch, with a
+  validation set; `class_accuracy` with {"subset": "val", "class": NAME} when the fit's metrics include a
+  `confusion` matrix, which is also logged as the image `confusion_matrix`;
+- `val_predictions`: captioned validation images ("true: a / predicted: b"), once per epoch, when given a preview.
 """
+import time
+
 import numpy as np
 from mindspore.train import Callback
 
@@ -24,31 +33,61 @@ def current_lr(optimizer, step):
     return float(values[min(step, len(values) - 1)])
 
 
+def class_accuracy(confusion):
+    """Per-class recall from a confusion matrix (rows: true class); NaN for a class with no images."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diag(confusion) / confusion.sum(axis=1)
+
+
 class AimCallback(Callback):
-    """Logs hyperparameters, per-step and per-epoch metrics to one Aim run, and closes it at the end.
+    """Logs hyperparameters, per-step and per-epoch metrics, and pictures to one Aim run, and closes it at the end.
 
     `repo` is a folder (its `.aim` is created when missing) or an `aim://host:port` tracking server.
+    `preview` is (HWC uint8 images, network inputs, labels) and `predict` maps network inputs to logits: with both,
+    each epoch logs the preview images captioned with their true and predicted class.
     """
 
-    def __init__(self, repo, experiment, hparams, log_every=1, system_tracking=True):
+    def __init__(self, repo, experiment, hparams, log_every=1, system_tracking=True, class_names=None,
+                 preview=None, predict=None, close_at_end=True):
         super().__init__()
         from aim import Run
         self.run = Run(repo=str(repo), experiment=experiment,
                        system_tracking_interval=10 if system_tracking else None)
         self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
+        self.class_names = list(class_names) if class_names else None
+        self.preview, self.predict = preview, predict
+        self.close_at_end = close_at_end
+        self.last_predictions = None
         self._epoch_losses = []
 
     @property
     def hash(self):
         return self.run.hash
 
+    def _name(self, label):
+        return self.class_names[label] if self.class_names and 0 <= label < len(self.class_names) else str(label)
+
+    def track_image(self, name, image, step=0, caption="", context=None):
+        """An image (PIL, HWC uint8 array, or a path to a PNG) under `name`."""
+        from aim import Image
+        from PIL import Image as PILImage
+        if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+            image = PILImage.open(image).convert("RGB")
+        self.run.track(Image(image, caption=caption), name=name, step=step, context=context or {})
+
     def on_train_epoch_begin(self, run_context):
         self._epoch_losses = []
+        self._epoch_start = time.perf_counter()
+
+    def on_train_step_begin(self, run_context):
+        self._step_start = time.perf_counter()
 
     def on_train_step_end(self, run_context):
         cb_params = run_context.original_args()
-        loss = step_loss(cb_params)
+        loss = step_loss(cb_params)  # waits for the step, so the timing below is the step's
+        seconds = time.perf_counter() - self._step_start
         self._epoch_losses.append(loss)
         step, epoch = cb_params.cur_step_num, cb_params.cur_epoch_num
         if step % self.log_every:
@@ -57,6 +96,10 @@ class AimCallback(Callback):
         lr = current_lr(cb_params.get("optimizer"), step - 1)
         if lr is not None:
             self.run.track(lr, name="lr", step=step, epoch=epoch, context=TRAIN)
+        batch = cb_params.get("train_dataset_element")
+        if batch is not None and seconds > 0:
+            self.run.track(batch[0].shape[0] / seconds, name="images_per_second", step=step, epoch=epoch,
+                           context=TRAIN)
 
     def on_train_epoch_end(self, run_context):
         cb_params = run_context.original_args()
@@ -64,12 +107,41 @@ class AimCallback(Callback):
         if self._epoch_losses:
             self.run.track(float(np.mean(self._epoch_losses)), name="epoch_loss", step=epoch, epoch=epoch,
                            context=TRAIN)
-        for name, value in (cb_params.get("metrics") or {}).items():
-            if name in ("loss", "accuracy"):
-                self.run.track(float(value), name=name, step=epoch, epoch=epoch, context=VAL)
+        self.run.track(time.perf_counter() - self._epoch_start, name="epoch_seconds", step=epoch, epoch=epoch,
+                       context=TRAIN)
+        metrics = cb_params.get("metrics") or {}
+        for name in ("loss", "accuracy", "top5_accuracy"):
+            if name in metrics:
+                self.run.track(float(metrics[name]), name=name, step=epoch, epoch=epoch, context=VAL)
+        if "confusion" in metrics:
+            self._track_confusion(metrics["confusion"], epoch)
+        if self.preview is not None and self.predict is not None:
+            self._track_predictions(epoch)
+
+    def _track_confusion(self, confusion, epoch):
+        import tempfile
+        from export import plot_confusion
+        for label, accuracy in enumerate(class_accuracy(confusion)):
+            if np.isfinite(accuracy):
+                self.run.track(float(accuracy), name="class_accuracy", step=epoch, epoch=epoch,
+                               context={**VAL, "class": self._name(label)})
+        names = [self._name(i) for i in range(len(confusion))]
+        with tempfile.TemporaryDirectory() as folder:
+            path = plot_confusion(confusion, names, f"{folder}/confusion.png")
+            self.track_image("confusion_matrix", path, step=epoch, caption=f"epoch {epoch}", context=VAL)
+
+    def _track_predictions(self, epoch):
+        from aim import Image
+        images, inputs, labels = self.preview
+        predicted = np.asarray(self.predict(inputs)).argmax(axis=1)
+        captioned = [Image(image, caption=f"true: {self._name(int(t))} / predicted: {self._name(int(p))}")
+                     for image, t, p in zip(images, labels, predicted)]
+        self.run.track(captioned, name="val_predictions", step=epoch, epoch=epoch, context=VAL)
+        self.last_predictions = predicted
 
     def on_train_end(self, run_context):
-        self.close()
+        if self.close_at_end:
+            self.close()
 
     def close(self):
         """Idempotent; also called when training fails, so no run is left open or locked."""

@@ -21,6 +21,7 @@ from resnet import create_model, load_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
 URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo")
+PREVIEW_IMAGES = 16  # validation images shown in Aim each epoch, and in the picture files
 
 
 def stage_outputs(args):
@@ -62,6 +63,32 @@ def build_network(args, num_classes, pretrained):
     return net
 
 
+def predictor(net):
+    """Logits for a batch of network inputs, with BatchNorm in inference mode."""
+    import mindspore as ms
+
+    def predict(inputs):
+        net.set_train(False)
+        return net(ms.Tensor(inputs)).asnumpy()
+    return predict
+
+
+def show_training_samples(source, image_size, output_dir, tracker):
+    """The tutorial's first picture: training images with their labels (train_samples.png and in Aim)."""
+    images, _, labels = datasets.preview_batch(source, "train", image_size, PREVIEW_IMAGES)
+    path = export.plot_image_grid(images, [source.class_names[i] for i in labels], output_dir / "train_samples.png")
+    tracker.track_image("train_samples", path, caption="training images with their labels")
+
+
+def show_predictions(preview, predicted, class_names, output_dir, tracker):
+    """The tutorial's second picture: validation predictions, green when right and red when wrong."""
+    images, _, labels = preview
+    titles = [f"{class_names[p]}" + ("" if p == t else f"\n(true: {class_names[t]})") for p, t in zip(predicted, labels)]
+    colours = ["green" if p == t else "red" for p, t in zip(predicted, labels)]
+    path = export.plot_image_grid(images, titles, output_dir / "val_predictions.png", colours)
+    tracker.track_image("val_predictions_grid", path, caption="last epoch: green right, red wrong")
+
+
 def hyperparameters(args, source, device, num_classes):
     """Everything that defines the run, for Aim's hparams (locations without credentials)."""
     import mindspore as ms
@@ -93,15 +120,21 @@ def main(args):
     steps_per_epoch = train_data.get_dataset_size()
     lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     optimizer = fit.create_optimizer(net, lr_schedule, args.momentum, args.weight_decay)
-    trainer = fit.create_trainer(net, optimizer)
+    trainer = fit.create_trainer(net, optimizer, num_classes)
     recorder = fit.EpochRecorder(net, output_dir, args.arch)
-    tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes))
+    val_preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
+    tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes),
+                          log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
+                          class_names=source.class_names, preview=val_preview, predict=predictor(net),
+                          close_at_end=False)
     print(f"train: {args.arch} on {device}, {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, "
           f"Aim run {tracker.hash} in {storage.redact(aim_repo)}")
     try:
+        show_training_samples(source, args.image_size, output_dir, tracker)
         fit.fit(trainer, args.epochs, train_data, val_data,
                 [recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
                  fit.EpochEndHook(lambda: push(outputs, aim_store))])
+        show_predictions(val_preview, tracker.last_predictions, source.class_names, output_dir, tracker)
     finally:
         tracker.close()
         push(outputs, aim_store)  # also after a failure: keep what the finished epochs made
