@@ -1,0 +1,88 @@
+"""Aim beyond one clean local run: a tracking server over aim://, and a run killed mid-training."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TRAIN_PY, run_train
+
+from make_demo_data import make_split, write_cifar
+
+pytestmark = pytest.mark.slow
+AIM = Path(sys.executable).parent / "aim"
+QUICK = ["--arch", "resnet18", "--image_size", 32, "--batch_size", 16, "--lr", 0.01, "--aim_system_metrics", "false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aim-data")
+    return write_cifar(root / "cifar", make_split(96, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
+
+
+def read_runs(folder):
+    """{run hash: Run} for every run in a local repo, after indexing it (Aim's SDK needs the index to read)."""
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+    repo = Repo(str(folder))
+    for run_hash in repo.list_all_runs():
+        RepoIndexManager.get_index_manager(repo).index(run_hash)
+    return {run.hash: run for run in repo.iter_runs()}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_logging_to_an_aim_tracking_server(data, tmp_path):
+    server_repo = tmp_path / "server-repo"
+    server_repo.mkdir()
+    subprocess.run([str(AIM), "init", "--repo", str(server_repo)], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen([str(AIM), "server", "--host", "127.0.0.1", "--port", str(port), "--repo",
+                               str(server_repo), "-y"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        result = run_train("--data_url", data, "--output_url", tmp_path / "out", "--aim_repo",
+                           f"aim://127.0.0.1:{port}", "--epochs", 2, "--experiment", "remote", *QUICK)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert not (tmp_path / "out" / ".aim").exists()  # nothing tracked locally
+    runs = read_runs(server_repo)
+    assert len(runs) == 1
+    run = next(iter(runs.values()))
+    assert run.experiment == "remote" and run["hparams"]["epochs"] == 2
+    from aim.storage.context import Context
+    assert run.get_metric("accuracy", Context({"subset": "val"})).dataframe()["step"].tolist() == [1, 2]
+
+
+def test_a_killed_run_leaves_the_repo_usable(data, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, str(TRAIN_PY), "--data_url", str(data), "--output_url", str(out), "--epochs", "20",
+            *map(str, QUICK)]
+    victim = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in victim.stdout:  # kill it mid-training, once the first epoch is done
+        if line.startswith("epoch 1/20  train_loss"):
+            break
+    victim.kill()
+    victim.wait(timeout=30)
+
+    result = run_train("--data_url", data, "--output_url", out, "--epochs", 1, *QUICK)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = read_runs(out)
+    assert len(runs) == 2
+    finished = [run for run in runs.values() if run.hash in result.stdout]
+    assert len(finished) == 1 and finished[0]["hparams"]["epochs"] == 1
