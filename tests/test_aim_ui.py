@@ -1,0 +1,85 @@
+"""Aim's own UI shows the trained run: `aim up` on 127.0.0.1, its REST API, and the page in headless Chromium."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium, installed here when missing (Playwright's own browser download cannot work offline)."""
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
+        install = subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, text=True,
+                                 env=env, timeout=900)
+        path = shutil.which("chromium")
+        if path is None:
+            pytest.skip(f"Chromium could not be installed: {install.stderr.strip().splitlines()[-1:]}")
+    if path is None:
+        pytest.skip("Chromium is not installed and apt-get is not usable here (needs root)")
+    return path
+
+
+def get_json(url, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def aim_up(trained):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    aim = Path(sys.executable).parent / "aim"
+    server = subprocess.Popen([str(aim), "up", "--repo", str(trained["out"]), "--host", "127.0.0.1", "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # uvicorn workers outlive the parent: end the whole group
+        server.wait(timeout=30)
+
+
+def test_aim_ui_lists_the_run(trained, aim_up, chromium):
+    from aim import Repo
+    run_hash = Repo(str(trained["out"])).list_all_runs()[0]
+    info = get_json(f"{aim_up}/api/runs/{run_hash}/info/")
+    assert info["props"]["experiment"]["name"] == "pytest"
+    assert info["params"]["hparams"]["arch"] == "resnet50"
+
+    from playwright.sync_api import sync_playwright
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{aim_up}/runs", wait_until="networkidle", timeout=60000)
+            page.get_by_text(f"Run: {run_hash}").wait_for(timeout=60000)
+            assert "pytest" in page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / "aim-ui-runs.png"))
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "aim-ui-runs.png").stat().st_size > 10000
