@@ -1,10 +1,11 @@
 """The whole job, run as `python train.py ...`: it learns, writes every output, and logs a readable Aim run."""
 import json
+import subprocess
 
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import TRAINED, run_train
+from conftest import ROOT, TRAINED, run_train
 
 import datasets
 import fit
@@ -107,6 +108,9 @@ def test_aim_run_reads_back_with_names_contexts_and_steps(trained, aim_run):
     hparams = run["hparams"]
     assert (hparams["epochs"], hparams["batch_size"], hparams["lr"], hparams["arch"]) == (5, 32, 0.01, "resnet50")
     assert hparams["train_size"] == TRAINED["train"] and hparams["device"] == "CPU"
+    assert hparams["class_names"] == ["red_circle", "blue_square", "red_square", "blue_circle"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert hparams["mindspore"] == ms.__version__ and hparams["git_commit"] == head
 
     def series(name, subset):
         from aim.storage.context import Context

@@ -89,11 +89,22 @@ def show_predictions(preview, predicted, class_names, output_dir, tracker):
     tracker.track_image("val_predictions_grid", path, caption="last epoch: green right, red wrong")
 
 
+def git_commit():
+    """The commit of the code being run, when it runs from a git checkout (locally; the cloud job has no .git)."""
+    import subprocess
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 def hyperparameters(args, source, device, num_classes):
     """Everything that defines the run, for Aim's hparams (locations without credentials)."""
     import mindspore as ms
     locations = {k: storage.redact(getattr(args, k)) for k in URL_ARGS if getattr(args, k)}
-    return {**vars(args), **locations, "num_classes": num_classes, "device": device, "mindspore": ms.__version__,
+    return {**vars(args), **locations, "num_classes": num_classes, "git_commit": git_commit(), "device": device, "mindspore": ms.__version__,
             "dataset": source.name, "data_format": source.kind, "class_names": source.class_names,
             "train_size": source.sizes["train"], "val_size": source.sizes["val"]}
 
