@@ -1,4 +1,5 @@
 """Shared fixtures: generated learnable data, a train.py runner, and one trained model for the tests that need one."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -99,3 +100,44 @@ def http_server(tmp_path_factory):
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", root
     server.shutdown()
+
+
+# ---------------------------------------------------------------- Aim's own servers
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, timeout=60):
+    """GET a JSON document, retrying until a just-started server answers."""
+    import json
+    import time
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def aim_process(*args):
+    """`aim ARGS --host 127.0.0.1 --port P` in its own process group; yields P. The whole group is ended after,
+    because uvicorn workers outlive the parent."""
+    import signal
+    port = free_port()
+    aim = Path(sys.executable).parent / "aim"
+    server = subprocess.Popen([str(aim), *map(str, args), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

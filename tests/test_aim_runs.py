@@ -1,6 +1,4 @@
 """Aim beyond one clean local run: a tracking server over aim://, and a run killed mid-training."""
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -8,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_PY, run_train
+from conftest import TRAIN_PY, aim_process, run_train
 
 from make_demo_data import make_split, write_cifar
 
@@ -33,21 +31,11 @@ def read_runs(folder):
     return {run.hash: run for run in repo.iter_runs()}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_logging_to_an_aim_tracking_server(data, tmp_path):
     server_repo = tmp_path / "server-repo"
     server_repo.mkdir()
     subprocess.run([str(AIM), "init", "--repo", str(server_repo)], check=True, capture_output=True)
-    port = free_port()
-    server = subprocess.Popen([str(AIM), "server", "--host", "127.0.0.1", "--port", str(port), "--repo",
-                               str(server_repo), "-y"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
+    with aim_process("server", "--repo", server_repo, "-y") as port:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -57,9 +45,6 @@ def test_logging_to_an_aim_tracking_server(data, tmp_path):
         result = run_train("--data_url", data, "--output_url", tmp_path / "out", "--aim_repo",
                            f"aim://127.0.0.1:{port}", "--epochs", 2, "--experiment", "remote", *QUICK)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     assert not (tmp_path / "out" / ".aim").exists()  # nothing tracked locally
     runs = read_runs(server_repo)
     assert len(runs) == 1

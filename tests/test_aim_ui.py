@@ -1,16 +1,10 @@
 """Aim's own UI shows the trained run: `aim up` on 127.0.0.1, its REST API, and the page in headless Chromium."""
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, aim_process, get_json
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "test-artifacts"
@@ -35,32 +29,10 @@ def chromium():
     return path
 
 
-def get_json(url, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 @pytest.fixture
 def aim_up(trained):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    aim = Path(sys.executable).parent / "aim"
-    server = subprocess.Popen([str(aim), "up", "--repo", str(trained["out"]), "--host", "127.0.0.1", "--port",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with aim_process("up", "--repo", trained["out"]) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # uvicorn workers outlive the parent: end the whole group
-        server.wait(timeout=30)
 
 
 def test_aim_ui_lists_the_run(trained, aim_up, chromium):

@@ -1,17 +1,11 @@
 """The shipped Xihe configs, the local runner that executes them as the platform would, and the model fetcher."""
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import mindspore as ms
 import pytest
-from conftest import ROOT
+from conftest import ROOT, aim_process, get_json
 
 import run_job
 from make_demo_data import make_split, write_cifar
@@ -201,23 +195,6 @@ def test_runner_propagates_the_exit_code(job_inputs, tmp_path):
     assert "invalid" in (tmp_path / "work" / "train" / "log" / "resnet50-cifar10.log").read_text()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url, deadline):
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
     work = tmp_path / "work"
@@ -228,19 +205,11 @@ def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
     run_hash = result.stdout.split("Aim run ", 1)[1].split()[0]
 
     # What Xihe's evaluation image does: aim up --repo <the aim_repo output folder>
-    port = free_port()
-    aim = Path(sys.executable).parent / "aim"
-    server = subprocess.Popen([str(aim), "up", "--repo", str(aim_folder), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with aim_process("up", "--repo", aim_folder) as port:
         base = f"http://127.0.0.1:{port}/api"
-        experiments = get_json(f"{base}/experiments/", time.monotonic() + 60)
-        assert "cifar10-finetune" in [e["name"] for e in experiments]
-        info = get_json(f"{base}/runs/{run_hash}/info/", time.monotonic() + 30)
+        assert "cifar10-finetune" in [e["name"] for e in get_json(f"{base}/experiments/")]
+        info = get_json(f"{base}/runs/{run_hash}/info/", timeout=30)
         assert info["props"]["experiment"]["name"] == "cifar10-finetune"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_runner_sets_env_cwd_and_tees_the_log(tmp_path):
