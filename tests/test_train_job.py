@@ -55,7 +55,8 @@ def test_labels_json_describes_the_model(trained):
     labels = read_json(trained["out"] / "labels.json")
     assert labels["class_names"] == ["red_circle", "blue_square", "red_square", "blue_circle"]
     assert (labels["image_size"], labels["arch"]) == (32, "resnet50")
-    assert labels["mean"] == pytest.approx(datasets.IMAGENET_MEAN) and labels["std"] == pytest.approx(datasets.IMAGENET_STD)
+    assert labels["mean"] == pytest.approx(datasets.IMAGENET_MEAN)
+    assert labels["std"] == pytest.approx(datasets.IMAGENET_STD)
 
 
 def test_metrics_json_has_one_entry_per_epoch(trained):

@@ -13,6 +13,7 @@ would (and a little stricter, so mistakes show here rather than after a cloud jo
 """
 import argparse
 import difflib
+import functools
 import json
 import os
 import re
@@ -97,6 +98,7 @@ def _entries(config, field, value_key):
     return entries
 
 
+@functools.lru_cache(maxsize=None)
 def known_flags(code_dir):
     """The flag names the boot file's parser accepts (train/train_dir/args.py), or None for another boot file."""
     if not (code_dir / "args.py").exists():
@@ -197,11 +199,13 @@ def build_command(config, code_dir, boot_file, work, inputs, overrides, hub):
     unknown_inputs = sorted(set(inputs) - {e["name"] for e in config["inputs"]})
     if unknown_inputs:
         raise ConfigError(f"--input {unknown_inputs[0]!r} is not an input of this config "
-                          f"({', '.join(e['name'] for e in config['inputs']) or 'none'}); use --set for hyperparameters")
+                          f"({', '.join(e['name'] for e in config['inputs']) or 'none'}); "
+                          f"use --set for hyperparameters")
     argv = [sys.executable, str(boot_file)]
     argv += [f"--{name}={value}" for name, value in hyper.items()]
     for entry in config["inputs"]:
-        argv.append(f"--{entry['name']}={inputs.get(entry['name']) or resolve_input(entry['name'], entry['input_url'], hub)}")
+        value = inputs.get(entry["name"]) or resolve_input(entry["name"], entry["input_url"], hub)
+        argv.append(f"--{entry['name']}={value}")
     for entry in config["outputs"]:
         folder = (work / entry["output_dir"]).resolve()
         folder.mkdir(parents=True, exist_ok=True)

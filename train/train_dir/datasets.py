@@ -170,16 +170,16 @@ def _to_tensor():
     return [vision.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), vision.HWC2CHW()]
 
 
-def _transforms(source, image_size, training):
+def _transforms(source, image_size, augment):
     from mindspore.dataset import vision
     if source.kind == "imagefolder":
-        if training:
+        if augment:
             return [vision.RandomCropDecodeResize(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333)),
                     vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
         return eval_transforms(image_size, decode=True)
     # CIFAR: native-size padded crop, or resized to image_size (e.g. 224 to fine-tune ImageNet weights)
     resize = [] if image_size == CIFAR_SIDE else [vision.Resize((image_size, image_size))]
-    if training:
+    if augment:
         return resize + [vision.RandomCrop(image_size, padding=image_size // 8),
                          vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
     return resize + _to_tensor()

@@ -136,7 +136,8 @@ def read_checkpoint(path):
         raise UserError(f"{path} is not a readable MindSpore checkpoint ({first_line})") from None
 
 
-OPTIMIZER_STATE = ("moments.", "accum.", "learning_rate", "global_step", "momentum", "scale_sense", "current_iterator_step")
+OPTIMIZER_STATE = ("moments.", "accum.", "learning_rate", "global_step", "momentum", "scale_sense",
+                   "current_iterator_step")
 
 
 def _is_optimizer_state(name):

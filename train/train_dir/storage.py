@@ -9,6 +9,7 @@ Endpoints and keys come from the environment:
 - obs://  OBS_ENDPOINT (or S3_ENDPOINT), OBS_ACCESS_KEY_ID / OBS_SECRET_ACCESS_KEY (or the AWS_* names);
 - s3://   S3_ENDPOINT or AWS_ENDPOINT_URL when not AWS itself, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
+import functools
 import hashlib
 import os
 import shutil
@@ -66,7 +67,9 @@ def _endpoint(*names):
 
 # ---------------------------------------------------------------- fsspec back end
 
+@functools.lru_cache(maxsize=None)
 def _obs_filesystem_class():
+    """Defined once, so fsspec's instance cache can reuse OBS filesystems between calls."""
     import s3fs
 
     class ObsFileSystem(s3fs.S3FileSystem):
@@ -105,7 +108,9 @@ def filesystem(url):
 
 
 def _moxing_file():
-    """moxing.file inside ModelArts; None elsewhere. (The PyPI package named `moxing` is unrelated: never install it.)"""
+    """moxing.file inside ModelArts; None elsewhere.
+
+    (The PyPI package named `moxing` is unrelated: never install it.)"""
     try:
         import moxing
     except ImportError:
@@ -147,7 +152,8 @@ def _copy_file(src_fs, src, dst_fs, dst):
             try:
                 shutil.copyfileobj(reader, writer, 8 << 20)
             except BaseException:
-                writer.discard() if hasattr(writer, "discard") else None
+                if hasattr(writer, "discard"):  # drop the upload rather than commit a partial object
+                    writer.discard()
                 raise
             writer.close()
 

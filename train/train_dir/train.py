@@ -27,8 +27,8 @@ PREVIEW_IMAGES = 16  # validation images shown in Aim each epoch, and in the pic
 def stage_outputs(args):
     """Local folders for the outputs and the Aim repo, mirrored to remote locations when they are remote."""
     outputs = storage.OutputMirror(args.output_url, "output_url", args.cache_dir)
-    if not args.aim_repo:
-        return outputs, outputs, outputs.local
+    if not args.aim_repo:  # the Aim repo lives in the output folder, and travels with it
+        return outputs, None, outputs.local
     if storage.scheme_of(args.aim_repo) == "aim":  # an Aim tracking server: nothing to stage
         return outputs, None, args.aim_repo
     aim_store = storage.OutputMirror(args.aim_repo, "aim_repo", args.cache_dir)
@@ -36,7 +36,7 @@ def stage_outputs(args):
 
 
 def push(*mirrors):
-    for mirror in {id(m): m for m in mirrors if m is not None}.values():
+    for mirror in filter(None, mirrors):
         copied = mirror.push()
         if copied:
             print(f"synced {copied} file(s) to {storage.redact(mirror.remote)}", flush=True)
@@ -83,7 +83,7 @@ def show_training_samples(source, image_size, output_dir, tracker):
 def show_predictions(preview, predicted, class_names, output_dir, tracker):
     """The tutorial's second picture: validation predictions, green when right and red when wrong."""
     images, _, labels = preview
-    titles = [f"{class_names[p]}" + ("" if p == t else f"\n(true: {class_names[t]})") for p, t in zip(predicted, labels)]
+    titles = [class_names[p] + ("" if p == t else f"\n(true: {class_names[t]})") for p, t in zip(predicted, labels)]
     colours = ["green" if p == t else "red" for p, t in zip(predicted, labels)]
     path = export.plot_image_grid(images, titles, output_dir / "val_predictions.png", colours)
     tracker.track_image("val_predictions_grid", path, caption="last epoch: green right, red wrong")
@@ -104,7 +104,8 @@ def hyperparameters(args, source, device, num_classes):
     """Everything that defines the run, for Aim's hparams (locations without credentials)."""
     import mindspore as ms
     locations = {k: storage.redact(getattr(args, k)) for k in URL_ARGS if getattr(args, k)}
-    return {**vars(args), **locations, "num_classes": num_classes, "git_commit": git_commit(), "device": device, "mindspore": ms.__version__,
+    return {**vars(args), **locations, "num_classes": num_classes, "git_commit": git_commit(), "device": device,
+            "mindspore": ms.__version__,
             "dataset": source.name, "data_format": source.kind, "class_names": source.class_names,
             "train_size": source.sizes["train"], "val_size": source.sizes["val"]}
 
@@ -123,7 +124,8 @@ def main(args):
     source, train_data, val_data = load_data(args, data_dir)
     num_classes = args.num_classes or len(source.class_names)
     if num_classes < len(source.class_names):
-        raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes in the data")
+        raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes "
+                        f"in the data")
     net = build_network(args, num_classes, pretrained)
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name)
