@@ -46,6 +46,14 @@ def resnet18_checkpoint(tmp_path):
     return path
 
 
+def cifar_tarball(tmp_path):
+    import tarfile
+    folder = cifar(tmp_path)
+    with tarfile.open(tmp_path / "cifar.tgz", "w:gz") as tf:
+        tf.add(folder, arcname="cifar-10-batches-bin")
+    return tmp_path / "cifar.tgz"
+
+
 def unrecognised(tmp_path):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "readme.txt").write_text("no images here")
@@ -78,6 +86,9 @@ CASES = {
                                                       o / "metrics.json" / "sub"], "cannot be written"),
     "batch larger than the data": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--batch_size", 64],
                                    "fewer than --batch_size"),
+    "cache folder cannot be written": (lambda t, o: ["--data_url", cifar_tarball(t), "--output_url", o,
+                                                     "--cache_dir", o / "metrics.json" / "cache"],
+                                       "cache folder"),
     "unavailable device": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--device_target", "GPU"],
                            "GPU is not available"),
 }

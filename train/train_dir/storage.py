@@ -369,7 +369,11 @@ def _staged(target, what, source, produce):
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
-    partial.mkdir(parents=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"cache folder {target.parent} cannot be written (see --cache_dir): "
+                        f"{exc.strerror or exc}") from None
     produced = produce(partial)
     (partial / COMPLETE_MARKER).write_text(produced.name + "\n")
     os.replace(partial, target)
