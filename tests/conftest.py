@@ -1,5 +1,6 @@
 """Shared fixtures: generated learnable data, a train.py runner, and one trained model for the tests that need one."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from make_demo_data import make_demo_data  # noqa: E402
 # The shared training run: ResNet50 from scratch on 4 colour-and-shape classes (chance: 0.25).
 # Several hundred images and ~150 steps, because BatchNorm's moving statistics lag on less (see toolchain notes).
 TRAINED = {"classes": 4, "train": 960, "val": 200, "epochs": 5, "batch_size": 32}
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
 
 
 def run_train(*args, timeout=900, cwd=None):

@@ -1,4 +1,5 @@
 """Aim beyond one clean local run: a tracking server over aim://, and a run killed mid-training."""
+import signal
 import socket
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_PY, aim_process, run_train
+from conftest import TRAIN_PY, aim_process, read_json, run_train
 
 from make_demo_data import make_split, write_cifar
 
@@ -71,3 +72,29 @@ def test_a_killed_run_leaves_the_repo_usable(data, tmp_path):
     assert len(runs) == 2
     finished = [run for run in runs.values() if run.hash in result.stdout]
     assert len(finished) == 1 and finished[0]["hparams"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_is_closed_and_keeps_its_finished_epochs(data, tmp_path, signum):
+    out = tmp_path / "out"
+    argv = [sys.executable, str(TRAIN_PY), "--data_url", str(data), "--output_url", str(out), "--epochs", "20",
+            *map(str, QUICK)]
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    for line in job.stdout:
+        if line.startswith("epoch 1/20  train_loss"):
+            break
+    job.send_signal(signum)
+    stdout, stderr = job.communicate(timeout=120)
+    # MindSpore turns a Ctrl-C that lands inside a graph step into SIGTERM, so Ctrl-C may exit as 143.
+    assert job.returncode in (128 + signum, 128 + signal.SIGTERM), stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIG"), stderr[-3000:]
+    assert "Traceback" not in stderr
+
+    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1]  # the cut-short epoch is not recorded
+    assert (out / "resnet18-last.ckpt").is_file()
+    assert not list((out / ".aim" / "locks").glob("*"))  # the run was closed: no lock left behind
+    from aim.storage.context import Context
+    (run,) = read_runs(out).values()
+    assert run.end_time is not None
+    assert run.get_metric("accuracy", Context({"subset": "val"})).dataframe()["step"].tolist() == [1]

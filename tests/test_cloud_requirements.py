@@ -3,9 +3,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import TRAIN_DIR
+from conftest import ROOT, TRAIN_DIR, TRAIN_PY, free_port
+
+from make_demo_data import make_split, write_cifar
 
 REQUIREMENTS = TRAIN_DIR / "pip-requirements.txt"
 
@@ -22,16 +25,85 @@ def test_never_pins_mindspore_and_keeps_numpy_below_2():
     assert {"aim", "fsspec", "s3fs", "download", "tqdm", "matplotlib"} <= set(names)
 
 
+network = pytest.mark.skipif(os.environ.get("RUN_NETWORK_TESTS") != "1",
+                             reason="asks PyPI (not loopback): run with RUN_NETWORK_TESTS=1, as `make check-cloud` does")
+
+
 @pytest.mark.network
-@pytest.mark.skipif(os.environ.get("RUN_NETWORK_TESTS") != "1",
-                    reason="asks PyPI (not loopback): run with RUN_NETWORK_TESTS=1, as `make check-cloud` does")
-@pytest.mark.parametrize("platform", ["x86_64-manylinux_2_28", "aarch64-manylinux_2_28"])
-def test_resolves_for_python_3_9(platform):
+@network
+@pytest.mark.parametrize("platform, aim", [("x86_64-manylinux_2_28", "3.8.1"), ("aarch64-manylinux_2_28", "3.29.1")])
+def test_resolves_for_python_3_9(platform, aim):
     """The toolchain notes' recipe: uv resolves for another Python version without that interpreter."""
     result = subprocess.run([sys.executable, "-m", "uv", "pip", "compile", str(REQUIREMENTS), "--python-version",
                              "3.9", "--python-platform", platform, "--no-header", "--quiet"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = dict(line.split("==") for line in result.stdout.splitlines() if "==" in line and not line.startswith(" "))
-    assert resolved["aim"] == "3.29.1" and resolved["numpy"].startswith("1.")
+    assert resolved["aim"] == aim and resolved["numpy"].startswith("1.")
     assert "mindspore" not in resolved
+
+
+def python_3_9():
+    """A Python 3.9 on this machine (on PATH, or pyenv's), else "3.9" for uv to find or download."""
+    import glob
+    import shutil
+    found = shutil.which("python3.9") or sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))
+    return found if isinstance(found, str) else (found[-1] if found else "3.9")
+
+
+@pytest.fixture(scope="module")
+def cloud_python():
+    """A Python 3.9 venv shaped like the platform's image: the oldest MindSpore 2.x on PyPI (2.0.0; the image has
+    2.2, which PyPI does not carry), then pip-requirements.txt as the job installs it. Kept in .venv-py39."""
+    venv = ROOT / ".venv-py39"
+    stamp = venv / ".installed-requirements"
+    if not stamp.is_file() or stamp.read_text() != REQUIREMENTS.read_text():
+        subprocess.run([sys.executable, "-m", "uv", "venv", "--python", python_3_9(), str(venv)], check=True,
+                       timeout=900)
+        subprocess.run([sys.executable, "-m", "uv", "pip", "install", "--python", str(venv / "bin" / "python"),
+                        "mindspore==2.0.0", "-r", str(REQUIREMENTS)], check=True, timeout=1800)
+        stamp.write_text(REQUIREMENTS.read_text())
+    return venv / "bin"
+
+
+def runs_seen_by_aim_up(bin_dir, repo):
+    """How many bytes `aim up` (of that venv) streams back for a search of all runs: 0 when it sees none."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # aim 3.8.1 runs `alembic` from PATH
+    server = subprocess.Popen([str(bin_dir / "aim"), "up", "--repo", str(repo), "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs/search/run/?q=", timeout=30) as r:
+                    return len(r.read())
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+@pytest.mark.network
+@network
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="aim 3.8.1 exists for x86_64 only")
+def test_the_job_runs_on_python_3_9_and_aim_3_8_1_shows_its_run(cloud_python, tmp_path):
+    """How the aim version was chosen: the evaluation image's aim 3.8.1 shows a run written by the job's aim, and
+    sees no runs in a repo written by the aim pinned locally (3.29.1)."""
+    data = write_cifar(tmp_path / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
+    env = {**os.environ, "PATH": f"{cloud_python}:{os.environ['PATH']}"}
+    args = ["--data_url", str(data), "--epochs", "1", "--arch", "resnet18", "--image_size", "32",
+            "--batch_size", "16"]
+    cloud = subprocess.run([str(cloud_python / "python"), str(TRAIN_PY), *args, "--output_url", str(tmp_path / "cloud")],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert cloud.returncode == 0, cloud.stderr[-3000:]
+    local = subprocess.run([sys.executable, str(TRAIN_PY), *args, "--output_url", str(tmp_path / "local")],
+                           capture_output=True, text=True, timeout=900)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert runs_seen_by_aim_up(cloud_python, tmp_path / "cloud") > 1000
+    assert runs_seen_by_aim_up(cloud_python, tmp_path / "local") == 0

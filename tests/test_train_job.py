@@ -1,11 +1,10 @@
 """The whole job, run as `python train.py ...`: it learns, writes every output, and logs a readable Aim run."""
-import json
 import subprocess
 
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import ROOT, TRAINED, run_train
+from conftest import ROOT, TRAINED, read_json, run_train
 
 import datasets
 import fit
@@ -14,10 +13,6 @@ from tutorial_resnet import TutorialResNet50
 
 pytestmark = pytest.mark.slow
 STEPS = TRAINED["train"] // TRAINED["batch_size"]
-
-
-def read_json(path):
-    return json.loads(path.read_text())
 
 
 def evaluate(net, data):
@@ -63,7 +58,7 @@ def test_metrics_json_has_one_entry_per_epoch(trained):
     history = read_json(trained["out"] / "metrics.json")
     assert [r["epoch"] for r in history] == list(range(1, TRAINED["epochs"] + 1))
     for r in history:
-        assert {"train_loss", "val_loss", "val_accuracy", "seconds", "images_per_second"} <= set(r)
+        assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second"} <= set(r)
         assert np.isfinite([r["train_loss"], r["val_loss"]]).all() and 0 <= r["val_accuracy"] <= 1
         # seconds is the whole epoch; images_per_second counts only the training steps
         step_seconds = STEPS * TRAINED["batch_size"] / r["images_per_second"]
@@ -125,10 +120,11 @@ def test_aim_run_reads_back_with_names_contexts_and_steps(trained, aim_run):
     lr = series("lr", "train")["value"].to_numpy()
     np.testing.assert_allclose(lr, fit.cosine_lr(0.01, TRAINED["epochs"], STEPS, 1), rtol=1e-6)
     epochs = list(range(1, TRAINED["epochs"] + 1))
-    for name, subset in (("epoch_loss", "train"), ("loss", "val"), ("accuracy", "val")):
+    for name, subset in (("epoch_loss", "train"), ("accuracy", "train"), ("loss", "val"), ("accuracy", "val")):
         assert series(name, subset)["step"].tolist() == epochs
     history = read_json(trained["out"] / "metrics.json")
     np.testing.assert_allclose(series("accuracy", "val")["value"], [r["val_accuracy"] for r in history])
+    np.testing.assert_allclose(series("accuracy", "train")["value"], [r["train_accuracy"] for r in history])
     np.testing.assert_allclose(series("epoch_loss", "train")["value"], [r["train_loss"] for r in history], rtol=1e-6)
 
 

@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad input from the user (flags, data, checkpoints, paths): reported without a traceback."""
+
+
+class Interrupted(Exception):
+    """Training was stopped by a signal (Ctrl-C, or the platform preempting the job) between two steps."""
+
+    def __init__(self, signum):
+        import signal
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -6,15 +6,17 @@ GPU/Ascend); per-epoch work (validation numbers, checkpoints, metrics.json, the 
 import math
 import os
 import platform
+import signal
 import sys
 import time
 
 import mindspore as ms
 import mindspore.nn as nn
+import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Callback, Model
 
-from errors import UserError
+from errors import Interrupted, UserError
 from export import save_checkpoint, write_json
 
 PREFERRED_DEVICES = ("Ascend", "GPU", "CPU")
@@ -92,13 +94,44 @@ class ConfusionMatrix(nn.ConfusionMatrix):
             return super().eval()
 
 
+class LossAndCorrect(nn.Cell):
+    """The network and its loss; also returns how many of the batch's predictions were right (no gradient)."""
+
+    def __init__(self, net, loss_fn):
+        super().__init__(auto_prefix=False)  # parameter names stay the network's own
+        self.net, self.loss_fn = net, loss_fn
+
+    def construct(self, images, labels):
+        logits = self.net(images)
+        correct = ops.stop_gradient((logits.argmax(-1) == labels).astype(ms.float32).sum())
+        return self.loss_fn(logits, labels), correct
+
+
+class TrainStep(nn.TrainOneStepCell):
+    """One optimiser step returning (loss, right predictions), for a running train accuracy at no extra cost.
+
+    The gradient reducer of `TrainOneStepCell` is kept, so data-parallel training averages gradients as usual.
+    """
+
+    def __init__(self, net_with_loss, optimizer):
+        super().__init__(net_with_loss, optimizer)
+        self.value_and_grad = ops.value_and_grad(net_with_loss, None, self.weights, has_aux=True)
+
+    def construct(self, images, labels):
+        (loss, correct), grads = self.value_and_grad(images, labels)
+        grads = self.grad_reducer(grads)
+        loss = ops.depend(loss, self.optimizer(grads))
+        return loss, correct
+
+
 def create_trainer(net, optimizer, num_classes):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
     if num_classes >= 5:
         metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
-    return Model(net, loss_fn=loss_fn, optimizer=optimizer, metrics=metrics)
+    train_step = TrainStep(LossAndCorrect(net, loss_fn), optimizer)
+    return Model(train_step, eval_network=nn.WithEvalCell(net, loss_fn), eval_indexes=[0, 1, 2], metrics=metrics)
 
 
 def fit(trainer, epochs, train_data, val_data, callbacks):
@@ -110,11 +143,41 @@ def fit(trainer, epochs, train_data, val_data, callbacks):
 # ---------------------------------------------------------------- callbacks
 
 def step_loss(cb_params):
-    """The scalar loss of the last step (the first output when the step returns a tuple, e.g. with loss scaling)."""
+    """The scalar loss of the last step (the first output when the step returns a tuple)."""
     outputs = cb_params.net_outputs
     if isinstance(outputs, (tuple, list)):
         outputs = outputs[0]
     return float(np.asarray(outputs.asnumpy()).reshape(-1)[0])
+
+
+def step_correct(cb_params):
+    """How many of the last step's images were predicted right, when the step reports it (`TrainStep` does)."""
+    outputs = cb_params.net_outputs
+    if isinstance(outputs, (tuple, list)) and len(outputs) == 2:
+        return float(np.asarray(outputs[1].asnumpy()).reshape(-1)[0])
+    return None
+
+
+class RunningAccuracy:
+    """Train loss and accuracy averaged over an epoch's steps (accuracy over images, as the model trains)."""
+
+    def __init__(self):
+        self.losses, self.correct, self.images = [], 0.0, 0
+
+    def add(self, cb_params):
+        self.losses.append(step_loss(cb_params))  # reading the outputs waits for the step to finish
+        correct = step_correct(cb_params)
+        if correct is not None:
+            self.correct += correct
+            self.images += cb_params.train_dataset_element[0].shape[0]
+
+    @property
+    def loss(self):
+        return float(np.mean(self.losses)) if self.losses else float("nan")
+
+    @property
+    def accuracy(self):
+        return self.correct / self.images if self.images else float("nan")
 
 
 class EpochRecorder(Callback):
@@ -134,14 +197,14 @@ class EpochRecorder(Callback):
 
     def on_train_epoch_begin(self, run_context):
         self.epoch_start = time.perf_counter()
-        self.step_seconds, self.images, self.losses = 0.0, 0, []
+        self.step_seconds, self.images, self.running = 0.0, 0, RunningAccuracy()
 
     def on_train_step_begin(self, run_context):
         self.step_start = time.perf_counter()
 
     def on_train_step_end(self, run_context):
         cb_params = run_context.original_args()
-        self.losses.append(step_loss(cb_params))  # reading the loss waits for the step to finish
+        self.running.add(cb_params)
         self.step_seconds += time.perf_counter() - self.step_start
         self.images += cb_params.train_dataset_element[0].shape[0]
 
@@ -150,7 +213,8 @@ class EpochRecorder(Callback):
         val = cb_params.get("metrics") or {}
         record = {
             "epoch": cb_params.cur_epoch_num,
-            "train_loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "train_loss": self.running.loss,
+            "train_accuracy": self.running.accuracy,
             "val_loss": float(val.get("loss", float("nan"))),
             "val_accuracy": float(val.get("accuracy", float("nan"))),
         }
@@ -200,7 +264,8 @@ class ConsoleProgress(Callback):
             self.bar.close()
             self.bar = None
         r = run_context.original_args().epoch_record
-        print(f"epoch {r['epoch']}/{self.epochs}  train_loss {r['train_loss']:.4f}  val_loss {r['val_loss']:.4f}  "
+        print(f"epoch {r['epoch']}/{self.epochs}  train_loss {r['train_loss']:.4f}  "
+              f"train_accuracy {r['train_accuracy']:.4f}  val_loss {r['val_loss']:.4f}  "
               f"val_accuracy {r['val_accuracy']:.4f}{' *' if r['best'] else ''}  {r['seconds']:.1f}s  "
               f"{r['images_per_second']:.1f} img/s", flush=True)
 
@@ -214,3 +279,39 @@ class EpochEndHook(Callback):
 
     def on_train_epoch_end(self, run_context):
         self.action()
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) and preemption (SIGTERM) stop training at the end of the current step, by raising
+    `Interrupted` there, so the job can close its Aim run and upload the finished epochs' outputs.
+
+    While a graph runs, MindSpore swaps in its own SIGINT handler, which turns Ctrl-C into a SIGTERM to the
+    process (so a Ctrl-C usually arrives here as SIGTERM); ours is installed again before every step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        super().__init__()
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def on_train_begin(self, run_context):
+        self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+
+    def on_train_step_begin(self, run_context):
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+
+    def on_train_step_end(self, run_context):
+        if self.received is not None:
+            self.on_train_end(run_context)  # a second Ctrl-C during the clean-up then interrupts at once
+            raise Interrupted(self.received)
+
+    def on_train_end(self, run_context):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+

@@ -6,18 +6,22 @@
 
 Metric names and contexts:
 - `loss`, `lr` and `images_per_second` with {"subset": "train"}, every `log_every` steps (step = global step, from 1);
-- `epoch_loss` and `epoch_seconds` with {"subset": "train"}, once per epoch (step = epoch);
+- `epoch_loss`, `accuracy` and `epoch_seconds` with {"subset": "train"}, once per epoch (step = epoch); the train
+  accuracy is the running one over the epoch's steps, when the train step reports right predictions
+  (`fit.TrainStep` does);
 - `loss`, `accuracy` and (5 classes or more) `top5_accuracy` with {"subset": "val"}, once per epoch, with a
   validation set; `class_accuracy` with {"subset": "val", "class": NAME} when the fit's metrics include a
   `confusion` matrix, which is also logged as the image `confusion_matrix`;
 - `val_predictions`: captioned validation images ("true: a / predicted: b"), once per epoch, when given a preview.
+
+In a data-parallel job only rank 0 opens a run; on the other ranks the callback does nothing.
 """
 import time
 
 import numpy as np
 from mindspore.train import Callback
 
-from fit import step_loss
+from fit import RunningAccuracy
 
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
@@ -31,6 +35,15 @@ def current_lr(optimizer, step):
         return None  # no optimizer, or a computed LearningRateSchedule: nothing cheap to read
     values = np.asarray(lr.asnumpy()).reshape(-1)
     return float(values[min(step, len(values) - 1)])
+
+
+def process_rank():
+    """This process's rank in a data-parallel job (0 when communication is not initialised)."""
+    try:
+        from mindspore.communication import get_rank
+        return get_rank()
+    except (ImportError, RuntimeError, ValueError):
+        return 0
 
 
 def class_accuracy(confusion):
@@ -51,26 +64,30 @@ class AimCallback(Callback):
     def __init__(self, repo, experiment, hparams, log_every=1, system_tracking=True, class_names=None,
                  preview=None, predict=None, close_at_end=True):
         super().__init__()
-        from aim import Run
-        self.run = Run(repo=str(repo), experiment=experiment,
-                       system_tracking_interval=10 if system_tracking else None)
-        self.run["hparams"] = hparams
+        self.run = None
+        if process_rank() == 0:
+            from aim import Run
+            self.run = Run(repo=str(repo), experiment=experiment,
+                           system_tracking_interval=10 if system_tracking else None)
+            self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
         self.class_names = list(class_names) if class_names else None
         self.preview, self.predict = preview, predict
         self.close_at_end = close_at_end
         self.last_predictions = None
-        self._epoch_losses = []
+        self._running = RunningAccuracy()
 
     @property
     def hash(self):
-        return self.run.hash
+        return self.run.hash if self.run is not None else None
 
     def _name(self, label):
         return self.class_names[label] if self.class_names and 0 <= label < len(self.class_names) else str(label)
 
     def track_image(self, name, image, step=0, caption="", context=None):
         """An image (PIL, HWC uint8 array, or a path to a PNG) under `name`."""
+        if self.run is None:
+            return
         from aim import Image
         from PIL import Image as PILImage
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
@@ -78,17 +95,19 @@ class AimCallback(Callback):
         self.run.track(Image(image, caption=caption), name=name, step=step, context=context or {})
 
     def on_train_epoch_begin(self, run_context):
-        self._epoch_losses = []
+        self._running = RunningAccuracy()
         self._epoch_start = time.perf_counter()
 
     def on_train_step_begin(self, run_context):
         self._step_start = time.perf_counter()
 
     def on_train_step_end(self, run_context):
+        if self.run is None:
+            return
         cb_params = run_context.original_args()
-        loss = step_loss(cb_params)  # waits for the step, so the timing below is the step's
+        self._running.add(cb_params)  # waits for the step, so the timing below is the step's
         seconds = time.perf_counter() - self._step_start
-        self._epoch_losses.append(loss)
+        loss = self._running.losses[-1]
         step, epoch = cb_params.cur_step_num, cb_params.cur_epoch_num
         if step % self.log_every:
             return
@@ -102,11 +121,14 @@ class AimCallback(Callback):
                            context=TRAIN)
 
     def on_train_epoch_end(self, run_context):
+        if self.run is None:
+            return
         cb_params = run_context.original_args()
         epoch = cb_params.cur_epoch_num
-        if self._epoch_losses:
-            self.run.track(float(np.mean(self._epoch_losses)), name="epoch_loss", step=epoch, epoch=epoch,
-                           context=TRAIN)
+        if self._running.losses:
+            self.run.track(self._running.loss, name="epoch_loss", step=epoch, epoch=epoch, context=TRAIN)
+        if self._running.images:
+            self.run.track(self._running.accuracy, name="accuracy", step=epoch, epoch=epoch, context=TRAIN)
         self.run.track(time.perf_counter() - self._epoch_start, name="epoch_seconds", step=epoch, epoch=epoch,
                        context=TRAIN)
         metrics = cb_params.get("metrics") or {}

@@ -16,7 +16,7 @@ import export  # noqa: E402
 import fit  # noqa: E402
 import storage  # noqa: E402
 from args import parse_args  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import Interrupted, UserError  # noqa: E402
 from resnet import create_model, load_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
@@ -145,7 +145,7 @@ def main(args):
     try:
         show_training_samples(source, args.image_size, output_dir, tracker)
         fit.fit(trainer, args.epochs, train_data, val_data,
-                [recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
+                [fit.StopOnSignal(), recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
                  fit.EpochEndHook(lambda: push(outputs, aim_store))])
         show_predictions(val_preview, tracker.last_predictions, source.class_names, output_dir, tracker)
     finally:
@@ -170,6 +170,9 @@ def run(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # 128 + the signal's number, as a shell reports a process the signal killed
+        print(f"error: stopped by {exc} during training; the finished epochs' outputs are saved", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
