@@ -1,5 +1,6 @@
 """Shared fixtures: generated learnable data, a train.py runner, and one trained model for the tests that need one."""
 import contextlib
+import shutil
 import json
 import os
 import subprocess
@@ -146,3 +147,25 @@ def aim_process(*args):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium, installed here when missing (Playwright's own browser download cannot work offline)."""
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
+        install = subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, text=True,
+                                 env=env, timeout=900)
+        path = shutil.which("chromium")
+        if path is None:
+            pytest.skip(f"Chromium could not be installed: {install.stderr.strip().splitlines()[-1:]}")
+    if path is None:
+        pytest.skip("Chromium is not installed and apt-get is not usable here (needs root)")
+    return path

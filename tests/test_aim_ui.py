@@ -1,32 +1,8 @@
 """Aim's own UI shows the trained run: `aim up` on 127.0.0.1, its REST API, and the page in headless Chromium."""
-import os
-import shutil
-import subprocess
-
 import pytest
-from conftest import ROOT, aim_process, get_json
+from conftest import ARTIFACTS, CHROMIUM_ARGS, aim_process, get_json
 
 pytestmark = pytest.mark.slow
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's Chromium, installed here when missing (Playwright's own browser download cannot work offline)."""
-    path = shutil.which("chromium")
-    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
-        install = subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, text=True,
-                                 env=env, timeout=900)
-        path = shutil.which("chromium")
-        if path is None:
-            pytest.skip(f"Chromium could not be installed: {install.stderr.strip().splitlines()[-1:]}")
-    if path is None:
-        pytest.skip("Chromium is not installed and apt-get is not usable here (needs root)")
-    return path
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TRAIN_DIR, TRAIN_PY, free_port
@@ -44,26 +45,37 @@ def test_resolves_for_python_3_9(platform, aim):
 
 
 def python_3_9():
-    """A Python 3.9 on this machine (on PATH, or pyenv's), else "3.9" for uv to find or download."""
+    """A working Python 3.9 on this machine (pyenv's, or on PATH), else "3.9" for uv to find or download."""
     import glob
     import shutil
-    found = shutil.which("python3.9") or sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))
-    return found if isinstance(found, str) else (found[-1] if found else "3.9")
+    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))[::-1]
+    candidates += [shutil.which("python3.9")] if shutil.which("python3.9") else []
+    for python in candidates:  # a pyenv shim on PATH fails when 3.9 is not selected
+        if subprocess.run([python, "-c", "pass"], capture_output=True).returncode == 0:
+            return python
+    return "3.9"
+
+
+def python_3_9_venv(name, *requirements):
+    """ROOT/name: a Python 3.9 venv with `requirements` (uv pip install arguments), rebuilt when they change."""
+    venv = ROOT / name
+    stamp = venv / ".installed-requirements"
+    wanted = "\n".join(Path(r).read_text() if Path(r).is_file() else r for r in requirements)
+    if not stamp.is_file() or stamp.read_text() != wanted:
+        subprocess.run([sys.executable, "-m", "uv", "venv", "--clear", "--python", python_3_9(), str(venv)], check=True,
+                       timeout=900)
+        args = [a for r in requirements for a in (["-r", str(r)] if Path(r).is_file() else [r])]
+        subprocess.run([sys.executable, "-m", "uv", "pip", "install", "--python", str(venv / "bin" / "python"),
+                        *args], check=True, timeout=1800)
+        stamp.write_text(wanted)
+    return venv / "bin"
 
 
 @pytest.fixture(scope="module")
 def cloud_python():
-    """A Python 3.9 venv shaped like the platform's image: the oldest MindSpore 2.x on PyPI (2.0.0; the image has
-    2.2, which PyPI does not carry), then pip-requirements.txt as the job installs it. Kept in .venv-py39."""
-    venv = ROOT / ".venv-py39"
-    stamp = venv / ".installed-requirements"
-    if not stamp.is_file() or stamp.read_text() != REQUIREMENTS.read_text():
-        subprocess.run([sys.executable, "-m", "uv", "venv", "--python", python_3_9(), str(venv)], check=True,
-                       timeout=900)
-        subprocess.run([sys.executable, "-m", "uv", "pip", "install", "--python", str(venv / "bin" / "python"),
-                        "mindspore==2.0.0", "-r", str(REQUIREMENTS)], check=True, timeout=1800)
-        stamp.write_text(REQUIREMENTS.read_text())
-    return venv / "bin"
+    """Shaped like the platform's training image: the oldest MindSpore 2.x on PyPI (2.0.0; the image has 2.2, which
+    PyPI does not carry), then pip-requirements.txt as the job installs it."""
+    return python_3_9_venv(".venv-py39", "mindspore==2.0.0", REQUIREMENTS)
 
 
 def runs_seen_by_aim_up(bin_dir, repo):
@@ -107,3 +119,57 @@ def test_the_job_runs_on_python_3_9_and_aim_3_8_1_shows_its_run(cloud_python, tm
     assert local.returncode == 0, local.stderr[-3000:]
     assert runs_seen_by_aim_up(cloud_python, tmp_path / "cloud") > 1000
     assert runs_seen_by_aim_up(cloud_python, tmp_path / "local") == 0
+
+
+INFERENCE_REQUIREMENTS = ROOT / "inference" / "requirements.txt"
+
+
+@pytest.mark.network
+@network
+def test_inference_requirements_resolve_for_python_3_9():
+    result = subprocess.run([sys.executable, "-m", "uv", "pip", "compile", str(INFERENCE_REQUIREMENTS),
+                             "--python-version", "3.9", "--python-platform", "x86_64-manylinux_2_28", "--no-header",
+                             "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = dict(line.split("==") for line in result.stdout.splitlines() if "==" in line and not line.startswith(" "))
+    assert resolved["gradio"].startswith("4.") and resolved["numpy"].startswith("1.")
+
+
+@pytest.mark.network
+@network
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the inference pod is x86_64")
+def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
+    """The inference pod's Python with inference/requirements.txt serves a model trained here (MindSpore 2.10)."""
+    from gradio_client import Client, handle_file
+    bin_dir = python_3_9_venv(".venv-py39-inference", INFERENCE_REQUIREMENTS)
+    data = write_cifar(tmp_path / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
+    out = tmp_path / "out"
+    trained = subprocess.run([sys.executable, str(TRAIN_PY), "--data_url", str(data), "--epochs", "1", "--arch",
+                              "resnet18", "--image_size", "32", "--batch_size", "16", "--output_url", str(out)],
+                             capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    for model in ("resnet18-best.ckpt", "resnet18-best.mindir"):
+        server = subprocess.Popen([str(bin_dir / "python"), str(ROOT / "inference" / "app.py"), "--model",
+                                   str(out / model)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                    break
+                except Exception:
+                    assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+                    time.sleep(1)
+            example = sorted((out / "examples").iterdir())[0]
+            result = client.predict(handle_file(str(example)), api_name="/predict")
+            assert result["label"] in ("cat", "dog") and len(result["confidences"]) == 2
+            junk = tmp_path / "junk.png"
+            junk.write_text("not an image")
+            with pytest.raises(Exception, match="not an image"):
+                client.predict(handle_file(str(junk)), api_name="/predict")
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)

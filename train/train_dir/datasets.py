@@ -154,14 +154,18 @@ def worker_count(requested):
     return max(1, min(requested or cores, cores))
 
 
-def eval_transforms(image_size, decode=True):
-    """The validation/inference transform for one HWC uint8 image (or encoded bytes when decode=True).
+def eval_transforms(image_size, data_format="imagefolder", decode=False):
+    """The validation transform for one HWC uint8 image (encoded bytes when `decode`), by the data's format:
+    photos (imagefolder) are resized to image_size / 0.875 and centre-cropped; CIFAR images are resized whole.
 
-    Shared with inference, so predictions see exactly what validation saw.
+    Inference uses it too, so a served model sees its input exactly as validation did.
     """
     from mindspore.dataset import vision
     ops = [vision.Decode()] if decode else []
-    ops += [vision.Resize(round(image_size / CROP_RATIO)), vision.CenterCrop(image_size)]
+    if data_format == "imagefolder":
+        ops += [vision.Resize(round(image_size / CROP_RATIO)), vision.CenterCrop(image_size)]
+    else:
+        ops += [vision.Resize((image_size, image_size))]
     return ops + _to_tensor()
 
 
@@ -172,17 +176,15 @@ def _to_tensor():
 
 def _transforms(source, image_size, augment):
     from mindspore.dataset import vision
+    if not augment:
+        return eval_transforms(image_size, source.kind, decode=source.kind == "imagefolder")
     if source.kind == "imagefolder":
-        if augment:
-            return [vision.RandomCropDecodeResize(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333)),
-                    vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
-        return eval_transforms(image_size, decode=True)
+        return [vision.RandomCropDecodeResize(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333)),
+                vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
     # CIFAR: native-size padded crop, or resized to image_size (e.g. 224 to fine-tune ImageNet weights)
     resize = [] if image_size == CIFAR_SIDE else [vision.Resize((image_size, image_size))]
-    if augment:
-        return resize + [vision.RandomCrop(image_size, padding=image_size // 8),
-                         vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
-    return resize + _to_tensor()
+    return resize + [vision.RandomCrop(image_size, padding=image_size // 8),
+                     vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
 
 
 def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None):

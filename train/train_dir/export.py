@@ -29,11 +29,24 @@ def save_checkpoint(net, path):
     os.replace(tmp, path)
 
 
-def write_labels(path, class_names, image_size, mean, std, arch, dataset):
-    """What inference needs to turn the network's outputs back into class names."""
+def write_labels(path, class_names, image_size, mean, std, arch, dataset, data_format):
+    """What inference needs: the class names in label order, and how validation prepared an image."""
     write_json(path, {"class_names": list(class_names), "num_classes": len(class_names), "image_size": image_size,
                       "mean": list(mean), "std": list(std), "input_scale": "0-255", "arch": arch,
-                      "dataset": dataset})
+                      "dataset": dataset, "data_format": data_format})
+
+
+def save_examples(images, labels, class_names, folder):
+    """One validation image per class (of those given) as examples/<class>.png, for the inference app."""
+    from PIL import Image
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, label in zip(images, labels):
+        path = folder / f"{class_names[label]}.png"
+        if not path.exists():
+            tmp = _temporary(path)
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, path)
 
 
 def export_mindir(net, image_size, path):

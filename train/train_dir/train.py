@@ -128,7 +128,7 @@ def main(args):
                         f"in the data")
     net = build_network(args, num_classes, pretrained)
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
-                        datasets.IMAGENET_STD, args.arch, source.name)
+                        datasets.IMAGENET_STD, args.arch, source.name, source.kind)
 
     steps_per_epoch = train_data.get_dataset_size()
     lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
@@ -136,6 +136,7 @@ def main(args):
     trainer = fit.create_trainer(net, optimizer, num_classes)
     recorder = fit.EpochRecorder(net, output_dir, args.arch)
     val_preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
+    export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")
     tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes),
                           log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
                           class_names=source.class_names, preview=val_preview, predict=predictor(net),

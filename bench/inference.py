@@ -1,0 +1,135 @@
+"""Inference speed: batch-1 latency of the .ckpt and .mindir paths, and the app's throughput under concurrent requests.
+
+    .venv/bin/python bench/inference.py                       # an untrained ResNet50 at 224 (weights do not matter)
+    .venv/bin/python bench/inference.py --model-dir OUT       # the model a training run wrote
+
+Everything is measured in this one invocation and printed as ratios too, because absolute times on a shared machine
+are noise: mindir/ckpt latency, and the app's requests/s against the predictor's own sequential rate.
+"""
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "inference"))
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # as train.py does: MindSpore's oneDNN is slow on AVX-512
+
+from predictor import Predictor  # noqa: E402  (also puts train/train_dir on the path)
+
+
+def untrained_model(folder, arch, image_size, num_classes):
+    """A checkpoint, MindIR and labels.json for a randomly initialised network: latency does not depend on weights."""
+    import datasets
+    import export
+    from resnet import create_model
+    net = create_model(arch, num_classes)
+    export.save_checkpoint(net, folder / f"{arch}-best.ckpt")
+    export.export_mindir(net, image_size, folder / f"{arch}-best.mindir")
+    export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(num_classes)], image_size,
+                        datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, arch, "none", "imagefolder")
+    return folder
+
+
+def percentiles(seconds):
+    ms = np.asarray(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def latency(predictor, image, repeats, warmup=3):
+    for _ in range(warmup):
+        predictor.predict([image])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.predict([image])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def app_throughput(model, image_path, requests, concurrency):
+    """Requests/s and per-request latency when `concurrency` clients call the running app's /predict."""
+    from gradio_client import Client, handle_file
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "inference" / "app.py"), "--model", str(model)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("error: the app did not start")
+                time.sleep(1)
+        client.predict(handle_file(str(image_path)), api_name="/predict")  # warm up
+
+        def one(_):
+            start = time.perf_counter()
+            client.predict(handle_file(str(image_path)), api_name="/predict")
+            return time.perf_counter() - start
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            times = list(pool.map(one, range(requests)))
+        return requests / (time.perf_counter() - start), times
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="a training run's output folder (default: untrained model)")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model_dir or untrained_model(Path(tmp), args.arch, args.image_size, 10)
+        ckpt = sorted(folder.glob("*best.ckpt"))[0]
+        mindir = sorted(folder.glob("*best.mindir"))[0]
+        image_path = Path(tmp) / "photo.jpg"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(image_path)
+
+        rows = {}
+        for name, path in (("ckpt", ckpt), ("mindir", mindir)):
+            rows[name] = latency(Predictor.load(path), image_path, args.repeats)
+        rate, app_times = app_throughput(ckpt, image_path, args.requests, args.concurrency)
+
+    print(f"inference at batch 1, {args.arch} {args.image_size}x{args.image_size}, a 640x480 JPEG per request "
+          f"({os.cpu_count()} cores, {args.repeats} repeats)")
+    print(f"{'path':<28}{'p50 ms':>10}{'p95 ms':>10}")
+    for name, times in rows.items():
+        p50, p95 = percentiles(times)
+        print(f"{name:<28}{p50:>10.1f}{p95:>10.1f}")
+    p50, p95 = percentiles(app_times)
+    print(f"{f'app, {args.concurrency} concurrent':<28}{p50:>10.1f}{p95:>10.1f}   {rate:.1f} requests/s")
+    sequential = 1 / statistics.median(rows["ckpt"])
+    print(f"ratio mindir/ckpt p50: {percentiles(rows['mindir'])[0] / percentiles(rows['ckpt'])[0]:.2f}")
+    print(f"ratio app requests/s / predictor's sequential images/s: {rate / sequential:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Class probabilities for images from a model that train.py produced; importable without Gradio.
+
+    from predictor import Predictor
+    model = Predictor.load("OUT/resnet50-best.ckpt")        # or the .mindir; labels.json is read beside it
+    model.predict([Image.open("dog.jpg")], top_k=3)         # [[("dog", 0.93), ("wolf", 0.05), ...]]
+
+A `.ckpt` is loaded into the network of train/train_dir/resnet.py (the one definition); a `.mindir` runs as a graph
+with no network code. Images are prepared by the validation transform of train/train_dir/datasets.py.
+"""
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
+
+from errors import UserError  # noqa: E402
+
+MAX_PIXELS = 40_000_000  # larger uploads are refused (decompression bombs); a 40 MP photo still passes
+MODEL_SUFFIXES = (".ckpt", ".mindir")
+
+
+class BadImage(ValueError):
+    """An upload that is not a usable image; its message is shown to the user."""
+
+
+def read_image(source):
+    """An RGB PIL image from a path, bytes-like file or PIL image; every mode (L, LA, P, RGBA, CMYK, I;16, ...)
+    is converted, transparency is composited on white, and EXIF rotation is applied."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = source if isinstance(source, Image.Image) else Image.open(source)
+            if image.width * image.height > MAX_PIXELS:
+                raise BadImage(f"the image is too large ({image.width}x{image.height} pixels; the limit is "
+                               f"{MAX_PIXELS // 1_000_000} million)")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"the image is too large (more than {MAX_PIXELS // 1_000_000} million pixels)") from None
+    except UnidentifiedImageError:
+        raise BadImage("this file is not an image that can be read (PNG, JPEG, BMP, GIF, TIFF or WebP)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"the image is corrupt or truncated ({exc})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth grey: scale to 8 bits by its range
+        values = np.asarray(image, dtype=np.float64)
+        low, high = values.min(), values.max()
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(scaled.round().astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def find_model(folder=HERE):
+    """The model file in `folder` (as the platform's pod places `model_path` files): a .ckpt, else a .mindir,
+    preferring one named *best*."""
+    found = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
+    if not found:
+        raise UserError(f"no model (.ckpt or .mindir) in {folder}: pass --model PATH or set MODEL_PATH")
+    return sorted(found, key=lambda p: (p.suffix.lower() != ".ckpt", "best" not in p.name))[0]
+
+
+class Predictor:
+    """Batches of images in, (class name, probability) lists out."""
+
+    def __init__(self, forward, labels, model_path):
+        self.forward = forward
+        self.labels = labels
+        self.model_path = Path(model_path)
+        self.class_names = labels["class_names"]
+        self.image_size = int(labels["image_size"])
+        self.data_format = labels.get("data_format", "imagefolder")
+        from datasets import eval_transforms
+        from mindspore.dataset.transforms import Compose
+        self.transform = Compose(eval_transforms(self.image_size, self.data_format))
+
+    @classmethod
+    def load(cls, model_path, labels_path=None):
+        import mindspore as ms
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise UserError(f"model file {model_path} does not exist")
+        labels = read_labels(Path(labels_path) if labels_path else model_path.parent / "labels.json")
+        ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+        if model_path.suffix.lower() == ".mindir":
+            try:
+                graph = ms.nn.GraphCell(ms.load(str(model_path)))
+            except (RuntimeError, ValueError) as exc:
+                raise UserError(f"{model_path} is not a MindIR model ({str(exc).splitlines()[0]})") from None
+            return cls(graph, labels, model_path)
+        return cls(load_network(model_path, labels), labels, model_path)
+
+    def preprocess(self, image):
+        """One RGB PIL image to the network's CHW float32 input."""
+        return self.transform(np.asarray(image, dtype=np.uint8))
+
+    def probabilities(self, images):
+        """(N, classes) softmax probabilities for a list of images (paths, files or PIL images)."""
+        import mindspore as ms
+        batch = np.stack([self.preprocess(read_image(image)) for image in images]).astype(np.float32)
+        if isinstance(self.forward, ms.nn.GraphCell):  # a MindIR graph takes the batch-1 shape it was exported with
+            logits = np.concatenate([self.forward(ms.Tensor(x[None])).asnumpy() for x in batch])
+        else:
+            logits = self.forward(ms.Tensor(batch)).asnumpy()
+        logits = logits[:, :len(self.class_names)].astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, images, top_k=5):
+        """For each image, the `top_k` (class name, probability) pairs, most probable first."""
+        results = []
+        for row in self.probabilities(images):
+            order = np.argsort(-row)[:top_k]
+            results.append([(self.class_names[i], float(row[i])) for i in order])
+        return results
+
+
+def read_labels(path):
+    try:
+        labels = json.loads(Path(path).read_text())
+        names, size = labels["class_names"], int(labels["image_size"])
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: training writes labels.json next to the model; copy it there") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a labels.json written by train.py ({exc})") from None
+    if not names or size < 8:
+        raise UserError(f"{path} has no class names or a bad image_size")
+    return labels
+
+
+def load_network(model_path, labels):
+    """The ResNet of train/train_dir with the checkpoint's weights, in inference mode."""
+    import mindspore as ms
+    from resnet import create_model, read_checkpoint
+    params = read_checkpoint(model_path)
+    head = params.get("fc.weight")
+    if head is None:
+        raise UserError(f"{model_path} is not a checkpoint of this ResNet (no fc.weight)")
+    arch = labels.get("arch", "resnet50")
+    num_classes = head.shape[0]
+    if num_classes < len(labels["class_names"]):
+        raise UserError(f"{model_path} has {num_classes} outputs but labels.json names "
+                        f"{len(labels['class_names'])} classes")
+    net = create_model(arch, num_classes)
+    not_loaded, _ = ms.load_param_into_net(net, params, strict_load=True)
+    if not_loaded:
+        raise UserError(f"{model_path} does not fit {arch}: {len(not_loaded)} parameters missing, "
+                        f"e.g. {not_loaded[0]}")
+    net.set_train(False)
+    return net
