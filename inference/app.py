@@ -41,8 +41,11 @@ def model_card(predictor):
 
 
 def example_images(predictor):
-    """Validation images that training saved as examples/ beside the model, or ones shipped in inference/examples/."""
-    for folder in (predictor.model_path.parent / "examples", HERE / "examples"):
+    """Validation images that training saved in examples/ beside the model; on the platform's pod, where the
+    model_path files all land in inference/, the images listed there."""
+    model_dir = predictor.model_path.parent
+    folders = [model_dir / "examples", HERE / "examples"] + ([HERE] if model_dir == HERE else [])
+    for folder in folders:
         if folder.is_dir():
             found = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
             if found:

@@ -1,7 +1,9 @@
 """inference/: the predictor and the Gradio app, against a model trained here on shapes whose colour is random, so
 that a grey or recoloured upload is still a fair question."""
+import contextlib
 import io
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -53,13 +55,13 @@ def model(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def app(model):
-    """The app in its own process on 127.0.0.1, as the platform starts it (GRADIO_SERVER_* set)."""
+@contextlib.contextmanager
+def serving(argv, cwd=None, **env):
+    """The app in its own process on 127.0.0.1, started as the platform starts it (GRADIO_SERVER_* set)."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "MODEL_PATH": str(model / "resnet18-best.ckpt")}
-    server = subprocess.Popen([sys.executable, str(APP)], env=env, stdout=subprocess.PIPE,
+           "GRADIO_ANALYTICS_ENABLED": "False", **env}
+    server = subprocess.Popen([sys.executable, *map(str, argv)], env=env, cwd=cwd, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -77,6 +79,12 @@ def app(model):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app(model):
+    with serving([APP], MODEL_PATH=model / "resnet18-best.ckpt") as served:
+        yield served
 
 
 def upload(tmp_path, name, image, **save):
@@ -164,8 +172,28 @@ def test_ckpt_and_mindir_agree(model, tmp_path):
     assert [top[0][0] for top in ckpt.predict(images, top_k=2)] == [SHAPES[i] for i in a.argmax(1)]
 
 
+def test_the_pod_way_model_files_fetched_into_inference_then_python3_app_py(model, tmp_path):
+    """As Xihe's pod: a clone, the model_path files copied into inference/ by basename, `python3 app.py` there."""
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "inference", clone / "inference", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "train" / "train_dir", clone / "train" / "train_dir",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(ROOT / "inference"))
+    import fetch_model
+    shutil.copytree(model, tmp_path / "hub" / "me" / "shapes")  # the user's model repository on the hub
+    paths = [f"me/shapes/{name}" for name in ("resnet18-best.ckpt", "labels.json", "metrics.json")]
+    paths += [f"me/shapes/examples/{p.name}" for p in (model / "examples").iterdir()]
+    fetch_model.fetch(paths, hub=tmp_path / "hub", target=clone / "inference")
+    with serving(["app.py"], cwd=clone / "inference") as (url, client):
+        from gradio_client import handle_file
+        result = client.predict(handle_file(str(clone / "inference" / "square.png")), api_name="/predict")
+        assert result["label"] == "square"
+        import urllib.request
+        with urllib.request.urlopen(url, timeout=60) as page:
+            assert page.status == 200
+
+
 def test_the_platform_layout_and_a_missing_model(model, tmp_path):
-    import shutil
     folder = tmp_path / "inference"
     folder.mkdir()
     with pytest.raises(inference.UserError, match="no model"):

@@ -145,11 +145,12 @@ def test_fetch_model_places_files_by_basename(tmp_path):
     out.mkdir()
     (out / "resnet50-best.ckpt").write_bytes(b"weights")
     (out / "labels.json").write_text('{"class_names": ["a"]}')
+    (out / "metrics.json").write_text("[]")
     paths = json.loads((ROOT / "inference" / "config.json").read_text())["model_path"]
     sys.path.insert(0, str(ROOT / "inference"))
     import fetch_model
     written = fetch_model.fetch(paths, source=out, target=tmp_path)
-    assert sorted(p.name for p in written) == ["labels.json", "resnet50-best.ckpt"]
+    assert sorted(p.name for p in written) == ["labels.json", "metrics.json", "resnet50-best.ckpt"]
     assert (tmp_path / "resnet50-best.ckpt").read_bytes() == b"weights"
     result = subprocess.run([sys.executable, str(FETCH_MODEL), "--from", tmp_path / "empty"], capture_output=True,
                             text=True)

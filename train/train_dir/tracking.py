@@ -112,7 +112,8 @@ class AimCallback(Callback):
         if step % self.log_every:
             return
         self.run.track(loss, name="loss", step=step, epoch=epoch, context=TRAIN)
-        lr = current_lr(cb_params.get("optimizer"), step - 1)
+        optimizer = cb_params.get("optimizer") or getattr(cb_params.get("train_network"), "optimizer", None)
+        lr = current_lr(optimizer, step - 1)  # a Model built from a train step cell knows no optimizer itself
         if lr is not None:
             self.run.track(lr, name="lr", step=step, epoch=epoch, context=TRAIN)
         batch = cb_params.get("train_dataset_element")
