@@ -8,11 +8,10 @@ are noise: mindir/ckpt latency, and the app's requests/s against the predictor's
 """
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,41 +57,23 @@ def latency(predictor, image, repeats, warmup=3):
 def app_throughput(model, image_path, requests, concurrency):
     """Requests/s and per-request latency when `concurrency` clients call the running app's /predict."""
     from gradio_client import Client, handle_file
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, str(ROOT / "inference" / "app.py"), "--model", str(model)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("error: the app did not start")
-                time.sleep(1)
+    from launch import running_app
+    with running_app(["--model", model]) as (url, client):
         client.predict(handle_file(str(image_path)), api_name="/predict")  # warm up
 
+        clients = threading.local()  # a client per concurrent user: one shared Client races with itself
+
         def one(_):
+            if not hasattr(clients, "client"):
+                clients.client = Client(url, verbose=False)
             start = time.perf_counter()
-            client.predict(handle_file(str(image_path)), api_name="/predict")
+            clients.client.predict(handle_file(str(image_path)), api_name="/predict")
             return time.perf_counter() - start
 
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             times = list(pool.map(one, range(requests)))
         return requests / (time.perf_counter() - start), times
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

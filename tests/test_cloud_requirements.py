@@ -140,7 +140,7 @@ def test_inference_requirements_resolve_for_python_3_9():
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the inference pod is x86_64")
 def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
     """The inference pod's Python with inference/requirements.txt serves a model trained here (MindSpore 2.10)."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     bin_dir = python_3_9_venv(".venv-py39-inference", INFERENCE_REQUIREMENTS)
     data = write_cifar(tmp_path / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
     out = tmp_path / "out"
@@ -148,21 +148,10 @@ def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
                               "resnet18", "--image_size", "32", "--batch_size", "16", "--output_url", str(out)],
                              capture_output=True, text=True, timeout=900)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    sys.path.insert(0, str(ROOT / "inference"))
+    from launch import running_app
     for model in ("resnet18-best.ckpt", "resnet18-best.mindir"):
-        server = subprocess.Popen([str(bin_dir / "python"), str(ROOT / "inference" / "app.py"), "--model",
-                                   str(out / model)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                    break
-                except Exception:
-                    assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
-                    time.sleep(1)
+        with running_app(["--model", out / model], python=bin_dir / "python") as (_, client):
             example = sorted((out / "examples").iterdir())[0]
             result = client.predict(handle_file(str(example)), api_name="/predict")
             assert result["label"] in ("cat", "dog") and len(result["confidences"]) == 2
@@ -170,6 +159,3 @@ def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
             junk.write_text("not an image")
             with pytest.raises(Exception, match="not an image"):
                 client.predict(handle_file(str(junk)), api_name="/predict")
-        finally:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
