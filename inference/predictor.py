@@ -143,20 +143,21 @@ def read_labels(path):
 
 
 def load_network(model_path, labels):
-    """The ResNet of train/train_dir with the checkpoint's weights, in inference mode."""
+    """The ResNet of train/train_dir with the checkpoint's weights (of any family train.py reads), in inference
+    mode, padded as the weights were trained."""
     import mindspore as ms
-    from resnet import create_model, read_checkpoint
-    params = read_checkpoint(model_path)
+    from resnet import create_model, read_checkpoint, to_our_names
+    _, padding, params = to_our_names(read_checkpoint(model_path), model_path)
     head = params.get("fc.weight")
     if head is None:
-        raise UserError(f"{model_path} is not a checkpoint of this ResNet (no fc.weight)")
+        raise UserError(f"{model_path} has no classifier (fc) weights to predict with")
     arch = labels.get("arch", "resnet50")
     num_classes = head.shape[0]
     if num_classes < len(labels["class_names"]):
         raise UserError(f"{model_path} has {num_classes} outputs but labels.json names "
                         f"{len(labels['class_names'])} classes")
-    net = create_model(arch, num_classes)
-    not_loaded, _ = ms.load_param_into_net(net, params, strict_load=True)
+    net = create_model(arch, num_classes, padding)
+    not_loaded, _ = ms.load_param_into_net(net, params)
     if not_loaded:
         raise UserError(f"{model_path} does not fit {arch}: {len(not_loaded)} parameters missing, "
                         f"e.g. {not_loaded[0]}")

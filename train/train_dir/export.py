@@ -22,18 +22,20 @@ def write_json(path, data):
 
 
 def save_checkpoint(net, path):
+    """Atomically; a ResNet also records its padding, so the checkpoint reloads into the same network."""
     import mindspore as ms
     path = Path(path)
     tmp = _temporary(path)
-    ms.save_checkpoint(net, str(tmp))
+    padding = getattr(net, "padding", None)
+    ms.save_checkpoint(net, str(tmp), append_dict={"resnet_padding": padding} if padding else None)
     os.replace(tmp, path)
 
 
-def write_labels(path, class_names, image_size, mean, std, arch, dataset, data_format):
-    """What inference needs: the class names in label order, and how validation prepared an image."""
+def write_labels(path, class_names, image_size, mean, std, arch, dataset, data_format, padding="same"):
+    """What inference needs: the class names in label order, the network, and how validation prepared an image."""
     write_json(path, {"class_names": list(class_names), "num_classes": len(class_names), "image_size": image_size,
                       "mean": list(mean), "std": list(std), "input_scale": "0-255", "arch": arch,
-                      "dataset": dataset, "data_format": data_format})
+                      "padding": padding, "dataset": dataset, "data_format": data_format})
 
 
 def save_examples(images, labels, class_names, folder):

@@ -1,10 +1,18 @@
-"""The ResNet family, with the MindSpore tutorial's parameter names, and pretrained-weight loading.
+"""The ResNet family, with the MindSpore tutorial's parameter names, and pretrained-weight loading from the four
+published MindSpore ResNet checkpoint families.
 
 Parameter names follow the tutorial so that its checkpoints load unchanged:
 `conv1`, `norm`, `layerN.i.conv1..3`, `layerN.i.norm1..3`, `layerN.i.down_sample.0/1`, `fc`.
 Two tutorial bugs are fixed: the basic block's conv2 takes `out_channel` inputs and has its own norm,
 and the classifier uses global average pooling, so any input size works.
+
+Convolutions pad the way the weights were trained: "same" (the tutorial, mindspore models) or "explicit"
+symmetric (k-1)/2 padding (MindCV, mindvision), which shifts strided convolutions by a pixel. A checkpoint written by
+this code records its padding as `resnet_padding`, and labels.json as `padding`.
 """
+import re
+from dataclasses import dataclass
+
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
@@ -15,10 +23,14 @@ from errors import UserError
 HEAD_PREFIX = "fc."
 
 
-def _conv(in_channel, out_channel, kernel_size, stride=1):
+PADDINGS = ("same", "explicit")
+
+
+def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
     # He init (the tutorial's N(0, 0.02) makes from-scratch training of deep nets diverge)
+    pad = {"pad_mode": "pad", "padding": (kernel_size - 1) // 2} if padding == "explicit" else {"pad_mode": "same"}
     return nn.Conv2d(in_channel, out_channel, kernel_size=kernel_size, stride=stride,
-                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), **pad)
 
 
 def _norm(channel, last_in_block=False):
@@ -30,11 +42,11 @@ class BasicBlock(nn.Cell):
     """Two 3x3 convolutions (ResNet18/34)."""
     expansion = 1
 
-    def __init__(self, in_channel, out_channel, stride=1, down_sample=None):
+    def __init__(self, in_channel, out_channel, stride=1, down_sample=None, padding="same"):
         super().__init__()
-        self.conv1 = _conv(in_channel, out_channel, 3, stride)
+        self.conv1 = _conv(in_channel, out_channel, 3, stride, padding)
         self.norm1 = _norm(out_channel)
-        self.conv2 = _conv(out_channel, out_channel, 3)
+        self.conv2 = _conv(out_channel, out_channel, 3, padding=padding)
         self.norm2 = _norm(out_channel, last_in_block=True)
         self.relu = nn.ReLU()
         self.down_sample = down_sample
@@ -50,11 +62,11 @@ class Bottleneck(nn.Cell):
     """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet50/101)."""
     expansion = 4
 
-    def __init__(self, in_channel, out_channel, stride=1, down_sample=None):
+    def __init__(self, in_channel, out_channel, stride=1, down_sample=None, padding="same"):
         super().__init__()
         self.conv1 = _conv(in_channel, out_channel, 1)
         self.norm1 = _norm(out_channel)
-        self.conv2 = _conv(out_channel, out_channel, 3, stride)
+        self.conv2 = _conv(out_channel, out_channel, 3, stride, padding)
         self.norm2 = _norm(out_channel)
         self.conv3 = _conv(out_channel, out_channel * self.expansion, 1)
         self.norm3 = _norm(out_channel * self.expansion, last_in_block=True)
@@ -69,7 +81,7 @@ class Bottleneck(nn.Cell):
         return self.relu(out + identity)
 
 
-def _make_layer(in_channel, block, channel, block_count, stride=1):
+def _make_layer(in_channel, block, channel, block_count, stride=1, padding="same"):
     out_channel = channel * block.expansion
     down_sample = None
     if stride != 1 or in_channel != out_channel:
@@ -77,22 +89,23 @@ def _make_layer(in_channel, block, channel, block_count, stride=1):
             _conv(in_channel, out_channel, 1, stride),
             _norm(out_channel),
         ])
-    blocks = [block(in_channel, channel, stride=stride, down_sample=down_sample)]
-    blocks += [block(out_channel, channel) for _ in range(1, block_count)]
+    blocks = [block(in_channel, channel, stride=stride, down_sample=down_sample, padding=padding)]
+    blocks += [block(out_channel, channel, padding=padding) for _ in range(1, block_count)]
     return nn.SequentialCell(blocks)
 
 
 class ResNet(nn.Cell):
-    def __init__(self, block, layer_counts, num_classes):
+    def __init__(self, block, layer_counts, num_classes, padding="same"):
         super().__init__()
-        self.conv1 = _conv(3, 64, 7, stride=2)
+        self.padding = padding
+        self.conv1 = _conv(3, 64, 7, stride=2, padding=padding)
         self.norm = _norm(64)
         self.relu = nn.ReLU()
-        self.max_pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
-        self.layer1 = _make_layer(64, block, 64, layer_counts[0])
-        self.layer2 = _make_layer(64 * block.expansion, block, 128, layer_counts[1], stride=2)
-        self.layer3 = _make_layer(128 * block.expansion, block, 256, layer_counts[2], stride=2)
-        self.layer4 = _make_layer(256 * block.expansion, block, 512, layer_counts[3], stride=2)
+        self.max_pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")  # in every family
+        self.layer1 = _make_layer(64, block, 64, layer_counts[0], padding=padding)
+        self.layer2 = _make_layer(64 * block.expansion, block, 128, layer_counts[1], 2, padding)
+        self.layer3 = _make_layer(128 * block.expansion, block, 256, layer_counts[2], 2, padding)
+        self.layer4 = _make_layer(256 * block.expansion, block, 512, layer_counts[3], 2, padding)
         self.num_features = 512 * block.expansion
         self.fc = nn.Dense(self.num_features, num_classes)
 
@@ -122,9 +135,9 @@ ARCHS = {
 }
 
 
-def create_model(arch, num_classes):
+def create_model(arch, num_classes, padding="same"):
     block, layer_counts = ARCHS[arch]
-    return ResNet(block, layer_counts, num_classes)
+    return ResNet(block, layer_counts, num_classes, padding)
 
 
 def read_checkpoint(path):
@@ -137,26 +150,97 @@ def read_checkpoint(path):
 
 
 OPTIMIZER_STATE = ("moments.", "accum.", "learning_rate", "global_step", "momentum", "scale_sense",
-                   "current_iterator_step")
+                   "current_iterator_step", "epoch_num", "step_num")
+PADDING_KEY = "resnet_padding"
 
 
 def _is_optimizer_state(name):
     return name.startswith(OPTIMIZER_STATE)
 
 
+@dataclass(frozen=True)
+class Family:
+    """A published naming of ResNet parameters: how to recognise it, how its names map to ours, its padding."""
+    name: str
+    marker: str              # a regular expression only this family's names match
+    renames: tuple           # (pattern, replacement) pairs applied in order, mapping its names to ours
+    padding: str
+
+
+BN = r"(gamma|beta|moving_mean|moving_variance)"
+FAMILIES = (
+    # mindvision (the Xihe ResNet50 sample's resnet50_224.ckpt): backbone.* with ConvNormActivation "features"
+    Family("mindvision", r"^backbone\.conv1\.features\.0\.weight$", (
+        (r"^backbone\.conv1\.features\.0\.", "conv1."),
+        (r"^backbone\.conv1\.features\.1\.", "norm."),
+        (r"^backbone\.(layer\d\.\d+)\.conv(\d)\.features\.0\.", r"\1.conv\2."),
+        (r"^backbone\.(layer\d\.\d+)\.conv(\d)\.features\.1\.", r"\1.norm\2."),
+        (r"^backbone\.(layer\d\.\d+)\.down_sample\.features\.(\d)\.", r"\1.down_sample.\2."),
+        (r"^head\.dense\.", "fc."),
+    ), "explicit"),
+    # mindspore models, official/cv/ResNet (1001 classes): bn*, down_sample_layer, end_point; "same" padding
+    Family("mindspore-models", r"(down_sample_layer\.|^end_point\.)", (
+        (r"^bn1\.", "norm."),
+        (r"^(layer\d\.\d+)\.bn(\d)\.", r"\1.norm\2."),
+        (r"\.down_sample_layer\.", ".down_sample."),
+        (r"^end_point\.", "fc."),
+    ), "same"),
+    # MindCV (resnet50-e0733ab8.ckpt): bn*, down_sample, classifier; explicit padding
+    Family("mindcv", rf"^(classifier\.weight|bn1\.{BN})$", (
+        (r"^bn1\.", "norm."),
+        (r"^(layer\d\.\d+)\.bn(\d)\.", r"\1.norm\2."),
+        (r"^classifier\.", "fc."),
+    ), "explicit"),
+    # the MindSpore tutorial (resnet50_224_new.ckpt), and this code's own checkpoints
+    Family("tutorial", rf"^(norm\.{BN}|layer1\.0\.norm1\.{BN})$", (), "same"),
+)
+
+
+def checkpoint_family(names):
+    """The Family whose marker the checkpoint's names match, or None."""
+    for family in FAMILIES:
+        if any(re.search(family.marker, name) for name in names):
+            return family
+    return None
+
+
+def to_our_names(params, path):
+    """(family, padding, {our name: value}) for a checkpoint of any known family; optimizer state dropped."""
+    weights = {n: v for n, v in params.items() if not _is_optimizer_state(n) and n != PADDING_KEY}
+    family = checkpoint_family(weights)
+    if family is None:
+        raise UserError(f"{path} is not a ResNet checkpoint of a known family (tutorial, MindCV, mindvision, "
+                        f"mindspore models): e.g. {next(iter(weights), 'no parameters')}")
+    padding = family.padding
+    if PADDING_KEY in params:  # written by this code, e.g. after fine-tuning from MindCV weights
+        padding = str(params[PADDING_KEY])
+    renamed = {}
+    for name, value in weights.items():
+        for pattern, replacement in family.renames:
+            name = re.sub(pattern, replacement, name)
+        renamed[name] = value
+    return family, padding, renamed
+
+
+def checkpoint_padding(path):
+    """The padding a checkpoint's weights were trained with (by its family, or as this code recorded it)."""
+    return to_our_names(read_checkpoint(path), path)[1]
+
+
 def load_pretrained(net, path, log=print):
-    """Load every parameter of `path` whose name and shape match `net`; re-initialise a head of another size.
+    """Load every parameter of `path` (any known family) whose name and shape match `net`; re-initialise a head of
+    another size. The network must have been built with the checkpoint's padding (`checkpoint_padding`).
 
     Stops with a UserError when less than half of the backbone matched, because training on would
     silently start from scratch.
     """
-    ckpt = read_checkpoint(path)
+    family, padding, ckpt = to_our_names(read_checkpoint(path), path)
+    if padding != net.padding:
+        raise UserError(f"{path} was trained with {padding} padding but the network uses {net.padding}")
     own = {name: param for name, param in net.parameters_and_names()}
     loaded, skipped = {}, []
     for name, value in ckpt.items():
         param = own.get(name)
-        if _is_optimizer_state(name):
-            continue
         if param is None:
             skipped.append(f"{name} (not in {type(net).__name__})")
         elif tuple(value.shape) != tuple(param.shape):
@@ -170,8 +254,11 @@ def load_pretrained(net, path, log=print):
                         f"backbone parameters match by name and shape")
     ms.load_param_into_net(net, loaded, strict_load=False)
     head_kept = all(n in loaded for n in own if n.startswith(HEAD_PREFIX))
-    log(f"pretrained: loaded {len(loaded)} of {len(own)} parameters from {path}; "
-        f"{matched}/{len(backbone)} backbone, head {'loaded' if head_kept else 're-initialised'}")
+    missing = [n for n in backbone if n not in loaded]
+    log(f"pretrained: {family.name} checkpoint ({padding} padding); loaded {len(loaded)} of {len(own)} "
+        f"parameters from {path}; {matched}/{len(backbone)} backbone, head {'loaded' if head_kept else 're-initialised'}")
     for line in skipped:
         log(f"pretrained: skipped {line}")
+    for name in missing:
+        log(f"pretrained: not in the checkpoint, left initialised: {name}")
     return len(loaded), skipped

@@ -17,7 +17,7 @@ import fit  # noqa: E402
 import storage  # noqa: E402
 from args import parse_args  # noqa: E402
 from errors import Interrupted, UserError  # noqa: E402
-from resnet import create_model, load_pretrained  # noqa: E402
+from resnet import checkpoint_padding, create_model, load_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
 URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo")
@@ -52,7 +52,8 @@ def load_data(args, data_dir):
 
 
 def build_network(args, num_classes, pretrained):
-    net = create_model(args.arch, num_classes)
+    """The ResNet, padded as the pretrained weights were trained (so their features are reproduced), and loaded."""
+    net = create_model(args.arch, num_classes, checkpoint_padding(pretrained) if pretrained else "same")
     if pretrained:
         load_pretrained(net, pretrained)
     elif args.freeze:
@@ -128,7 +129,7 @@ def main(args):
                         f"in the data")
     net = build_network(args, num_classes, pretrained)
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
-                        datasets.IMAGENET_STD, args.arch, source.name, source.kind)
+                        datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
 
     steps_per_epoch = train_data.get_dataset_size()
     lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
