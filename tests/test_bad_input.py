@@ -1,5 +1,6 @@
 """Each user mistake ends with one `error:` line, a non-zero exit, no traceback, and existing outputs untouched."""
 import mindspore as ms
+import numpy as np
 import pytest
 from conftest import run_train
 
@@ -46,6 +47,13 @@ def resnet18_checkpoint(tmp_path):
     return path
 
 
+def foreign_checkpoint(tmp_path):
+    path = tmp_path / "vgg16.ckpt"
+    ms.save_checkpoint([{"name": "features.0.weight", "data": ms.Tensor(np.zeros((4, 3, 3, 3), np.float32))}],
+                       str(path))
+    return path
+
+
 def cifar_tarball(tmp_path):
     import tarfile
     folder = cifar(tmp_path)
@@ -89,6 +97,12 @@ CASES = {
     "cache folder cannot be written": (lambda t, o: ["--data_url", cifar_tarball(t), "--output_url", o,
                                                      "--cache_dir", o / "metrics.json" / "cache"],
                                        "cache folder"),
+    "unknown layer to train": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--trainable", "layer9"],
+                               "--trainable"),
+    "--freeze with --trainable": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--freeze",
+                                                "--trainable", "layer4,fc"], "for partial fine-tuning"),
+    "checkpoint of no ResNet family": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
+                                                     "--pretrain_url", foreign_checkpoint(t)], "known family"),
     "unavailable device": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--device_target", "GPU"],
                            "GPU is not available"),
 }

@@ -80,7 +80,20 @@ def get_args_parser():
     hp.add_argument("--arch", type=str.lower, choices=sorted(ARCHS), default="resnet50")
     hp.add_argument("--num_classes", type=_bounded(int, 2), default=None, help="default: from the data")
     hp.add_argument("--freeze", type=str2bool, nargs="?", const=True, default=False,
-                    help="fixed-feature mode: train only the classifier head on a frozen backbone")
+                    help="fixed-feature mode: train only the classifier head on a frozen backbone, whose features "
+                         "are computed once (see --feature_cache)")
+    hp.add_argument("--feature_cache", choices=("memory", "disk", "off"), default="memory",
+                    help="with --freeze: keep the backbone's features in memory, or on disk under --cache_dir "
+                         "(reused by later runs on the same weights and data), or 'off': run the frozen "
+                         "backbone on every image every epoch, as the MindSpore tutorial does")
+    hp.add_argument("--feature_views", type=_bounded(int, 1), default=1,
+                    help="with --freeze: 1 = each training image once, with the validation transform; "
+                         "N = N randomly augmented views of each")
+    hp.add_argument("--trainable", type=_layer_list, default=None,
+                    help="partial fine-tuning: the only layers to train, e.g. 'layer4,fc' "
+                         "(names: conv1, norm, layer1..layer4, fc); BatchNorm statistics of the rest stay fixed")
+    hp.add_argument("--backbone_lr_scale", type=_bounded(float, 0.0), default=1.0,
+                    help="learning rate of the backbone (everything but fc) as a fraction of --lr")
     hp.add_argument("--seed", type=int, default=1, help="seeds weights, shuffling and augmentation")
 
     run = parser.add_argument_group("run")
@@ -95,6 +108,17 @@ def get_args_parser():
                      help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
                           "on ModelArts, else ~/.cache/resnet-job")
     return parser
+
+
+LAYERS = ("conv1", "norm", "layer1", "layer2", "layer3", "layer4", "fc")
+
+
+def _layer_list(text):
+    layers = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [layer for layer in layers if layer not in LAYERS]
+    if not layers or unknown:
+        raise argparse.ArgumentTypeError(f"'{text}': name layers from {', '.join(LAYERS)}")
+    return layers
 
 
 def parse_args(argv=None, warn=None):

@@ -187,7 +187,8 @@ def _transforms(source, image_size, augment):
                      vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
 
 
-def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None):
+def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None,
+                   drop_remainder=None):
     """A batched (image, label) pipeline for `split` ("train" or "val").
 
     Training drops the last partial batch so every step has the same shape (one graph compile, sane BatchNorm).
@@ -217,7 +218,7 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     if training and dataset.get_dataset_size() < batch_size:
         raise UserError(f"the training split has {dataset.get_dataset_size()} images, fewer than "
                         f"--batch_size {batch_size}")
-    return dataset.batch(batch_size, drop_remainder=training)
+    return dataset.batch(batch_size, drop_remainder=training if drop_remainder is None else drop_remainder)
 
 
 def preview_batch(source, split, image_size, count=16):

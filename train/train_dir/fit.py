@@ -17,6 +17,7 @@ import numpy as np
 from mindspore.train import Callback, Model
 
 from errors import Interrupted, UserError
+from resnet import HEAD_PREFIX
 from export import save_checkpoint, write_json
 
 PREFERRED_DEVICES = ("Ascend", "GPU", "CPU")
@@ -75,13 +76,20 @@ def cosine_lr(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0):
     return np.where(step < warmup, warm, cosine).astype(np.float32)
 
 
-def create_optimizer(net, lr_schedule, momentum, weight_decay):
-    """Momentum SGD over the trainable parameters; no weight decay on BatchNorm and biases."""
+def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale=1.0):
+    """Momentum SGD over the trainable parameters; no weight decay on BatchNorm and biases; the backbone (all but
+    `fc`) optionally at a fraction of the learning rate."""
     params = net.trainable_params()
-    decay = [p for p in params if len(p.shape) > 1]
-    no_decay = [p for p in params if len(p.shape) <= 1]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = []
+    for is_head, scale in ((True, 1.0), (False, backbone_lr_scale)):
+        part = [p for p in params if p.name.startswith(HEAD_PREFIX) == is_head]
+        for decayed in (True, False):
+            chosen = [p for p in part if (len(p.shape) > 1) == decayed]
+            if chosen:
+                group = {"params": chosen, "weight_decay": weight_decay if decayed else 0.0}
+                if scale != 1.0:
+                    group["lr"] = ms.Tensor(lr_schedule * scale)
+                groups.append(group)
     groups.append({"order_params": params})
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
 

@@ -118,12 +118,17 @@ class ResNet(nn.Cell):
         return self.fc(self.features(x))
 
     def freeze_backbone(self):
-        """Fixed-feature mode: only `fc` trains, and BatchNorm keeps its moving statistics untouched."""
+        """Fixed-feature mode: only `fc` trains."""
+        self.train_only(["fc"])
+
+    def train_only(self, layers):
+        """Partial fine-tuning: only the named top-level layers (e.g. layer4, fc) train; BatchNorm elsewhere keeps
+        its moving statistics untouched, so frozen layers compute exactly what the pretrained ones did."""
+        prefixes = tuple(f"{layer}." for layer in layers)
         for name, param in self.parameters_and_names():
-            if not name.startswith(HEAD_PREFIX):
-                param.requires_grad = False
-        for _, cell in self.cells_and_names():
-            if isinstance(cell, nn.BatchNorm2d):
+            param.requires_grad = name.startswith(prefixes)
+        for name, cell in self.cells_and_names():
+            if isinstance(cell, nn.BatchNorm2d) and not f"{name}.".startswith(prefixes):
                 cell.use_batch_statistics = False
 
 

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling mo
 
 import datasets  # noqa: E402
 import export  # noqa: E402
+import features  # noqa: E402
 import fit  # noqa: E402
 import storage  # noqa: E402
 from args import parse_args  # noqa: E402
@@ -53,6 +54,8 @@ def load_data(args, data_dir):
 
 def build_network(args, num_classes, pretrained):
     """The ResNet, padded as the pretrained weights were trained (so their features are reproduced), and loaded."""
+    if args.freeze and args.trainable:
+        raise UserError("--freeze trains only fc; for partial fine-tuning use --trainable alone")
     net = create_model(args.arch, num_classes, checkpoint_padding(pretrained) if pretrained else "same")
     if pretrained:
         load_pretrained(net, pretrained)
@@ -61,6 +64,8 @@ def build_network(args, num_classes, pretrained):
               file=sys.stderr)
     if args.freeze:
         net.freeze_backbone()
+    elif args.trainable:
+        net.train_only(args.trainable)
     return net
 
 
@@ -131,10 +136,17 @@ def main(args):
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
 
+    trained = net  # what the optimiser steps: the whole network, or only its head on cached features
+    if args.freeze and args.feature_cache != "off":
+        cache_dir = args.cache_dir or storage.default_cache_dir()
+        train_features, val_features = features.cached_features(net, source, args, pretrained, cache_dir)
+        train_data, val_data = features.feature_datasets(train_features, val_features, args.batch_size, args.seed)
+        trained = net.fc
+
     steps_per_epoch = train_data.get_dataset_size()
     lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
-    optimizer = fit.create_optimizer(net, lr_schedule, args.momentum, args.weight_decay)
-    trainer = fit.create_trainer(net, optimizer, num_classes)
+    optimizer = fit.create_optimizer(trained, lr_schedule, args.momentum, args.weight_decay, args.backbone_lr_scale)
+    trainer = fit.create_trainer(trained, optimizer, num_classes)
     recorder = fit.EpochRecorder(net, output_dir, args.arch)
     val_preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
     export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")

@@ -1,0 +1,91 @@
+"""Fixed-feature training: the frozen backbone sees each image once, and the head trains on its cached outputs.
+
+The seed tutorial's fixed-feature mode runs the whole frozen ResNet on every image in every epoch, although its
+output never changes. Here the backbone's pooled features for the training and validation images are computed once
+(with the validation transform, or N augmented views of each training image) and kept in memory or on disk; the
+head then trains on them for all epochs. The head is the network's own `fc`, so the checkpoints are the complete
+network, usable by inference unchanged.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mindspore as ms
+import mindspore.dataset as ds
+import mindspore.nn as nn
+import numpy as np
+
+import datasets
+
+
+class Backbone(nn.Cell):
+    """The network up to the pooled features, as one graph (names stay the network's own)."""
+
+    def __init__(self, net):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, images):
+        return self.net.features(images)
+
+
+def extract(backbone, dataset):
+    """(features (N, F) float32, labels (N,) int32) for every image of a batched dataset."""
+    backbone.set_train(False)
+    features, labels = [], []
+    for images, batch_labels in dataset.create_tuple_iterator(output_numpy=True):
+        features.append(backbone(ms.Tensor(images)).asnumpy())
+        labels.append(batch_labels)
+    return np.concatenate(features).astype(np.float32), np.concatenate(labels).astype(np.int32)
+
+
+def cache_key(source, args, pretrained):
+    """What the features depend on: the weights, the data, the transform and the views."""
+    weights = Path(pretrained).stat() if pretrained else None
+    parts = {"pretrained": [str(pretrained), weights.st_size, weights.st_mtime_ns] if weights else None,
+             "data": [str(source.root), source.kind, source.sizes], "arch": args.arch, "seed": args.seed,
+             "image_size": args.image_size, "views": args.feature_views}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def compute(net, source, args):
+    backbone = Backbone(net)
+    batch = max(args.batch_size, 32)
+    val = extract(backbone, datasets.create_dataset(source, "val", args.image_size, batch, args.num_workers))
+    if args.feature_views == 1:  # one view per image, as validation sees it
+        views = [datasets.create_dataset(source, "train", args.image_size, batch, args.num_workers,
+                                         shuffle=False, augment=False, drop_remainder=False)]
+    else:  # N randomly augmented views per image
+        views = [datasets.create_dataset(source, "train", args.image_size, batch, args.num_workers,
+                                         shuffle=False, augment=True, drop_remainder=False)
+                 for _ in range(args.feature_views)]
+    train = [extract(backbone, view) for view in views]
+    return (np.concatenate([f for f, _ in train]), np.concatenate([y for _, y in train])), val
+
+
+def cached_features(net, source, args, pretrained, cache_dir, log=print):
+    """((train features, labels), (val features, labels)), computed once per key when `--feature_cache disk`."""
+    path = Path(cache_dir) / "features" / f"{cache_key(source, args, pretrained)}.npz"
+    if args.feature_cache == "disk" and path.is_file():
+        with np.load(path) as saved:
+            log(f"features: reusing {path}")
+            return (saved["train_x"], saved["train_y"]), (saved["val_x"], saved["val_y"])
+    (train_x, train_y), (val_x, val_y) = compute(net, source, args)
+    log(f"features: {len(train_x)} train ({args.feature_views} view(s) per image) and {len(val_x)} val vectors "
+        f"of {train_x.shape[1]}, computed once by the frozen backbone")
+    if args.feature_cache == "disk":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.partial.npz")
+        np.savez(tmp, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+        os.replace(tmp, path)
+    return (train_x, train_y), (val_x, val_y)
+
+
+def feature_datasets(train, val, batch_size, seed):
+    """Batched (features, label) pipelines for the head; the training one reshuffles every epoch."""
+    def pipeline(features, labels, shuffle):
+        data = ds.NumpySlicesDataset({"image": features, "label": labels}, shuffle=shuffle)
+        return data.batch(batch_size, drop_remainder=shuffle and len(features) >= batch_size)
+    ds.config.set_seed(seed)
+    return pipeline(*train, shuffle=True), pipeline(*val, shuffle=False)
