@@ -136,23 +136,23 @@ def main(args):
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
 
-    trained = net  # what the optimiser steps: the whole network, or only its head on cached features
-    if args.freeze and args.feature_cache != "off":
+    val_preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
+    trained, predict = net, predictor(net)  # what the optimiser steps, and what labels the Aim preview
+    if args.freeze and args.feature_cache != "off":  # the head alone, on features the backbone computes once
         cache_dir = args.cache_dir or storage.default_cache_dir()
         train_features, val_features = features.cached_features(net, source, args, pretrained, cache_dir)
         train_data, val_data = features.feature_datasets(train_features, val_features, args.batch_size, args.seed)
-        trained = net.fc
+        trained, predict = net.fc, features.head_predictor(net.fc, val_features[0], len(val_preview[2]))
 
     steps_per_epoch = train_data.get_dataset_size()
     lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     optimizer = fit.create_optimizer(trained, lr_schedule, args.momentum, args.weight_decay, args.backbone_lr_scale)
     trainer = fit.create_trainer(trained, optimizer, num_classes)
     recorder = fit.EpochRecorder(net, output_dir, args.arch)
-    val_preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
     export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")
     tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes),
                           log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
-                          class_names=source.class_names, preview=val_preview, predict=predictor(net),
+                          class_names=source.class_names, preview=val_preview, predict=predict,
                           close_at_end=False)
     print(f"train: {args.arch} on {device}, {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, "
           f"Aim run {tracker.hash} in {storage.redact(aim_repo)}")
