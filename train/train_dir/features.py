@@ -31,12 +31,16 @@ class Backbone(nn.Cell):
         return self.net.features(images)
 
 
-def extract(backbone, dataset):
-    """(features (N, F) float32, labels (N,) int32) for every image of a batched dataset."""
+def extract(backbone, dataset, batch_size):
+    """(features (N, F) float32, labels (N,) int32) for every image of a batched dataset. A short last batch is
+    padded to `batch_size`, so the graph is compiled for one shape only."""
     backbone.set_train(False)
     features, labels = [], []
     for images, batch_labels in dataset.create_tuple_iterator(output_numpy=True):
-        features.append(backbone(ms.Tensor(images)).asnumpy())
+        count = len(images)
+        if count < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - count, *images.shape[1:]), images.dtype)])
+        features.append(backbone(ms.Tensor(images)).asnumpy()[:count])
         labels.append(batch_labels)
     return np.concatenate(features).astype(np.float32), np.concatenate(labels).astype(np.int32)
 
@@ -53,7 +57,7 @@ def cache_key(source, args, pretrained):
 def compute(net, source, args):
     backbone = Backbone(net)
     batch = max(args.batch_size, 32)
-    val = extract(backbone, datasets.create_dataset(source, "val", args.image_size, batch, args.num_workers))
+    val = extract(backbone, datasets.create_dataset(source, "val", args.image_size, batch, args.num_workers), batch)
     if args.feature_views == 1:  # one view per image, as validation sees it
         views = [datasets.create_dataset(source, "train", args.image_size, batch, args.num_workers,
                                          shuffle=False, augment=False, drop_remainder=False)]
@@ -61,7 +65,7 @@ def compute(net, source, args):
         views = [datasets.create_dataset(source, "train", args.image_size, batch, args.num_workers,
                                          shuffle=False, augment=True, drop_remainder=False)
                  for _ in range(args.feature_views)]
-    train = [extract(backbone, view) for view in views]
+    train = [extract(backbone, view, batch) for view in views]
     return (np.concatenate([f for f, _ in train]), np.concatenate([y for _, y in train])), val
 
 
