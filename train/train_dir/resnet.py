@@ -173,6 +173,7 @@ class Family:
 
 
 BN = r"(gamma|beta|moving_mean|moving_variance)"
+BN_RENAMES = ((r"^bn1\.", "norm."), (r"^(layer\d\.\d+)\.bn(\d)\.", r"\1.norm\2."))  # MindCV, models
 FAMILIES = (
     # mindvision (the Xihe ResNet50 sample's resnet50_224.ckpt): backbone.* with ConvNormActivation "features"
     Family("mindvision", r"^backbone\.conv1\.features\.0\.weight$", (
@@ -184,16 +185,12 @@ FAMILIES = (
         (r"^head\.dense\.", "fc."),
     ), "explicit"),
     # mindspore models, official/cv/ResNet (1001 classes): bn*, down_sample_layer, end_point; "same" padding
-    Family("mindspore-models", r"(down_sample_layer\.|^end_point\.)", (
-        (r"^bn1\.", "norm."),
-        (r"^(layer\d\.\d+)\.bn(\d)\.", r"\1.norm\2."),
+    Family("mindspore-models", r"(down_sample_layer\.|^end_point\.)", BN_RENAMES + (
         (r"\.down_sample_layer\.", ".down_sample."),
         (r"^end_point\.", "fc."),
     ), "same"),
     # MindCV (resnet50-e0733ab8.ckpt): bn*, down_sample, classifier; explicit padding
-    Family("mindcv", rf"^(classifier\.weight|bn1\.{BN})$", (
-        (r"^bn1\.", "norm."),
-        (r"^(layer\d\.\d+)\.bn(\d)\.", r"\1.norm\2."),
+    Family("mindcv", rf"^(classifier\.weight|bn1\.{BN})$", BN_RENAMES + (
         (r"^classifier\.", "fc."),
     ), "explicit"),
     # the MindSpore tutorial (resnet50_224_new.ckpt), and this code's own checkpoints
