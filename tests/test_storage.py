@@ -309,3 +309,26 @@ def test_remote_mistakes_end_with_one_line(args, needle, http_server, s3_server,
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_a_follower_worker_waits_for_the_leaders_copy_instead_of_fetching(tmp_path):
+    import threading
+    import time
+    target = tmp_path / "inputs" / "key"
+    fetches = []
+
+    def fetch(partial):
+        fetches.append(threading.current_thread().name)
+        time.sleep(1.0)  # a slow download, which the follower must wait out
+        (partial / "data").mkdir()
+        return partial / "data"
+
+    follower_result = {}
+    follower = threading.Thread(name="follower", target=lambda: follower_result.setdefault(
+        "path", storage._staged(target, "data_url", "s3://bucket/data", fetch, leader=False)))
+    follower.start()
+    time.sleep(0.2)
+    leader_path = storage._staged(target, "data_url", "s3://bucket/data", fetch, leader=True)
+    follower.join(timeout=30)
+    assert fetches == ["MainThread"]
+    assert follower_result["path"] == leader_path == target / "data" and leader_path.is_dir()

@@ -99,10 +99,12 @@ def head_predictor(head, val_features, count):
     return predict
 
 
-def feature_datasets(train, val, batch_size, seed):
-    """Batched (features, label) pipelines for the head; the training one reshuffles every epoch."""
-    def pipeline(features, labels, shuffle):
-        data = ds.NumpySlicesDataset({"image": features, "label": labels}, shuffle=shuffle)
+def feature_datasets(train, val, batch_size, seed, shard=None):
+    """Batched (features, label) pipelines for the head; the training one reshuffles every epoch and, with several
+    workers, is sharded by `shard` = (workers, rank)."""
+    def pipeline(features, labels, shuffle, sharding):
+        data = ds.NumpySlicesDataset({"image": features, "label": labels}, shuffle=shuffle, **sharding)
         return data.batch(batch_size, drop_remainder=shuffle and len(features) >= batch_size)
     ds.config.set_seed(seed)
-    return pipeline(*train, shuffle=True), pipeline(*val, shuffle=False)
+    sharding = {"num_shards": shard[0], "shard_id": shard[1]} if shard else {}
+    return pipeline(*train, shuffle=True, sharding=sharding), pipeline(*val, shuffle=False, sharding={})

@@ -63,6 +63,22 @@ def setup_device(requested):
     return target
 
 
+def launched_workers(environ=os.environ):
+    """Whether this process is one of several workers: msrun sets MS_ROLE, a ModelArts multi-card job RANK_SIZE."""
+    return environ.get("MS_ROLE") == "MS_WORKER" or int(environ.get("RANK_SIZE") or 1) > 1
+
+
+def join_data_parallel(environ=os.environ):
+    """Join the other workers (data parallel, gradients averaged over them); (rank, workers, local rank), or
+    (0, 1, 0) for a single process."""
+    if not launched_workers(environ):
+        return 0, 1, 0
+    from mindspore.communication import get_group_size, get_local_rank, get_rank, init
+    init()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    return get_rank(), get_group_size(), get_local_rank()
+
+
 # ---------------------------------------------------------------- optimiser
 
 def cosine_lr(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0):
@@ -322,4 +338,42 @@ class StopOnSignal(Callback):
     def on_train_end(self, run_context):
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+class SyncBatchNormStatistics(Callback):
+    """Data parallel: average BatchNorm's moving statistics over the workers at the end of every epoch, before
+    validation, so every worker holds the same weights and reports the same validation numbers.
+
+    Gradients are averaged every step, but each worker's moving statistics follow only its own shard of the data.
+    """
+
+    def __init__(self, net, workers, steps_per_epoch):
+        super().__init__()
+        self.statistics = [p for name, p in net.parameters_and_names()
+                           if name.endswith(("moving_mean", "moving_variance"))]
+        self.workers, self.steps_per_epoch = workers, steps_per_epoch
+        self.all_reduce = None
+
+    def on_train_step_end(self, run_context):
+        if run_context.original_args().cur_step_num % self.steps_per_epoch:
+            return  # validation runs right after the epoch's last step, before on_train_epoch_end
+        if self.all_reduce is None:
+            self.all_reduce = _AllReduceMean(self.workers)
+        flat = np.concatenate([p.asnumpy().reshape(-1) for p in self.statistics])
+        mean = self.all_reduce(ms.Tensor(flat)).asnumpy()
+        offset = 0
+        for param in self.statistics:
+            size = int(np.prod(param.shape))
+            param.set_data(ms.Tensor(mean[offset:offset + size].reshape(param.shape), param.dtype))
+            offset += size
+
+
+class _AllReduceMean(nn.Cell):
+    def __init__(self, workers):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+        self.workers = workers
+
+    def construct(self, x):
+        return self.all_reduce(x) / self.workers
 

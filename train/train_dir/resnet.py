@@ -257,8 +257,8 @@ def load_pretrained(net, path, log=print):
     ms.load_param_into_net(net, loaded, strict_load=False)
     head_kept = all(n in loaded for n in own if n.startswith(HEAD_PREFIX))
     missing = [n for n in backbone if n not in loaded]
-    log(f"pretrained: {family.name} checkpoint ({padding} padding); loaded {len(loaded)} of {len(own)} "
-        f"parameters from {path}; {matched}/{len(backbone)} backbone, head {'loaded' if head_kept else 're-initialised'}")
+    log(f"pretrained: loaded {len(loaded)} of {len(own)} parameters from {path} ({family.name} checkpoint, "
+        f"{padding} padding); {matched}/{len(backbone)} backbone, head {'loaded' if head_kept else 're-initialised'}")
     for line in skipped:
         log(f"pretrained: skipped {line}")
     for name in missing:

@@ -332,9 +332,11 @@ def _reason(exc):
     return text[0] if text else type(exc).__name__
 
 
-def stage_in(url, what, cache_dir=None):
+def stage_in(url, what, cache_dir=None, leader=True):
     """A local path for an input: local files are used in place, remote ones are fetched into the cache once,
-    and archives are extracted there (safely). A half-finished fetch is never taken for a finished one."""
+    and archives are extracted there (safely). A half-finished fetch is never taken for a finished one.
+
+    With several workers on a machine only the `leader` fetches; the others wait for its completion marker."""
     url = str(url)
     cache = Path(cache_dir or default_cache_dir())
     if is_local(url):
@@ -346,7 +348,7 @@ def stage_in(url, what, cache_dir=None):
         info = path.stat()
         key = _cache_key(f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}")
         return _staged(cache / "extracted" / key, what, str(path),
-                       lambda partial: extract_archive(path, partial / "extracted"))
+                       lambda partial: extract_archive(path, partial / "extracted"), leader)
 
     def fetch(partial):
         fetched = _fetch(url, partial)
@@ -356,12 +358,21 @@ def stage_in(url, what, cache_dir=None):
         fetched.unlink()
         return partial / "extracted"
 
-    return _staged(cache / "inputs" / _cache_key(url), what, redact(url), fetch)
+    return _staged(cache / "inputs" / _cache_key(url), what, redact(url), fetch, leader)
 
 
-def _staged(target, what, source, produce):
+STAGING_WAIT = 4 * 3600  # seconds a worker waits for the leader's download
+
+
+def _staged(target, what, source, produce, leader=True):
     """`produce(partial_folder)` once per target; the marker, written last, names what it produced."""
     marker = target / COMPLETE_MARKER
+    if not leader:
+        deadline = time.monotonic() + STAGING_WAIT
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                raise UserError(f"{what}: gave up waiting for another worker to stage {source} into {target}")
+            time.sleep(1)
     if marker.exists():
         print(f"{what}: using the cached copy of {source} in {target}")
         return target / marker.read_text().strip()

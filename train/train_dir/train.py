@@ -7,6 +7,7 @@ The job, top to bottom: parse flags -> pick the device -> stage inputs -> find t
 """
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only, so the job's own lines stay readable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules, from any working directory
@@ -25,8 +26,13 @@ URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo")
 PREVIEW_IMAGES = 16  # validation images shown in Aim each epoch, and in the picture files
 
 
-def stage_outputs(args):
-    """Local folders for the outputs and the Aim repo, mirrored to remote locations when they are remote."""
+def stage_outputs(args, rank=0):
+    """Local folders for the outputs and the Aim repo, mirrored to remote locations when they are remote.
+
+    Only rank 0 writes the job's outputs; other workers keep theirs in a scratch folder of the cache."""
+    if rank != 0:
+        scratch = Path(args.cache_dir or storage.default_cache_dir()) / f"rank-{rank}"
+        return storage.OutputMirror(str(scratch), "scratch folder", args.cache_dir), None, None
     outputs = storage.OutputMirror(args.output_url, "output_url", args.cache_dir)
     if not args.aim_repo:  # the Aim repo lives in the output folder, and travels with it
         return outputs, None, outputs.local
@@ -43,11 +49,14 @@ def push(*mirrors):
             print(f"synced {copied} file(s) to {storage.redact(mirror.remote)}", flush=True)
 
 
-def load_data(args, data_dir):
+def load_data(args, data_dir, shard=None):
+    """The data; with several workers each trains on its own shard (all of them validate on the whole split, so
+    every worker reports the same validation numbers)."""
     source = datasets.find_data(data_dir)
     print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val images, "
           f"{len(source.class_names)} classes")
-    train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers)
+    train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers,
+                                         shard=shard)
     val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers)
     return source, train_data, val_data
 
@@ -106,12 +115,12 @@ def git_commit():
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def hyperparameters(args, source, device, num_classes):
+def hyperparameters(args, source, device, num_classes, workers=1):
     """Everything that defines the run, for Aim's hparams (locations without credentials)."""
     import mindspore as ms
     locations = {k: storage.redact(getattr(args, k)) for k in URL_ARGS if getattr(args, k)}
     return {**vars(args), **locations, "num_classes": num_classes, "git_commit": git_commit(), "device": device,
-            "mindspore": ms.__version__,
+            "mindspore": ms.__version__, "workers": workers, "global_batch_size": args.batch_size * workers,
             "dataset": source.name, "data_format": source.kind, "class_names": source.class_names,
             "train_size": source.sizes["train"], "val_size": source.sizes["val"]}
 
@@ -121,13 +130,16 @@ def main(args):
 
     fit.tune_cpu_env()
     device = fit.setup_device(args.device_target)
-    data_dir = storage.stage_in(args.data_url, "data_url", args.cache_dir)  # inputs first: no output on a typo
-    pretrained = storage.stage_in(args.pretrain_url, "pretrain_url", args.cache_dir) if args.pretrain_url else None
-    outputs, aim_store, aim_repo = stage_outputs(args)
+    rank, workers, local_rank = fit.join_data_parallel()
+    leader = local_rank == 0  # one download per machine; the other workers wait for it
+    data_dir = storage.stage_in(args.data_url, "data_url", args.cache_dir, leader)  # inputs first: no output on a typo
+    pretrained = storage.stage_in(args.pretrain_url, "pretrain_url", args.cache_dir, leader) \
+        if args.pretrain_url else None
+    outputs, aim_store, aim_repo = stage_outputs(args, rank)
     output_dir = outputs.local
     ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
 
-    source, train_data, val_data = load_data(args, data_dir)
+    source, train_data, val_data = load_data(args, data_dir, shard=(workers, rank) if workers > 1 else None)
     num_classes = args.num_classes or len(source.class_names)
     if num_classes < len(source.class_names):
         raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes "
@@ -141,27 +153,35 @@ def main(args):
     if args.freeze and args.feature_cache != "off":  # the head alone, on features the backbone computes once
         cache_dir = args.cache_dir or storage.default_cache_dir()
         train_features, val_features = features.cached_features(net, source, args, pretrained, cache_dir)
-        train_data, val_data = features.feature_datasets(train_features, val_features, args.batch_size, args.seed)
+        train_data, val_data = features.feature_datasets(train_features, val_features, args.batch_size, args.seed,
+                                                         shard=(workers, rank) if workers > 1 else None)
         trained, predict = net.fc, features.head_predictor(net.fc, val_features[0], len(val_preview[2]))
 
     steps_per_epoch = train_data.get_dataset_size()
-    lr_schedule = fit.cosine_lr(args.lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    lr = args.lr * workers  # linear scaling: --lr is for one device's batch; N workers take N times the batch
+    lr_schedule = fit.cosine_lr(lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     optimizer = fit.create_optimizer(trained, lr_schedule, args.momentum, args.weight_decay, args.backbone_lr_scale)
     trainer = fit.create_trainer(trained, optimizer, num_classes)
     recorder = fit.EpochRecorder(net, output_dir, args.arch)
     export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")
-    tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes),
+    tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes, workers),
                           log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
                           class_names=source.class_names, preview=val_preview, predict=predict,
                           close_at_end=False)
-    print(f"train: {args.arch} on {device}, {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, "
-          f"Aim run {tracker.hash} in {storage.redact(aim_repo)}")
+    parallel = f" x {workers} workers (rank {rank}), global batch {args.batch_size * workers}, lr {lr:g}" \
+        if workers > 1 else ""
+    print(f"train: {args.arch} on {device}{parallel}, {args.epochs} epochs x {steps_per_epoch} steps of "
+          f"{args.batch_size}, " + (f"Aim run {tracker.hash} in {storage.redact(aim_repo)}" if rank == 0 else
+                                     f"outputs only on rank 0 (this worker's scratch: {output_dir})"))
+    callbacks = [fit.StopOnSignal(), recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
+                 fit.EpochEndHook(lambda: push(outputs, aim_store))]
+    if workers > 1:
+        callbacks.insert(0, fit.SyncBatchNormStatistics(net, workers, steps_per_epoch))
     try:
         show_training_samples(source, args.image_size, output_dir, tracker)
-        fit.fit(trainer, args.epochs, train_data, val_data,
-                [fit.StopOnSignal(), recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
-                 fit.EpochEndHook(lambda: push(outputs, aim_store))])
-        show_predictions(val_preview, tracker.last_predictions, source.class_names, output_dir, tracker)
+        fit.fit(trainer, args.epochs, train_data, val_data, callbacks)
+        if rank == 0:
+            show_predictions(val_preview, tracker.last_predictions, source.class_names, output_dir, tracker)
     finally:
         tracker.close()
         push(outputs, aim_store)  # also after a failure: keep what the finished epochs made
@@ -173,7 +193,7 @@ def main(args):
     push(outputs, aim_store)
     print(f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; "
           f"outputs in {storage.redact(outputs.remote or output_dir)}")
-    if storage.scheme_of(aim_repo) != "aim":
+    if aim_repo and storage.scheme_of(aim_repo) != "aim":
         print(f"see the run in Aim: aim up --repo {aim_repo}")
 
 
