@@ -98,3 +98,13 @@ def test_a_stopped_run_is_closed_and_keeps_its_finished_epochs(data, tmp_path, s
     (run,) = read_runs(out).values()
     assert run.end_time is not None
     assert run.get_metric("accuracy", Context({"subset": "val"})).dataframe()["step"].tolist() == [1]
+
+
+def test_a_diverging_loss_stops_the_run_naming_the_step(data, tmp_path):
+    out = tmp_path / "out"
+    result = run_train("--data_url", data, "--output_url", out, "--epochs", 3, *QUICK, "--lr", "1e6")
+    assert result.returncode == 3, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: the loss became ") and " at step " in line and "Traceback" not in result.stdout
+    assert not (out / "metrics.json").exists()  # no epoch finished, so none is recorded
+    assert not list((out / ".aim" / "locks").glob("*"))  # the Aim run was closed

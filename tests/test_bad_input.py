@@ -1,8 +1,13 @@
-"""Each user mistake ends with one `error:` line, a non-zero exit, no traceback, and existing outputs untouched."""
+"""The bad-input catalogue: each mistake ends with one `error:` line, a non-zero exit, no traceback, and existing
+outputs untouched. Training's command line, data, checkpoints, archives and URLs; job configs (train/run_job.py);
+the inference app's model files and its uploads."""
+import subprocess
+import sys
+
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import run_train
+from conftest import ROOT, run_train
 
 from make_demo_data import make_split, write_cifar, write_imagefolder
 from resnet import create_model
@@ -51,6 +56,12 @@ def foreign_checkpoint(tmp_path):
     path = tmp_path / "vgg16.ckpt"
     ms.save_checkpoint([{"name": "features.0.weight", "data": ms.Tensor(np.zeros((4, 3, 3, 3), np.float32))}],
                        str(path))
+    return path
+
+
+def corrupt_zip(tmp_path):
+    path = tmp_path / "cifar.zip"
+    path.write_bytes(b"PK\x03\x04 a download cut short")
     return path
 
 
@@ -103,6 +114,10 @@ CASES = {
                                                 "--trainable", "layer4,fc"], "for partial fine-tuning"),
     "checkpoint of no ResNet family": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
                                                      "--pretrain_url", foreign_checkpoint(t)], "known family"),
+    "corrupt archive": (lambda t, o: ["--data_url", corrupt_zip(t), "--output_url", o, "--cache_dir", t / "cache"],
+                        "not a readable archive"),
+    "unreachable URL": (lambda t, o: ["--data_url", "http://127.0.0.1:9/cifar-10-binary.tar.gz", "--output_url", o,
+                                      "--cache_dir", t / "cache"], "could not download"),
     "unavailable device": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--device_target", "GPU"],
                            "GPU is not available"),
 }
@@ -118,3 +133,72 @@ def test_bad_input_fails_cleanly(case, tmp_path, out):
     assert "Traceback" not in result.stderr + result.stdout
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- job configs and the inference app
+
+RUN_JOB = ROOT / "train" / "run_job.py"
+APP = ROOT / "inference" / "app.py"
+
+
+def config_file(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    return path
+
+
+def untrained_model(tmp_path, labels=True):
+    import export
+    net = create_model("resnet18", 3)
+    export.save_checkpoint(net, tmp_path / "resnet18-best.ckpt")
+    if labels:
+        export.write_labels(tmp_path / "labels.json", ["a", "b", "c"], 32, (0, 0, 0), (1, 1, 1), "resnet18", "x",
+                            "cifar10-bin")
+    return tmp_path / "resnet18-best.ckpt"
+
+
+def garbled_model(tmp_path):
+    """A model file cut short in transfer, with its labels.json."""
+    path = untrained_model(tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    return path
+
+
+OTHER_CASES = {
+    "config that is not JSON": (lambda t: [RUN_JOB, config_file(t, "{ not json")], "must be plain JSON"),
+    "config with // comments": (lambda t: [RUN_JOB, config_file(t, '{\n  // the job\n  "SDK": "ModelArts"\n}')],
+                                "comments are not JSON"),
+    "config missing its fields": (lambda t: [RUN_JOB, config_file(t, '{"SDK": "ModelArts"}')], "missing field"),
+    "app: model file missing": (lambda t: [APP, "--model", t / "nothing.ckpt"], "does not exist"),
+    "app: model without labels.json": (lambda t: [APP, "--model", untrained_model(t, labels=False)],
+                                       "labels.json is missing"),
+    "app: not a checkpoint": (lambda t: [APP, "--model", garbled_model(t)], "not a readable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_CASES))
+def test_bad_job_config_or_model_fails_cleanly(case, tmp_path, out):
+    build_argv, needle = OTHER_CASES[case]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = subprocess.run([sys.executable, *map(str, build_argv(tmp_path))], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[WARNING]")]
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("message", ["not an image", "corrupt or truncated", "too large"])
+def test_bad_upload_gets_its_message_and_the_model_keeps_serving(message, tmp_path):
+    """Uploads have no exit code: the app shows the message and keeps answering (tests/test_inference.py checks
+    that through the running server); here the predictor's answer to each, then a good image."""
+    sys.path.insert(0, str(ROOT / "inference"))
+    from predictor import BadImage, Predictor
+    from test_inference import bad_uploads, shape_image
+    model = Predictor.load(untrained_model(tmp_path))
+    with pytest.raises(BadImage, match=message):
+        model.predict([bad_uploads(tmp_path)[message]])
+    good = tmp_path / "good.png"
+    shape_image(np.random.default_rng(0), 1, 48).save(good)
+    assert len(model.predict([good], top_k=3)[0]) == 3

@@ -12,3 +12,7 @@ class Interrupted(Exception):
         import signal
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite: training cannot recover, so the job stops with the last good epoch kept."""

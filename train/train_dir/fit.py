@@ -16,7 +16,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Callback, Model
 
-from errors import Interrupted, UserError
+from errors import Diverged, Interrupted, UserError
 from resnet import HEAD_PREFIX
 from export import save_checkpoint, write_json
 
@@ -303,6 +303,18 @@ class EpochEndHook(Callback):
 
     def on_train_epoch_end(self, run_context):
         self.action()
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN or infinite loss, before that epoch is recorded, naming the step."""
+
+    def on_train_step_end(self, run_context):
+        cb_params = run_context.original_args()
+        loss = step_loss(cb_params)
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss} at step {cb_params.cur_step_num} (epoch "
+                           f"{cb_params.cur_epoch_num}); the outputs of the finished epochs are kept. "
+                           f"Lower --lr or add --warmup_epochs")
 
 
 class StopOnSignal(Callback):

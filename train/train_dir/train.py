@@ -18,7 +18,7 @@ import features  # noqa: E402
 import fit  # noqa: E402
 import storage  # noqa: E402
 from args import parse_args  # noqa: E402
-from errors import Interrupted, UserError  # noqa: E402
+from errors import Diverged, Interrupted, UserError  # noqa: E402
 from resnet import checkpoint_padding, create_model, load_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
@@ -173,7 +173,7 @@ def main(args):
     print(f"train: {args.arch} on {device}{parallel}, {args.epochs} epochs x {steps_per_epoch} steps of "
           f"{args.batch_size}, " + (f"Aim run {tracker.hash} in {storage.redact(aim_repo)}" if rank == 0 else
                                      f"outputs only on rank 0 (this worker's scratch: {output_dir})"))
-    callbacks = [fit.StopOnSignal(), recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
+    callbacks = [fit.StopOnSignal(), fit.StopOnNonFiniteLoss(), recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
                  fit.EpochEndHook(lambda: push(outputs, aim_store))]
     if workers > 1:
         callbacks.insert(0, fit.SyncBatchNormStatistics(net, workers, steps_per_epoch))
@@ -198,12 +198,16 @@ def main(args):
 
 
 def run(argv=None):
-    """Entry point: user mistakes end with one `error:` line and exit code 2, never a traceback."""
+    """Entry point: one `error:` line and a non-zero exit, never a traceback, for user mistakes (2), a diverged
+    loss (3) and a stopping signal (128 + its number)."""
     try:
         main(parse_args(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except Interrupted as exc:  # 128 + the signal's number, as a shell reports a process the signal killed
         print(f"error: stopped by {exc} during training; the finished epochs' outputs are saved", file=sys.stderr)
         return 128 + exc.signum
