@@ -114,6 +114,8 @@ CASES = {
                                                 "--trainable", "layer4,fc"], "for partial fine-tuning"),
     "checkpoint of no ResNet family": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
                                                      "--pretrain_url", foreign_checkpoint(t)], "known family"),
+    "resume from a plain checkpoint": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--arch", "resnet18",
+                                                     "--resume", resnet18_checkpoint(t)], "not a resume state"),
     "corrupt archive": (lambda t, o: ["--data_url", corrupt_zip(t), "--output_url", o, "--cache_dir", t / "cache"],
                         "not a readable archive"),
     "unreachable URL": (lambda t, o: ["--data_url", "http://127.0.0.1:9/cifar-10-binary.tar.gz", "--output_url", o,

@@ -48,6 +48,15 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
     assert result.stdout.count("synced") >= 3  # after each epoch and at the end
 
+    # Restarted on a fresh machine (an empty cache), --resume auto continues from the bucket's copy, in the same run.
+    resumed = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "fresh-cache",
+                        "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
+                        "--resume", "auto", *QUICK, "--epochs", 3)
+    assert_clean(resumed)
+    assert "resume: continuing after epoch 2 of 3" in resumed.stdout
+    storage.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
+    assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
+
     # The bucket's copy of the Aim repo is a working repo: it lists the job's run.
     storage.copy_parallel(f"{scheme}://{bucket}/aim", tmp_path / "aim-copy")
     from aim import Repo

@@ -104,6 +104,10 @@ def get_args_parser():
     run.add_argument("--aim_log_every", type=_bounded(int, 1), default=1, help="log step metrics to Aim every N steps")
     run.add_argument("--aim_system_metrics", type=str2bool, nargs="?", const=True, default=True,
                      help="let Aim record CPU, memory and disk use every 10 s")
+    run.add_argument("--resume", default=None,
+                     help="'auto': continue from the last finished epoch saved in --output_url (start fresh when "
+                          "there is none), or the path of a resume.ckpt; restores weights, optimizer, schedule, "
+                          "best accuracy and the Aim run")
     run.add_argument("--cache_dir", default=None,
                      help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
                           "on ModelArts, else ~/.cache/resnet-job")

@@ -21,13 +21,15 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def save_checkpoint(net, path):
-    """Atomically; a ResNet also records its padding, so the checkpoint reloads into the same network."""
+def save_checkpoint(net, path, extra=None):
+    """Atomically; a ResNet also records its padding, so the checkpoint reloads into the same network. `extra`
+    adds scalar entries (ints, floats, strings)."""
     import mindspore as ms
     path = Path(path)
     tmp = _temporary(path)
     padding = getattr(net, "padding", None)
-    ms.save_checkpoint(net, str(tmp), append_dict={"resnet_padding": padding} if padding else None)
+    append = {**({"resnet_padding": padding} if padding else {}), **(extra or {})}
+    ms.save_checkpoint(net, str(tmp), append_dict=append or None)
     os.replace(tmp, path)
 
 

@@ -158,10 +158,10 @@ def create_trainer(net, optimizer, num_classes):
     return Model(train_step, eval_network=nn.WithEvalCell(net, loss_fn), eval_indexes=[0, 1, 2], metrics=metrics)
 
 
-def fit(trainer, epochs, train_data, val_data, callbacks):
-    """Train for `epochs`, validating after each one; GRAPH_MODE, no sink (works on every target)."""
+def fit(trainer, epochs, train_data, val_data, callbacks, initial_epoch=0):
+    """Train up to epoch `epochs`, validating after each one; GRAPH_MODE, no sink (works on every target)."""
     trainer.fit(epochs, train_data, valid_dataset=val_data, callbacks=callbacks,
-                dataset_sink_mode=False, valid_dataset_sink_mode=False)
+                dataset_sink_mode=False, valid_dataset_sink_mode=False, initial_epoch=initial_epoch)
 
 
 # ---------------------------------------------------------------- callbacks
@@ -210,9 +210,13 @@ class EpochRecorder(Callback):
     The finished record is put on `cb_params.epoch_record` for callbacks that come after this one.
     """
 
-    def __init__(self, net, output_dir, arch):
+    RESUME_FILE = "resume.ckpt"
+
+    def __init__(self, net, output_dir, arch, train_step=None, run_id=""):
         super().__init__()
         self.net = net
+        self.train_step, self.run_id = train_step, run_id or ""
+        self.resume_path = output_dir / self.RESUME_FILE
         self.metrics_path = output_dir / "metrics.json"
         self.last_path = output_dir / f"{arch}-last.ckpt"
         self.best_path = output_dir / f"{arch}-best.ckpt"
@@ -253,7 +257,15 @@ class EpochRecorder(Callback):
         record["images_per_second"] = self.images / self.step_seconds if self.step_seconds else 0.0
         self.history.append(record)
         write_json(self.metrics_path, self.history)
+        if self.train_step is not None:  # weights, optimizer moments and step: what --resume continues from
+            save_checkpoint(self.train_step, self.resume_path, {"epoch": record["epoch"],
+                                                                "best_accuracy": self.best_accuracy,
+                                                                "aim_run": self.run_id})
         cb_params.epoch_record = record
+
+    def restore(self, history, best_accuracy):
+        """Continue a resumed run's records: the finished epochs, and the best accuracy so far."""
+        self.history, self.best_accuracy = list(history), best_accuracy
 
 
 class ConsoleProgress(Callback):

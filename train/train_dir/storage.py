@@ -436,6 +436,25 @@ class OutputMirror:
         except Exception as exc:  # botocore/aiohttp raise their own types for unreachable endpoints
             raise UserError(f"{self.what} {redact(self.remote)} cannot be reached: {_reason(exc)}") from None
 
+    def pull(self, *names):
+        """Copy these files (or, with no names, everything) from the remote into the local folder, where the remote
+        has them: a restarted job on a fresh disk. Returns how many files were copied."""
+        if self.remote is None:
+            return 0
+        if not names:
+            if not exists(self.remote):
+                return 0
+            copy_parallel(self.remote, self.local)
+        for name in names:
+            if exists(f"{self.remote}/{name}"):
+                copy(f"{self.remote}/{name}", self.local / name)
+        pulled = [p for p in self.local.rglob("*") if p.is_file()] if not names else \
+            [self.local / n for n in names if (self.local / n).is_file()]
+        for path in pulled:  # already on the remote: not to be pushed back unless they change
+            info = path.stat()
+            self._pushed[path.relative_to(self.local).as_posix()] = (info.st_size, info.st_mtime_ns)
+        return len(pulled)
+
     def push(self):
         """Copy new and changed files to the remote; returns how many were copied."""
         if self.remote is None:

@@ -58,16 +58,18 @@ class AimCallback(Callback):
 
     `repo` is a folder (its `.aim` is created when missing) or an `aim://host:port` tracking server.
     `preview` is (HWC uint8 images, network inputs, labels) and `predict` maps network inputs to logits: with both,
-    each epoch logs the preview images captioned with their true and predicted class.
+    each epoch logs the preview images captioned with their true and predicted class. `run_hash` continues an
+    existing run (a resumed job), whose fit starts counting steps after `step_offset`.
     """
 
     def __init__(self, repo, experiment, hparams, log_every=1, system_tracking=True, class_names=None,
-                 preview=None, predict=None, close_at_end=True):
+                 preview=None, predict=None, close_at_end=True, run_hash=None, step_offset=0):
         super().__init__()
         self.run = None
+        self.step_offset = step_offset  # a resumed fit counts its steps from 0 again
         if process_rank() == 0:
             from aim import Run
-            self.run = Run(repo=str(repo), experiment=experiment,
+            self.run = Run(run_hash or None, repo=str(repo), experiment=experiment,
                            system_tracking_interval=10 if system_tracking else None)
             self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
@@ -108,7 +110,7 @@ class AimCallback(Callback):
         self._running.add(cb_params)  # waits for the step, so the timing below is the step's
         seconds = time.perf_counter() - self._step_start
         loss = self._running.losses[-1]
-        step, epoch = cb_params.cur_step_num, cb_params.cur_epoch_num
+        step, epoch = cb_params.cur_step_num + self.step_offset, cb_params.cur_epoch_num
         if step % self.log_every:
             return
         self.run.track(loss, name="loss", step=step, epoch=epoch, context=TRAIN)

@@ -5,6 +5,7 @@
 The job, top to bottom: parse flags -> pick the device -> stage inputs -> find the data -> build the network
 (optionally from pretrained weights) -> fit with validation every epoch -> export -> report.
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import fit  # noqa: E402
 import storage  # noqa: E402
 from args import parse_args  # noqa: E402
 from errors import Diverged, Interrupted, UserError  # noqa: E402
-from resnet import checkpoint_padding, create_model, load_pretrained  # noqa: E402
+from resnet import checkpoint_padding, create_model, load_pretrained, read_checkpoint  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
 URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo")
@@ -47,6 +48,42 @@ def push(*mirrors):
         copied = mirror.push()
         if copied:
             print(f"synced {copied} file(s) to {storage.redact(mirror.remote)}", flush=True)
+
+
+def resume_state(args, outputs, aim_store, train_step):
+    """With --resume, restore the weights, optimizer moments and schedule position saved after the last finished
+    epoch; returns (epochs done, best accuracy so far, Aim run to continue, metrics of the finished epochs)."""
+    import mindspore as ms
+    if not args.resume:
+        return 0, -1.0, None, []
+    if args.resume == "auto":
+        outputs.pull(fit.EpochRecorder.RESUME_FILE, "metrics.json")  # a restarted cloud job has a fresh disk
+        if aim_store is not None:
+            aim_store.pull()  # the Aim repo, so that the run continues in it
+        path = outputs.local / fit.EpochRecorder.RESUME_FILE
+        if not path.is_file():
+            print("resume: nothing to resume in the output folder; starting fresh")
+            return 0, -1.0, None, []
+    else:
+        path = storage.stage_in(args.resume, "resume", args.cache_dir)
+    state = read_checkpoint(path)
+    if "epoch" not in state:
+        raise UserError(f"{path} is not a resume state written by this job (no epoch recorded)")
+    done, best, run_hash = int(state.pop("epoch")), float(state.pop("best_accuracy")), str(state.pop("aim_run"))
+    # The schedule itself comes from this run's flags (--epochs may have grown); its position is global_step.
+    state = {name: value for name, value in state.items() if not name.startswith("learning_rate")}
+    try:
+        not_loaded, _ = ms.load_param_into_net(train_step, state)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"{path} does not fit this job ({str(exc).splitlines()[0][:200]})") from None
+    not_loaded = [name for name in not_loaded if not name.startswith("learning_rate")]
+    if not_loaded:
+        raise UserError(f"{path} does not fit this job's network and optimizer: {len(not_loaded)} parameters "
+                        f"missing, e.g. {not_loaded[0]} (same --arch, --freeze and --trainable?)")
+    metrics = path.parent / "metrics.json"
+    history = [r for r in json.loads(metrics.read_text()) if r["epoch"] <= done] if metrics.is_file() else []
+    print(f"resume: continuing after epoch {done} of {args.epochs} from {path} (best val_accuracy {best:.4f})")
+    return done, best, run_hash or None, history
 
 
 def load_data(args, data_dir, shard=None):
@@ -162,24 +199,28 @@ def main(args):
     lr_schedule = fit.cosine_lr(lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     optimizer = fit.create_optimizer(trained, lr_schedule, args.momentum, args.weight_decay, args.backbone_lr_scale)
     trainer = fit.create_trainer(trained, optimizer, num_classes)
-    recorder = fit.EpochRecorder(net, output_dir, args.arch)
+    done, best_so_far, run_hash, history = resume_state(args, outputs, aim_store, trainer.train_network)
     export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")
-    tracker = AimCallback(aim_repo, args.experiment or source.name, hyperparameters(args, source, device, num_classes, workers),
+    tracker = AimCallback(aim_repo, args.experiment or source.name,
+                          hyperparameters(args, source, device, num_classes, workers),
                           log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
                           class_names=source.class_names, preview=val_preview, predict=predict,
-                          close_at_end=False)
+                          close_at_end=False, run_hash=run_hash, step_offset=done * steps_per_epoch)
+    recorder = fit.EpochRecorder(net, output_dir, args.arch, trainer.train_network, tracker.hash)
+    recorder.restore(history, best_so_far)
     parallel = f" x {workers} workers (rank {rank}), global batch {args.batch_size * workers}, lr {lr:g}" \
         if workers > 1 else ""
     print(f"train: {args.arch} on {device}{parallel}, {args.epochs} epochs x {steps_per_epoch} steps of "
           f"{args.batch_size}, " + (f"Aim run {tracker.hash} in {storage.redact(aim_repo)}" if rank == 0 else
                                      f"outputs only on rank 0 (this worker's scratch: {output_dir})"))
-    callbacks = [fit.StopOnSignal(), fit.StopOnNonFiniteLoss(), recorder, fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
+    callbacks = [fit.StopOnSignal(), fit.StopOnNonFiniteLoss(), recorder,
+                 fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
                  fit.EpochEndHook(lambda: push(outputs, aim_store))]
     if workers > 1:
         callbacks.insert(0, fit.SyncBatchNormStatistics(net, workers, steps_per_epoch))
     try:
         show_training_samples(source, args.image_size, output_dir, tracker)
-        fit.fit(trainer, args.epochs, train_data, val_data, callbacks)
+        fit.fit(trainer, args.epochs, train_data, val_data, callbacks, initial_epoch=done)
         if rank == 0:
             show_predictions(val_preview, tracker.last_predictions, source.class_names, output_dir, tracker)
     finally:

@@ -1,0 +1,81 @@
+"""--resume auto: a job killed at any moment and restarted with the same command continues where it stopped."""
+import json
+import random
+import subprocess
+import sys
+import time
+
+import mindspore as ms
+import pytest
+from conftest import TRAIN_PY, read_json, run_train
+from test_aim_runs import read_runs
+
+from make_demo_data import make_split, write_cifar
+
+pytestmark = pytest.mark.slow
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-data")
+    return write_cifar(root / "cifar", make_split(480, 4, 0), make_split(200, 4, 1),
+                       ["red_circle", "blue_square", "red_square", "blue_circle"])
+
+
+def argv(data, out, epochs=EPOCHS):
+    return ["--data_url", data, "--output_url", out, "--epochs", epochs, "--arch", "resnet18", "--image_size", 32,
+            "--batch_size", 32, "--lr", 0.02, "--aim_system_metrics", "false", "--resume", "auto"]
+
+
+def start(data, out, epochs=EPOCHS):
+    return subprocess.Popen([sys.executable, str(TRAIN_PY), *map(str, argv(data, out, epochs))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_in_epoch_2_then_restarted_finishes_as_one_run(data, tmp_path):
+    reference = run_train(*argv(data, tmp_path / "uninterrupted"))
+    assert reference.returncode == 0, reference.stdout[-3000:]
+
+    out = tmp_path / "out"
+    job = start(data, out)
+    for line in job.stdout:
+        if line.startswith(f"epoch 2/{EPOCHS} step"):  # mid-epoch 2: epoch 1 is saved, epoch 2 half done
+            job.kill()
+            break
+    job.wait(timeout=60)
+    first_epoch = read_json(out / "metrics.json")
+    assert [r["epoch"] for r in first_epoch] == [1]
+
+    resumed = run_train(*argv(data, out))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resume: continuing after epoch 1 of 3" in resumed.stdout
+    history = read_json(out / "metrics.json")
+    assert [r["epoch"] for r in history] == [1, 2, 3] and history[0] == first_epoch[0]
+    expected = read_json(tmp_path / "uninterrupted" / "metrics.json")[-1]["val_accuracy"]
+    assert abs(history[-1]["val_accuracy"] - expected) <= 0.05, (history[-1], expected)
+
+    (run,) = read_runs(out).values()  # the same Aim run, continued
+    from aim.storage.context import Context
+    assert run.get_metric("accuracy", Context({"subset": "val"})).dataframe()["step"].tolist() == [1, 2, 3]
+    steps = run.get_metric("loss", Context({"subset": "train"})).dataframe()["step"].tolist()
+    assert steps == list(range(1, 3 * 15 + 1))  # 480 / 32 = 15 steps an epoch, each step once
+
+
+def test_kills_at_random_moments_never_leave_a_checkpoint_that_fails_to_load(data, tmp_path):
+    out = tmp_path / "out"
+    rng = random.Random(7)
+    for _ in range(5):
+        job = start(data, out, epochs=4)
+        time.sleep(rng.uniform(4, 16))
+        job.kill()
+        job.wait(timeout=60)
+        for name in ("resume.ckpt", "resnet18-last.ckpt", "resnet18-best.ckpt"):
+            if (out / name).exists():
+                assert len(ms.load_checkpoint(str(out / name))) > 50, name
+        if (out / "metrics.json").exists():
+            epochs = [r["epoch"] for r in json.loads((out / "metrics.json").read_text())]
+            assert epochs == list(range(1, len(epochs) + 1))
+    final = run_train(*argv(data, out, epochs=4))
+    assert final.returncode == 0, final.stdout[-3000:]
+    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3, 4]
