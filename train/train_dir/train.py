@@ -182,8 +182,6 @@ def main(args):
         raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes "
                         f"in the data")
     net = build_network(args, num_classes, pretrained)
-    export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
-                        datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
 
     val_preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
     trained, predict = net, predictor(net)  # what the optimiser steps, and what labels the Aim preview
@@ -200,6 +198,9 @@ def main(args):
     optimizer = fit.create_optimizer(trained, lr_schedule, args.momentum, args.weight_decay, args.backbone_lr_scale)
     trainer = fit.create_trainer(trained, optimizer, num_classes)
     done, best_so_far, run_hash, history = resume_state(args, outputs, aim_store, trainer.train_network)
+    # The first outputs, once every input has been checked:
+    export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
+                        datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
     export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")
     tracker = AimCallback(aim_repo, args.experiment or source.name,
                           hyperparameters(args, source, device, num_classes, workers),
