@@ -28,7 +28,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# Asks PyPI whether train/train_dir/pip-requirements.txt resolves for the platform's Python 3.9 (needs the network).
+# Needs the network: resolves the training job's and the inference pod's requirement files for Python 3.9, then runs
+# the job (with aim 3.8.1, read back by its own `aim up`) and the app in Python 3.9 venvs built from them.
 check-cloud: $(STAMP)
 	RUN_NETWORK_TESTS=1 $(PY) -m pytest tests/test_cloud_requirements.py
 
