@@ -54,6 +54,8 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
                         "--resume", "auto", *QUICK, "--epochs", 3)
     assert_clean(resumed)
     assert "resume: continuing after epoch 2 of 3" in resumed.stdout
+    (staged,) = [p.parent for p in (tmp_path / "fresh-cache" / "outputs").glob("*/metrics.json")]
+    assert {"resume.ckpt", "resnet18-best.ckpt", "resnet18-best.mindir"} <= {p.name for p in staged.iterdir()}
     storage.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
 

@@ -57,7 +57,8 @@ def resume_state(args, outputs, aim_store, train_step):
     if not args.resume:
         return 0, -1.0, None, []
     if args.resume == "auto":
-        outputs.pull(fit.EpochRecorder.RESUME_FILE, "metrics.json")  # a restarted cloud job has a fresh disk
+        # A restarted cloud job has a fresh disk: fetch the state, the records and the best weights so far.
+        outputs.pull(fit.EpochRecorder.RESUME_FILE, "metrics.json", f"{args.arch}-best.ckpt")
         if aim_store is not None:
             aim_store.pull()  # the Aim repo, so that the run continues in it
         path = outputs.local / fit.EpochRecorder.RESUME_FILE
