@@ -146,8 +146,9 @@ def load_network(model_path, labels):
     """The ResNet of train/train_dir with the checkpoint's weights (of any family train.py reads), in inference
     mode, padded as the weights were trained."""
     import mindspore as ms
-    from resnet import create_model, read_checkpoint, to_our_names
-    _, padding, params = to_our_names(read_checkpoint(model_path), model_path)
+    from resnet import create_model, read_pretrained
+    checkpoint = read_pretrained(model_path)
+    padding, params = checkpoint.padding, checkpoint.weights
     head = params.get("fc.weight")
     if head is None:
         raise UserError(f"{model_path} has no classifier (fc) weights to predict with")

@@ -224,19 +224,35 @@ def to_our_names(params, path):
     return family, padding, renamed
 
 
+@dataclass(frozen=True)
+class Pretrained:
+    """A checkpoint read once: its family, the padding its weights were trained with, and the weights in our names."""
+    path: str
+    family: Family
+    padding: str
+    weights: dict
+
+
+def read_pretrained(path):
+    return Pretrained(path, *to_our_names(read_checkpoint(path), path))
+
+
 def checkpoint_padding(path):
     """The padding a checkpoint's weights were trained with (by its family, or as this code recorded it)."""
-    return to_our_names(read_checkpoint(path), path)[1]
+    return read_pretrained(path).padding
 
 
-def load_pretrained(net, path, log=print):
-    """Load every parameter of `path` (any known family) whose name and shape match `net`; re-initialise a head of
-    another size. The network must have been built with the checkpoint's padding (`checkpoint_padding`).
+def load_pretrained(net, pretrained, log=print):
+    """Load every parameter of `pretrained` (a path, or a checkpoint already read by `read_pretrained`, of any
+    known family) whose name and shape match `net`; re-initialise a head of another size. The network must have
+    been built with the checkpoint's padding.
 
     Stops with a UserError when less than half of the backbone matched, because training on would
     silently start from scratch.
     """
-    family, padding, ckpt = to_our_names(read_checkpoint(path), path)
+    if not isinstance(pretrained, Pretrained):
+        pretrained = read_pretrained(pretrained)
+    path, family, padding, ckpt = pretrained.path, pretrained.family, pretrained.padding, pretrained.weights
     if padding != net.padding:
         raise UserError(f"{path} was trained with {padding} padding but the network uses {net.padding}")
     own = {name: param for name, param in net.parameters_and_names()}

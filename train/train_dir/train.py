@@ -20,7 +20,7 @@ import fit  # noqa: E402
 import storage  # noqa: E402
 from args import parse_args  # noqa: E402
 from errors import Diverged, Interrupted, UserError  # noqa: E402
-from resnet import checkpoint_padding, create_model, load_pretrained, read_checkpoint  # noqa: E402
+from resnet import create_model, load_pretrained, read_checkpoint, read_pretrained  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
 URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo")
@@ -103,9 +103,10 @@ def build_network(args, num_classes, pretrained):
     """The ResNet, padded as the pretrained weights were trained (so their features are reproduced), and loaded."""
     if args.freeze and args.trainable:
         raise UserError("--freeze trains only fc; for partial fine-tuning use --trainable alone")
-    net = create_model(args.arch, num_classes, checkpoint_padding(pretrained) if pretrained else "same")
-    if pretrained:
-        load_pretrained(net, pretrained)
+    weights = read_pretrained(pretrained) if pretrained else None  # read once: its padding shapes the network
+    net = create_model(args.arch, num_classes, weights.padding if weights else "same")
+    if weights:
+        load_pretrained(net, weights)
     elif args.freeze:
         print("warning: --freeze without --pretrain_url trains a head on a randomly initialised backbone",
               file=sys.stderr)
@@ -177,7 +178,8 @@ def main(args):
     output_dir = outputs.local
     ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
 
-    source, train_data, val_data = load_data(args, data_dir, shard=(workers, rank) if workers > 1 else None)
+    shard = (workers, rank) if workers > 1 else None  # each worker trains on its own part of the data
+    source, train_data, val_data = load_data(args, data_dir, shard)
     num_classes = args.num_classes or len(source.class_names)
     if num_classes < len(source.class_names):
         raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes "
@@ -190,7 +192,7 @@ def main(args):
         cache_dir = args.cache_dir or storage.default_cache_dir()
         train_features, val_features = features.cached_features(net, source, args, pretrained, cache_dir)
         train_data, val_data = features.feature_datasets(train_features, val_features, args.batch_size, args.seed,
-                                                         shard=(workers, rank) if workers > 1 else None)
+                                                         shard)
         trained, predict = net.fc, features.head_predictor(net.fc, val_features[0], len(val_preview[2]))
 
     steps_per_epoch = train_data.get_dataset_size()
