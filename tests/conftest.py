@@ -33,6 +33,15 @@ def run_train(*args, timeout=900, cwd=None):
                           timeout=timeout, cwd=cwd)
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A folder for one module's shared files, deleted when the module is done: ResNet checkpoints are 45-190 MB
+    each, and keeping every module's until the session ends filled the CI disk."""
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A few images per class in both layouts: enough to load, too few to learn from."""

@@ -17,8 +17,8 @@ QUICK = ["--arch", "resnet18", "--image_size", 32, "--batch_size", 16, "--lr", 0
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aim-data")
+def data(module_tmp):
+    root = module_tmp
     return write_cifar(root / "cifar", make_split(96, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
 
 

@@ -26,15 +26,15 @@ def msrun(workers, argv, log_dir, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp-data")
+def data(module_tmp):
+    root = module_tmp / "data"
     return write_cifar(root / "cifar", make_split(480, 4, 0), make_split(200, 4, 1),
                        ["red_circle", "blue_square", "red_square", "blue_circle"])
 
 
 @pytest.fixture(scope="module")
-def two_workers(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp")
+def two_workers(data, module_tmp):
+    root = module_tmp / "two-workers"
     result = msrun(2, ["--data_url", data, "--output_url", root / "out", "--cache_dir", root / "cache",
                        "--batch_size", 16, "--lr", 0.01, *COMMON], root / "logs")
     logs = {rank: (root / "logs" / f"worker_{rank}.log").read_text() for rank in (0, 1)}

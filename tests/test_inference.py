@@ -43,8 +43,8 @@ def shape_split(count, seed, side=32):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
+def model(module_tmp):
+    root = module_tmp
     data = write_cifar(root / "cifar", shape_split(768, 0), shape_split(240, 1), SHAPES)
     out = root / "out"
     result = run_train("--data_url", data, "--output_url", out, "--arch", "resnet18", "--image_size", 32,

@@ -13,7 +13,7 @@ QUICK = ["--arch", "resnet18", "--image_size", 32, "--batch_size", 16, "--aim_sy
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(module_tmp):
     """A resnet18 checkpoint with non-trivial BatchNorm statistics, standing in for ImageNet weights."""
     ms.set_seed(0)
     net = create_model("resnet18", 4)
@@ -22,7 +22,7 @@ def pretrained(tmp_path_factory):
         if name.endswith(("moving_mean", "moving_variance")):
             value = rng.uniform(0.5, 1.5, param.shape) if "variance" in name else rng.normal(0, 0.2, param.shape)
             param.set_data(ms.Tensor(value.astype(np.float32)))
-    path = tmp_path_factory.mktemp("pretrained") / "resnet18.ckpt"
+    path = module_tmp / "resnet18.ckpt"
     ms.save_checkpoint(net, str(path))
     return path
 

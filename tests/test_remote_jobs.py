@@ -18,8 +18,8 @@ OUTPUTS = {"resnet18-best.ckpt", "resnet18-last.ckpt", "resnet18-best.mindir", "
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "resnet18_imagenet.ckpt"
+def pretrained(module_tmp):
+    path = module_tmp / "resnet18_imagenet.ckpt"
     ms.set_seed(0)
     ms.save_checkpoint(create_model("resnet18", 1000), str(path))
     return path

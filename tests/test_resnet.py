@@ -18,7 +18,7 @@ def predict(net, images):
 
 
 @pytest.fixture(scope="module")
-def tutorial_checkpoint(tmp_path_factory):
+def tutorial_checkpoint(module_tmp):
     """A checkpoint of the tutorial's ResNet50 with non-trivial BatchNorm statistics, and the net that made it."""
     ms.set_seed(0)
     net = TutorialResNet50(num_classes=1000)
@@ -27,7 +27,7 @@ def tutorial_checkpoint(tmp_path_factory):
         if name.endswith(("moving_mean", "moving_variance", "beta")):
             value = rng.uniform(0.5, 1.5, param.shape) if "variance" in name else rng.normal(0, 0.1, param.shape)
             param.set_data(ms.Tensor(value.astype(np.float32)))
-    path = tmp_path_factory.mktemp("tutorial") / "resnet50_224_new.ckpt"
+    path = module_tmp / "resnet50_224_new.ckpt"
     ms.save_checkpoint(net, str(path))
     return path, net
 

@@ -17,8 +17,8 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume-data")
+def data(module_tmp):
+    root = module_tmp
     return write_cifar(root / "cifar", make_split(480, 4, 0), make_split(200, 4, 1),
                        ["red_circle", "blue_square", "red_square", "blue_circle"])
 

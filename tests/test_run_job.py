@@ -160,8 +160,8 @@ def test_fetch_model_places_files_by_basename(tmp_path):
 # ---------------------------------------------------------------- whole jobs through the runner
 
 @pytest.fixture(scope="module")
-def job_inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job-inputs")
+def job_inputs(module_tmp):
+    root = module_tmp
     data = write_cifar(root / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
     weights = root / "resnet18.ckpt"
     ms.save_checkpoint(create_model("resnet18", 1000), str(weights))
