@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-requirements
 DEMO_DATA := demo/data
 DEMO_OUTPUT := demo/output
 
-.PHONY: demo test test-fast check-cloud venv clean
+.PHONY: demo test test-fast check-cloud bench venv clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test-fast: $(STAMP)
 # the job (with aim 3.8.1, read back by its own `aim up`) and the app in Python 3.9 venvs built from them.
 check-cloud: $(STAMP)
 	RUN_NETWORK_TESTS=1 $(PY) -m pytest tests/test_cloud_requirements.py
+
+# Speed against the seed tutorial's loop and PyTorch (CPU wheel, installed here only for this), ~15 min on 2 cores.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PY) bench/speed.py --rounds 3
 
 clean:
 	rm -rf demo .pytest_cache

@@ -122,6 +122,8 @@ CASES = {
                                       "--cache_dir", t / "cache"], "could not download"),
     "unavailable device": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--device_target", "GPU"],
                            "GPU is not available"),
+    "mixed precision on CPU": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--amp_level", "O2"],
+                               "--amp_level O2 needs GPU or Ascend"),
 }
 
 

@@ -1,9 +1,12 @@
-"""The training step: one optimiser update that also counts the batch's right predictions."""
+"""The training step: one optimiser update that also counts the batch's right predictions, with loss scaling when
+mixed precision needs it; and how each device is set to train."""
 import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
+import pytest
 
 import fit
+from errors import UserError
 from resnet import create_model
 
 
@@ -27,3 +30,109 @@ def test_train_step_counts_right_predictions_and_updates_the_weights():
     assert np.isfinite(loss.asnumpy()).all() and float(loss.asnumpy()) > 0
     assert not np.array_equal(before, net.fc.weight.asnumpy())
     assert "fc.weight" in {p.name for p in step.trainable_params()}  # the network's own names, no prefix
+
+
+def small_step(loss_scale=None):
+    """A two-layer net's TrainStep, from the same initial weights each time."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_seed(5)
+    net = nn.SequentialCell([nn.Dense(6, 16), nn.ReLU(), nn.Dense(16, 3)])
+    optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    step = fit.TrainStep(fit.LossAndCorrect(net, loss_fn), optimizer, loss_scale)
+    step.set_train()
+    return net, step
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(12, 6)).astype(np.float32), (np.arange(12) % 3).astype(np.int32)
+
+
+def weights(net):
+    return [p.asnumpy().copy() for p in net.get_parameters()]
+
+
+def test_loss_scaling_makes_the_same_update_as_plain_fp32():
+    images, labels = batch()
+    plain_net, plain = small_step()
+    scaled_net, scaled = small_step(fit.DynamicLossScale(initial=2.0 ** 12))
+    for _ in range(3):
+        plain_loss, _ = plain(ms.Tensor(images), ms.Tensor(labels))
+        scaled_loss, _ = scaled(ms.Tensor(images), ms.Tensor(labels))
+        assert float(scaled_loss.asnumpy()) == pytest.approx(float(plain_loss.asnumpy()), rel=1e-5)  # unscaled
+    for a, b in zip(weights(plain_net), weights(scaled_net)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_overflowing_step_is_skipped_and_the_scale_adapts():
+    scale = fit.DynamicLossScale(initial=2.0 ** 10, window=2)
+    net, step = small_step(scale)
+    images, labels = batch()
+    values = []
+    for _ in range(3):
+        step(ms.Tensor(images), ms.Tensor(labels))
+        values.append(float(scale.value.asnumpy()))
+    assert values == [1024.0, 2048.0, 2048.0]  # doubled after 2 clean steps in a row
+
+    before = weights(net) + [p.asnumpy().copy() for p in step.optimizer.moments]
+    overflowing = images.copy()
+    overflowing[0, 0] = np.inf
+    step(ms.Tensor(overflowing), ms.Tensor(labels))
+    after = weights(net) + [p.asnumpy().copy() for p in step.optimizer.moments]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))  # weights and momentum untouched
+    assert float(scale.value.asnumpy()) == 1024.0 and int(scale.clean_steps.asnumpy()) == 0
+
+    step(ms.Tensor(images), ms.Tensor(labels))  # training goes on at the lower scale
+    assert not np.array_equal(before[0], weights(net)[0])
+
+
+@pytest.mark.parametrize("device, amp_level, dataset_sink, expected", [
+    ("CPU", "auto", "auto", ("O0", False, False)),
+    ("GPU", "auto", "auto", ("O2", True, False)),
+    ("Ascend", "auto", "auto", ("O2", True, True)),
+    ("GPU", "O0", "auto", ("O0", False, False)),
+    ("Ascend", "auto", "false", ("O2", True, False)),
+    ("GPU", "auto", "true", ("O2", True, True)),
+])
+def test_training_plan_per_device(device, amp_level, dataset_sink, expected):
+    assert tuple(fit.plan_training(device, amp_level, dataset_sink)) == expected
+
+
+@pytest.mark.parametrize("amp_level, dataset_sink", [("O2", "auto"), ("auto", "true")])
+def test_cpu_refuses_mixed_precision_and_dataset_sink(amp_level, dataset_sink):
+    with pytest.raises(UserError, match="needs GPU or Ascend"):
+        fit.plan_training("CPU", amp_level, dataset_sink)
+
+
+def test_mixed_precision_trainer_trains_in_fp16_with_fp32_weights_and_logits():
+    """What O2 does (run on CPU, which can, though train.py never picks it there): the convolutions compute in fp16,
+    the weights and the logits stay fp32, and the loss-scaled step updates the weights."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_seed(0)
+    net = create_model("resnet18", 3)
+    images = ms.Tensor(np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32))
+    net.set_train(False)
+    fp32_logits = net(images).asnumpy()
+    optimizer = fit.create_optimizer(net, fit.cosine_lr(0.1, 1, 1), momentum=0.9, weight_decay=1e-4)
+    trainer = fit.create_trainer(net, optimizer, 3, fit.TrainingPlan("O2", True, False))
+    evaluate = trainer.eval_network
+    evaluate.set_train(False)
+    _, logits, _ = evaluate(images, ms.Tensor(np.zeros(4, np.int32)))
+    assert logits.dtype == ms.float32
+    assert not np.array_equal(logits.asnumpy(), fp32_logits)  # computed in fp16 ...
+    np.testing.assert_allclose(logits.asnumpy(), fp32_logits, rtol=0.05, atol=0.05)  # ... to fp16 precision
+
+    step = trainer.train_network
+    assert isinstance(step.loss_scale, fit.DynamicLossScale)
+    step.set_train()
+    before = net.fc.weight.asnumpy().copy()
+    scales = []
+    for _ in range(12):  # the first steps may overflow fp16 at the initial scale of 2**16: skipped, scale halved
+        loss, _ = step(images, ms.Tensor(np.arange(4, dtype=np.int32) % 3))
+        scales.append(float(step.loss_scale.value.asnumpy()))
+        if not np.array_equal(before, net.fc.weight.asnumpy()):
+            break
+    assert np.isfinite(loss.asnumpy()).all()
+    assert net.fc.weight.dtype == ms.float32 and not np.array_equal(before, net.fc.weight.asnumpy()), scales
+    assert all(later <= earlier for earlier, later in zip(scales, scales[1:])), scales

@@ -95,6 +95,7 @@ def test_console_prints_one_line_per_epoch(trained):
     assert len(lines) == TRAINED["epochs"]
     assert all("train_loss" in line and "img/s" in line for line in lines)
     assert f"aim up --repo {trained['out']}" in out
+    assert "on CPU (fp32 (amp O0), loss scale off, dataset sink off)" in out  # the configuration it chose
     assert "Traceback" not in trained["result"].stderr
 
 

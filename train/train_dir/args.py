@@ -98,6 +98,11 @@ def get_args_parser():
 
     run = parser.add_argument_group("run")
     run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")
+    run.add_argument("--amp_level", choices=("auto", "O0", "O2"), default="auto",
+                     help="auto: O2 (fp16 with fp32 BatchNorm and loss, dynamic loss scaling) on GPU and Ascend, "
+                          "O0 (fp32) on CPU")
+    run.add_argument("--dataset_sink", choices=("auto", "true", "false"), default="auto",
+                     help="run whole epochs on the device; auto: on Ascend only")
     run.add_argument("--num_workers", type=_bounded(int, 1), default=None,
                      help="data pipeline workers; default and maximum: the number of cores")
     run.add_argument("--experiment", default=None, help="Aim experiment name; default: the dataset's name")

@@ -9,6 +9,7 @@ import platform
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -131,37 +132,137 @@ class LossAndCorrect(nn.Cell):
         return self.loss_fn(logits, labels), correct
 
 
+class ScaledLoss(nn.Cell):
+    """The loss times the loss scale, for fp16 gradients that would otherwise underflow; the unscaled loss and the
+    right predictions ride along."""
+
+    def __init__(self, net_with_loss):
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = net_with_loss
+
+    def construct(self, images, labels, scale):
+        loss, correct = self.net_with_loss(images, labels)
+        return loss * scale.astype(loss.dtype), loss, correct
+
+
+class DynamicLossScale(nn.Cell):
+    """The loss scale of mixed-precision training: halved after a step whose gradients overflow (that step is
+    skipped), doubled after `window` clean steps in a row. Its state is saved with the optimiser's for --resume."""
+
+    def __init__(self, initial=2.0 ** 16, factor=2.0, window=1000):
+        super().__init__()
+        self.value = ms.Parameter(ms.Tensor(initial, ms.float32), name="loss_scale", requires_grad=False)
+        self.clean_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="loss_scale_clean_steps", requires_grad=False)
+        self.factor, self.window = factor, window
+        self.one = ms.Tensor(1.0, ms.float32)
+
+    def construct(self, finite):
+        clean = ops.select(finite, self.clean_steps + 1, ops.zeros_like(self.clean_steps))
+        grow = clean >= self.window
+        value = ops.select(finite, ops.select(grow, self.value * self.factor, self.value),
+                           ops.maximum(self.value / self.factor, self.one))
+        ops.assign(self.clean_steps, ops.select(grow, ops.zeros_like(clean), clean))
+        return ops.assign(self.value, value)
+
+
+_unscale = ops.MultitypeFuncGraph("unscale")
+_is_finite = ops.MultitypeFuncGraph("is_finite")
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_tensor(scale, grad):
+    return grad / scale.astype(grad.dtype)
+
+
+@_is_finite.register("Tensor")
+def _is_finite_tensor(grad):
+    return ops.isfinite(grad).all()
+
+
 class TrainStep(nn.TrainOneStepCell):
     """One optimiser step returning (loss, right predictions), for a running train accuracy at no extra cost.
 
     The gradient reducer of `TrainOneStepCell` is kept, so data-parallel training averages gradients as usual.
+    With a `DynamicLossScale` (mixed precision on GPU/Ascend), gradients are unscaled and a step whose gradients
+    are not all finite leaves the weights alone.
     """
 
-    def __init__(self, net_with_loss, optimizer):
+    def __init__(self, net_with_loss, optimizer, loss_scale=None):
         super().__init__(net_with_loss, optimizer)
-        self.value_and_grad = ops.value_and_grad(net_with_loss, None, self.weights, has_aux=True)
+        self.loss_scale = loss_scale
+        self.hyper_map = ops.HyperMap()
+        differentiated = net_with_loss if loss_scale is None else ScaledLoss(net_with_loss)
+        self.value_and_grad = ops.value_and_grad(differentiated, None, self.weights, has_aux=True)
 
     def construct(self, images, labels):
-        (loss, correct), grads = self.value_and_grad(images, labels)
-        grads = self.grad_reducer(grads)
-        loss = ops.depend(loss, self.optimizer(grads))
+        if self.loss_scale is None:
+            (loss, correct), grads = self.value_and_grad(images, labels)
+            grads = self.grad_reducer(grads)
+            loss = ops.depend(loss, self.optimizer(grads))
+            return loss, correct
+        scale = self.loss_scale.value
+        (_, loss, correct), grads = self.value_and_grad(images, labels, scale)
+        grads = self.hyper_map(ops.partial(_unscale, scale), self.grad_reducer(grads))
+        finite = ops.stack(self.hyper_map(_is_finite, grads)).all()
+        loss = ops.depend(loss, self.loss_scale(finite))
+        if finite:
+            loss = ops.depend(loss, self.optimizer(grads))
         return loss, correct
 
 
-def create_trainer(net, optimizer, num_classes):
+class TrainingPlan(NamedTuple):
+    """How the device trains: `amp_level` O0 (fp32) or O2 (fp16, BatchNorm and the loss in fp32), loss scaling,
+    and dataset sink (whole epochs run on the device, without Python between steps)."""
+    amp_level: str
+    loss_scale: bool
+    dataset_sink: bool
+
+    def describe(self):
+        precision = "fp32 (amp O0)" if self.amp_level == "O0" else f"mixed fp16 (amp {self.amp_level})"
+        return (f"{precision}, loss scale {'dynamic' if self.loss_scale else 'off'}, "
+                f"dataset sink {'on' if self.dataset_sink else 'off'}")
+
+
+def plan_training(device, amp_level="auto", dataset_sink="auto"):
+    """Mixed precision with dynamic loss scaling on GPU and Ascend, where fp16 is fast; fp32 on CPU, where it is
+    slower and some fp16 kernels are missing. Dataset sink on Ascend; the CPU has none."""
+    if amp_level == "auto":
+        amp_level = "O0" if device == "CPU" else "O2"
+    elif amp_level != "O0" and device == "CPU":
+        raise UserError(f"--amp_level {amp_level} needs GPU or Ascend: on CPU, fp16 is slower than fp32")
+    sink = device == "Ascend" if dataset_sink == "auto" else dataset_sink == "true"
+    if sink and device == "CPU":
+        raise UserError("--dataset_sink true needs GPU or Ascend: the CPU has no dataset sink")
+    return TrainingPlan(amp_level, amp_level != "O0", sink)
+
+
+def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False)):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
     if num_classes >= 5:
         metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
-    train_step = TrainStep(LossAndCorrect(net, loss_fn), optimizer)
+    if plan.amp_level != "O0":  # casts the cells in place (evaluation runs in fp16 too); logits come back fp32
+        net = ms.amp.auto_mixed_precision(net, plan.amp_level)
+    train_step = TrainStep(LossAndCorrect(net, loss_fn), optimizer, DynamicLossScale() if plan.loss_scale else None)
     return Model(train_step, eval_network=nn.WithEvalCell(net, loss_fn), eval_indexes=[0, 1, 2], metrics=metrics)
 
 
-def fit(trainer, epochs, train_data, val_data, callbacks, initial_epoch=0):
-    """Train up to epoch `epochs`, validating after each one; GRAPH_MODE, no sink (works on every target)."""
+def fit(trainer, epochs, train_data, val_data, callbacks, initial_epoch=0, dataset_sink=False):
+    """Train up to epoch `epochs`, validating after each one, in GRAPH_MODE; with `dataset_sink`, each epoch runs
+    on the device in one go (callbacks then see one step per epoch)."""
     trainer.fit(epochs, train_data, valid_dataset=val_data, callbacks=callbacks,
-                dataset_sink_mode=False, valid_dataset_sink_mode=False, initial_epoch=initial_epoch)
+                dataset_sink_mode=dataset_sink, valid_dataset_sink_mode=False, initial_epoch=initial_epoch)
+
+
+def batch_size(cb_params):
+    """Images in one step. Read off the dataset: with dataset sink, callbacks get no batch."""
+    return cb_params.train_dataset.get_batch_size()
+
+
+def images_since(cb_params, step):
+    """Images trained on since global step `step` (with dataset sink, one callback covers many steps)."""
+    return (cb_params.cur_step_num - step) * batch_size(cb_params)
 
 
 # ---------------------------------------------------------------- callbacks
@@ -193,7 +294,7 @@ class RunningAccuracy:
         correct = step_correct(cb_params)
         if correct is not None:
             self.correct += correct
-            self.images += cb_params.train_dataset_element[0].shape[0]
+            self.images += batch_size(cb_params)
 
     @property
     def loss(self):
@@ -226,6 +327,7 @@ class EpochRecorder(Callback):
     def on_train_epoch_begin(self, run_context):
         self.epoch_start = time.perf_counter()
         self.step_seconds, self.images, self.running = 0.0, 0, RunningAccuracy()
+        self.last_step = run_context.original_args().cur_step_num
 
     def on_train_step_begin(self, run_context):
         self.step_start = time.perf_counter()
@@ -234,7 +336,8 @@ class EpochRecorder(Callback):
         cb_params = run_context.original_args()
         self.running.add(cb_params)
         self.step_seconds += time.perf_counter() - self.step_start
-        self.images += cb_params.train_dataset_element[0].shape[0]
+        self.images += images_since(cb_params, self.last_step)
+        self.last_step = cb_params.cur_step_num
 
     def on_train_epoch_end(self, run_context):
         cb_params = run_context.original_args()

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from mindspore.train import Callback
 
-from fit import RunningAccuracy
+from fit import RunningAccuracy, images_since
 
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
@@ -99,6 +99,7 @@ class AimCallback(Callback):
     def on_train_epoch_begin(self, run_context):
         self._running = RunningAccuracy()
         self._epoch_start = time.perf_counter()
+        self._last_step = run_context.original_args().cur_step_num
 
     def on_train_step_begin(self, run_context):
         self._step_start = time.perf_counter()
@@ -109,6 +110,7 @@ class AimCallback(Callback):
         cb_params = run_context.original_args()
         self._running.add(cb_params)  # waits for the step, so the timing below is the step's
         seconds = time.perf_counter() - self._step_start
+        images, self._last_step = images_since(cb_params, self._last_step), cb_params.cur_step_num
         loss = self._running.losses[-1]
         step, epoch = cb_params.cur_step_num + self.step_offset, cb_params.cur_epoch_num
         if step % self.log_every:
@@ -118,10 +120,8 @@ class AimCallback(Callback):
         lr = current_lr(optimizer, step - 1)  # a Model built from a train step cell knows no optimizer itself
         if lr is not None:
             self.run.track(lr, name="lr", step=step, epoch=epoch, context=TRAIN)
-        batch = cb_params.get("train_dataset_element")
-        if batch is not None and seconds > 0:
-            self.run.track(batch[0].shape[0] / seconds, name="images_per_second", step=step, epoch=epoch,
-                           context=TRAIN)
+        if seconds > 0:
+            self.run.track(images / seconds, name="images_per_second", step=step, epoch=epoch, context=TRAIN)
 
     def on_train_epoch_end(self, run_context):
         if self.run is None:

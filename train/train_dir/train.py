@@ -77,7 +77,8 @@ def resume_state(args, outputs, aim_store, train_step):
         not_loaded, _ = ms.load_param_into_net(train_step, state)
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"{path} does not fit this job ({str(exc).splitlines()[0][:200]})") from None
-    not_loaded = [name for name in not_loaded if not name.startswith("learning_rate")]
+    # The loss scale restarts when a run moves between devices with and without mixed precision
+    not_loaded = [name for name in not_loaded if not name.startswith(("learning_rate", "loss_scale"))]
     if not_loaded:
         raise UserError(f"{path} does not fit this job's network and optimizer: {len(not_loaded)} parameters "
                         f"missing, e.g. {not_loaded[0]} (same --arch, --freeze and --trainable?)")
@@ -169,6 +170,7 @@ def main(args):
 
     fit.tune_cpu_env()
     device = fit.setup_device(args.device_target)
+    plan = fit.plan_training(device, args.amp_level, args.dataset_sink)
     rank, workers, local_rank = fit.join_data_parallel()
     leader = local_rank == 0  # one download per machine; the other workers wait for it
     data_dir = storage.stage_in(args.data_url, "data_url", args.cache_dir, leader)  # inputs first: no output on a typo
@@ -199,14 +201,14 @@ def main(args):
     lr = args.lr * workers  # linear scaling: --lr is for one device's batch; N workers take N times the batch
     lr_schedule = fit.cosine_lr(lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     optimizer = fit.create_optimizer(trained, lr_schedule, args.momentum, args.weight_decay, args.backbone_lr_scale)
-    trainer = fit.create_trainer(trained, optimizer, num_classes)
+    trainer = fit.create_trainer(trained, optimizer, num_classes, plan)
     done, best_so_far, run_hash, history = resume_state(args, outputs, aim_store, trainer.train_network)
     # The first outputs, once every input has been checked:
     export.write_labels(output_dir / "labels.json", source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
     export.save_examples(val_preview[0], val_preview[2], source.class_names, output_dir / "examples")
     tracker = AimCallback(aim_repo, args.experiment or source.name,
-                          hyperparameters(args, source, device, num_classes, workers),
+                          {**hyperparameters(args, source, device, num_classes, workers), **plan._asdict()},
                           log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
                           class_names=source.class_names, preview=val_preview, predict=predict,
                           close_at_end=False, run_hash=run_hash, step_offset=done * steps_per_epoch)
@@ -214,7 +216,7 @@ def main(args):
     recorder.restore(history, best_so_far)
     parallel = f" x {workers} workers (rank {rank}), global batch {args.batch_size * workers}, lr {lr:g}" \
         if workers > 1 else ""
-    print(f"train: {args.arch} on {device}{parallel}, {args.epochs} epochs x {steps_per_epoch} steps of "
+    print(f"train: {args.arch} on {device} ({plan.describe()}){parallel}, {args.epochs} epochs x {steps_per_epoch} steps of "
           f"{args.batch_size}, " + (f"Aim run {tracker.hash} in {storage.redact(aim_repo)}" if rank == 0 else
                                      f"outputs only on rank 0 (this worker's scratch: {output_dir})"))
     callbacks = [fit.StopOnSignal(), fit.StopOnNonFiniteLoss(), recorder,
@@ -224,7 +226,8 @@ def main(args):
         callbacks.insert(0, fit.SyncBatchNormStatistics(net, workers, steps_per_epoch))
     try:
         show_training_samples(source, args.image_size, output_dir, tracker)
-        fit.fit(trainer, args.epochs, train_data, val_data, callbacks, initial_epoch=done)
+        fit.fit(trainer, args.epochs, train_data, val_data, callbacks, initial_epoch=done,
+                dataset_sink=plan.dataset_sink)
         if rank == 0:
             show_predictions(val_preview, tracker.last_predictions, source.class_names, output_dir, tracker)
     finally:

@@ -1,0 +1,399 @@
+"""Speed on this CPU: our training step against the seed tutorial's loop and PyTorch, the data pipeline against
+what the step consumes, and batch-1 inference latency; peak memory of each.
+
+    make bench                                  # installs torch==2.13.0 (CPU) from bench/requirements.txt, then this
+    .venv/bin/python bench/speed.py --rounds 3  # the same
+    .venv/bin/python bench/speed.py --only train --shapes 32x32 --rounds 5
+
+Every measurement runs in a fresh process (so peak RSS is its own, and oneDNN settings, which are read at the first
+op, can differ), and rounds are interleaved: ours, seed, torch, ours, seed, torch, ... The table shows the median over
+rounds, and the ratios are taken from those medians, because absolute times on a shared machine are noise.
+
+- "ours" is the real fit path: `fit.create_optimizer` + `fit.create_trainer` + `fit.fit` (GRAPH_MODE, `TrainStep`),
+  with `fit.tune_cpu_env` applied, as train.py runs it.
+- "seed" is the MindSpore ResNet50 tutorial's PyNative `value_and_grad` loop on its own ResNet50
+  (tests/tutorial_resnet.py), once with stock settings and once with ONEDNN_MAX_CPU_ISA=AVX2 as ours uses.
+- "torch" is PyTorch's CPU build on the same architecture (bench/torch_resnet.py), eager, fp32.
+All three train ResNet50 on the same random images and labels, with momentum SGD and cross-entropy, in fp32.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+TRAIN_DIR = ROOT / "train" / "train_dir"
+sys.path[:0] = [str(TRAIN_DIR), str(ROOT / "train"), str(ROOT / "inference"), str(ROOT / "tests"), str(HERE)]
+
+ARCH, CLASSES = "resnet50", 10
+WARMUP_STEPS = 2  # graph compile and first-touch allocations
+
+
+def peak_rss_mb():
+    """This process's own peak (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def context_overrides():
+    """MindSpore context settings to try on our runs (`--context`), passed to the child as JSON."""
+    return json.loads(os.environ.get("BENCH_MS_CONTEXT") or "{}")
+
+
+def random_batches(image_size, batch_size, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(steps * batch_size, 3, image_size, image_size)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, steps * batch_size).astype(np.int32)
+    return images, labels
+
+
+def images_per_second(step_ends, batch_size):
+    """Steady-state rate from the wall-clock ends of each step, leaving out the warm-up steps."""
+    timed = step_ends[WARMUP_STEPS - 1:]
+    return batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+# ---------------------------------------------------------------- training steps (each in its own process)
+
+def train_ours(image_size, batch_size, steps):
+    import mindspore as ms
+    import mindspore.dataset as ds
+    from mindspore.train import Callback
+    import fit
+    from resnet import create_model
+    fit.tune_cpu_env()
+    device = fit.setup_device("CPU")
+    ms.set_context(**context_overrides())
+    net = create_model(ARCH, CLASSES)
+    optimizer = fit.create_optimizer(net, fit.cosine_lr(0.01, 1, steps), momentum=0.9, weight_decay=1e-4)
+    trainer = fit.create_trainer(net, optimizer, CLASSES, fit.plan_training(device))
+    images, labels = random_batches(image_size, batch_size, steps)
+    data = ds.NumpySlicesDataset({"image": images, "label": labels}, shuffle=False).batch(batch_size)
+    ends = []
+
+    class StepTimes(Callback):
+        def on_train_step_end(self, run_context):
+            fit.step_loss(run_context.original_args())  # waits for the step, as train.py's callbacks do
+            ends.append(time.perf_counter())
+
+    fit.fit(trainer, 1, data, None, [fit.StopOnNonFiniteLoss(), StepTimes()])
+    return images_per_second(ends, batch_size)
+
+
+def train_seed(image_size, batch_size, steps):
+    """The tutorial's loop: PyNative, `ms.value_and_grad` over the optimiser's parameters, Momentum."""
+    import mindspore as ms
+    import mindspore.dataset as ds
+    from mindspore import nn
+    from tutorial_resnet import TutorialResNet50
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    ms.set_seed(0)
+    net = TutorialResNet50(num_classes=CLASSES)
+    if image_size != 32:
+        net.avg_pool = nn.AvgPool2d(kernel_size=image_size // 32)  # as the tutorial does for 224
+    optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.01, momentum=0.9)
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+    def forward_fn(inputs, targets):
+        return loss_fn(net(inputs), targets)
+
+    grad_fn = ms.value_and_grad(forward_fn, None, optimizer.parameters)
+
+    def train_step(inputs, targets):
+        loss, grads = grad_fn(inputs, targets)
+        optimizer(grads)
+        return loss
+
+    images, labels = random_batches(image_size, batch_size, steps)
+    data = ds.NumpySlicesDataset({"image": images, "label": labels}, shuffle=False).batch(batch_size)
+    net.set_train()
+    ends = []
+    for inputs, targets in data.create_tuple_iterator():
+        float(train_step(inputs, targets).asnumpy())
+        ends.append(time.perf_counter())
+    return images_per_second(ends, batch_size)
+
+
+def train_torch(image_size, batch_size, steps):
+    import torch
+    import torch_resnet
+    torch.manual_seed(0)
+    model = torch_resnet.create_model(ARCH, CLASSES).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    images, labels = random_batches(image_size, batch_size, steps)
+    ends = []
+    for i in range(steps):
+        inputs = torch.from_numpy(images[i * batch_size:(i + 1) * batch_size])
+        targets = torch.from_numpy(labels[i * batch_size:(i + 1) * batch_size]).long()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        ends.append(time.perf_counter())
+    return images_per_second(ends, batch_size)
+
+
+# ---------------------------------------------------------------- data pipeline
+
+def pipeline(data_dir, image_size, batch_size, steps):
+    """Batches/s out of `datasets.create_dataset` (training transforms, all cores), as Model.fit iterates it."""
+    import datasets
+    source = datasets.find_data(data_dir)
+    data = datasets.create_dataset(source, "train", image_size, batch_size).repeat()
+    ends = []
+    for _ in data.create_tuple_iterator(num_epochs=1):
+        ends.append(time.perf_counter())
+        if len(ends) == steps:
+            break
+    return images_per_second(ends, batch_size)
+
+
+def write_photos(folder, count, size=(500, 375), seed=0):
+    """ImageNet-sized JPEGs in two class folders per split: what a fine-tuning run decodes and crops."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", count), ("val", 4)):
+        for i in range(n):
+            target = folder / split / f"class_{i % 2}"
+            target.mkdir(parents=True, exist_ok=True)
+            low = rng.integers(0, 256, (size[1] // 25, size[0] // 25, 3), dtype=np.uint8)
+            image = Image.fromarray(low).resize(size, Image.BILINEAR)  # smooth, so JPEG sizes are photo-like
+            image.save(target / f"{i:04d}.jpg", quality=90)
+    return folder
+
+
+# ---------------------------------------------------------------- inference at batch 1
+
+def infer(model_path, repeats):
+    """Latency of the network on one preprocessed 224 image, through the app's Predictor (ckpt or MindIR)."""
+    import mindspore as ms
+    from fit import tune_cpu_env
+    tune_cpu_env()
+    from predictor import Predictor
+    predictor = Predictor.load(model_path)
+    ms.set_context(**context_overrides())
+    x = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32))
+    return latencies(lambda: predictor.forward(x).asnumpy(), repeats)
+
+
+def infer_torch(repeats):
+    import torch
+    import torch_resnet
+    model = torch_resnet.create_model(ARCH, CLASSES).eval()
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32))
+    with torch.inference_mode():
+        return latencies(lambda: model(x).numpy(), repeats)
+
+
+def latencies(call, repeats, warmup=3):
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
+
+
+def untrained_model(folder, image_size=224):
+    """A ResNet50 checkpoint, its MindIR and labels.json: latency does not depend on the weights."""
+    import datasets
+    import export
+    from resnet import create_model
+    net = create_model(ARCH, CLASSES)
+    export.save_checkpoint(net, folder / f"{ARCH}-best.ckpt")
+    export.export_mindir(net, image_size, folder / f"{ARCH}-best.mindir")
+    export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(CLASSES)], image_size,
+                        datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, ARCH, "none", "imagefolder")
+    return folder
+
+
+CHILDREN = {"train-ours": train_ours, "train-seed": train_seed, "train-torch": train_torch,
+            "pipeline": pipeline, "infer": infer, "infer-torch": infer_torch}
+
+
+def child(name, arguments):
+    result = CHILDREN[name](*arguments)
+    print("RESULT " + json.dumps({"value": result, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+# ---------------------------------------------------------------- the parent: interleaved rounds
+
+def measure(name, arguments, env_changes):
+    """Runs one child process; its result and peak RSS."""
+    env = dict(os.environ, GLOG_v="3")
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    result = subprocess.run([sys.executable, __file__, "--child", name, json.dumps(arguments)], env=env,
+                            capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"error: {name} {arguments} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+STOCK = {"ONEDNN_MAX_CPU_ISA": None}
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def parse_shape(text):
+    size, batch = text.lower().split("x")[0], text.lower().split("b")[-1]
+    return int(size), int(batch)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=("train", "pipeline", "inference"), action="append")
+    parser.add_argument("--shapes", nargs="+", default=["32x32b32", "224x224b8"],
+                        help="training shapes, SIZExSIZEbBATCH")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per measurement (2 are warm-up)")
+    parser.add_argument("--stock-224", action="store_true",
+                        help="also time the stock seed loop at 224 (about 2 minutes a step here)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for our runs (to try a setting)")
+    parser.add_argument("--context", action="append", default=[], metavar="KEY=JSON",
+                        help="extra mindspore.set_context setting for our runs, e.g. enable_graph_kernel=true")
+    parser.add_argument("--variants", nargs="+", default=["ours", "seed AVX2", "seed stock", "torch"],
+                        help="which training variants to run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child:
+        return child(args.child, json.loads(rest[0]))
+    parts = args.only or ["train", "pipeline", "inference"]
+    ours_env = dict(kv.split("=", 1) for kv in args.env)
+    if args.context:
+        ours_env["BENCH_MS_CONTEXT"] = json.dumps({k: json.loads(v) for k, v in (kv.split("=", 1)
+                                                                                for kv in args.context)})
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print("torch is not installed: `make bench` installs bench/requirements.txt; PyTorch columns skipped")
+
+    print(f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}, "
+          f"median of {args.rounds} interleaved rounds; images/s unless marked", flush=True)
+    results = {}
+
+    def record(key, name, arguments, env):
+        results.setdefault(key, []).append(measure(name, arguments, env))
+
+    shapes = [parse_shape(s) for s in args.shapes]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "pipeline" in parts:
+            from make_demo_data import make_demo_data
+            cifar, _ = make_demo_data(tmp / "cifar", 1024, 16, num_classes=4, seed=0)
+            photos = write_photos(tmp / "photos", 256)
+        if "inference" in parts:
+            untrained_model(tmp)
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1}/{args.rounds} ...", flush=True)
+            if "train" in parts:
+                for size, batch in shapes:
+                    steps = [size, batch, args.steps]
+                    slow = [size, batch, WARMUP_STEPS + 2]  # the stock loop takes seconds to minutes a step
+                    wanted = set(args.variants)
+                    if "ours" in wanted:
+                        record(("ours", size, batch), "train-ours", steps, {**AVX2, **ours_env})
+                    if "seed AVX2" in wanted:
+                        record(("seed AVX2", size, batch), "train-seed", steps, AVX2)
+                    if "seed stock" in wanted and (size <= 64 or args.stock_224):
+                        record(("seed stock", size, batch), "train-seed", slow, STOCK)
+                    if "torch" in wanted and have_torch:
+                        record(("torch", size, batch), "train-torch", steps, {})
+            if "pipeline" in parts:
+                record(("pipeline", 32, 32), "pipeline", [str(cifar), 32, 32, 60], AVX2)
+                record(("pipeline", 224, 8), "pipeline", [str(photos), 224, 8, 60], AVX2)
+            if "inference" in parts:
+                record("ckpt", "infer", [str(tmp / f"{ARCH}-best.ckpt"), 30], {**AVX2, **ours_env})
+                record("mindir", "infer", [str(tmp / f"{ARCH}-best.mindir"), 30], {**AVX2, **ours_env})
+                if have_torch:
+                    record("torch", "infer-torch", [30], {})
+    report(results, args, shapes)
+
+
+def median(runs, field="value"):
+    return statistics.median(r[field] if field != "value" or not isinstance(r["value"], dict) else r["value"]["p50"]
+                             for r in runs)
+
+
+def report(results, args, shapes):
+    train_rows = [k for k in results if isinstance(k, tuple) and k[0] != "pipeline"]
+    if train_rows:
+        print(f"\ntraining step, {ARCH}, fp32 (peak RSS in MB)")
+        print(f"{'':<12}" + "".join(f"{f'{s}x{s} b{b}':>22}" for s, b in shapes))
+        for name in ("ours", "seed AVX2", "seed stock", "torch"):
+            cells = []
+            for size, batch in shapes:
+                runs = results.get((name, size, batch))
+                cells.append(f"{median(runs):>12.1f} ({median(runs, 'peak_rss_mb'):>5.0f} MB)" if runs else
+                             f"{'-':>22}")
+            print(f"{name:<12}" + "".join(f"{c:>22}" for c in cells))
+        for size, batch in shapes:
+            ours = results.get(("ours", size, batch))
+            if not ours:
+                continue
+            line = [f"{size}x{size} b{batch}:"]
+            for name in ("seed stock", "seed AVX2", "torch"):
+                if (name, size, batch) in results:
+                    line.append(f"ours/{name} {median(ours) / median(results[(name, size, batch)]):.2f}x")
+            per_round = [o["value"] / t["value"] for o, t in zip(ours, results.get(("torch", size, batch), []))]
+            if per_round:
+                line.append("(ours/torch per round: " + ", ".join(f"{r:.2f}" for r in per_round) + ")")
+            print("  ratio " + "  ".join(line))
+    for size, batch in ((32, 32), (224, 8)):
+        runs = results.get(("pipeline", size, batch))
+        if runs:
+            kind = "CIFAR binary, crop+flip" if size == 32 else "500x375 JPEG, RandomCropDecodeResize+flip"
+            consumed = results.get(("ours", size, batch))
+            ratio = f", {median(runs) / median(consumed):.1f}x what our step consumes" if consumed else ""
+            print(f"data pipeline {size}x{size} b{batch} ({kind}): {median(runs):.0f} images/s "
+                  f"({median(runs, 'peak_rss_mb'):.0f} MB){ratio}")
+    if "ckpt" in results:
+        print(f"\ninference, batch 1, {ARCH} 224x224, network only (ms; peak RSS in MB)")
+        for name in ("ckpt", "mindir", "torch"):
+            if name in results:
+                runs = results[name]
+                p50 = statistics.median(r["value"]["p50"] for r in runs)
+                p95 = statistics.median(r["value"]["p95"] for r in runs)
+                print(f"{name:<12}p50 {p50:>7.1f}  p95 {p95:>7.1f}  ({median(runs, 'peak_rss_mb'):.0f} MB)")
+        if "torch" in results:
+            torch_p50 = statistics.median(r["value"]["p50"] for r in results["torch"])
+            for name in ("ckpt", "mindir"):
+                p50 = statistics.median(r["value"]["p50"] for r in results[name])
+                print(f"  ratio {name}/torch p50 latency: {p50 / torch_p50:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
