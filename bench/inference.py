@@ -23,19 +23,7 @@ sys.path.insert(0, str(ROOT / "inference"))
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # as train.py does: MindSpore's oneDNN is slow on AVX-512
 
 from predictor import Predictor  # noqa: E402  (also puts train/train_dir on the path)
-
-
-def untrained_model(folder, arch, image_size, num_classes):
-    """A checkpoint, MindIR and labels.json for a randomly initialised network: latency does not depend on weights."""
-    import datasets
-    import export
-    from resnet import create_model
-    net = create_model(arch, num_classes)
-    export.save_checkpoint(net, folder / f"{arch}-best.ckpt")
-    export.export_mindir(net, image_size, folder / f"{arch}-best.mindir")
-    export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(num_classes)], image_size,
-                        datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, arch, "none", "imagefolder")
-    return folder
+from speed import untrained_model  # noqa: E402
 
 
 def percentiles(seconds):

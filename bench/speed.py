@@ -221,16 +221,17 @@ def latencies(call, repeats, warmup=3):
     return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
 
 
-def untrained_model(folder, image_size=224):
-    """A ResNet50 checkpoint, its MindIR and labels.json: latency does not depend on the weights."""
+def untrained_model(folder, arch=ARCH, image_size=224, num_classes=CLASSES):
+    """A checkpoint, its MindIR and labels.json for a randomly initialised network: latency does not depend on the
+    weights."""
     import datasets
     import export
     from resnet import create_model
-    net = create_model(ARCH, CLASSES)
-    export.save_checkpoint(net, folder / f"{ARCH}-best.ckpt")
-    export.export_mindir(net, image_size, folder / f"{ARCH}-best.mindir")
-    export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(CLASSES)], image_size,
-                        datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, ARCH, "none", "imagefolder")
+    net = create_model(arch, num_classes)
+    export.save_checkpoint(net, folder / f"{arch}-best.ckpt")
+    export.export_mindir(net, image_size, folder / f"{arch}-best.mindir")
+    export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(num_classes)], image_size,
+                        datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, arch, "none", "imagefolder")
     return folder
 
 
@@ -325,7 +326,9 @@ def main():
                     slow = [size, batch, WARMUP_STEPS + 2]  # the stock loop takes seconds to minutes a step
                     wanted = set(args.variants)
                     if "ours" in wanted:
-                        record(("ours", size, batch), "train-ours", steps, {**AVX2, **ours_env})
+                        record(("ours", size, batch), "train-ours", steps, AVX2)
+                        if ours_env:  # the setting being tried, right after the baseline, in every round
+                            record(("ours, tried", size, batch), "train-ours", steps, {**AVX2, **ours_env})
                     if "seed AVX2" in wanted:
                         record(("seed AVX2", size, batch), "train-seed", steps, AVX2)
                     if "seed stock" in wanted and (size <= 64 or args.stock_224):
@@ -336,8 +339,10 @@ def main():
                 record(("pipeline", 32, 32), "pipeline", [str(cifar), 32, 32, 60], AVX2)
                 record(("pipeline", 224, 8), "pipeline", [str(photos), 224, 8, 60], AVX2)
             if "inference" in parts:
-                record("ckpt", "infer", [str(tmp / f"{ARCH}-best.ckpt"), 30], {**AVX2, **ours_env})
-                record("mindir", "infer", [str(tmp / f"{ARCH}-best.mindir"), 30], {**AVX2, **ours_env})
+                record("ckpt", "infer", [str(tmp / f"{ARCH}-best.ckpt"), 30], AVX2)
+                record("mindir", "infer", [str(tmp / f"{ARCH}-best.mindir"), 30], AVX2)
+                if ours_env:
+                    record("mindir, tried", "infer", [str(tmp / f"{ARCH}-best.mindir"), 30], {**AVX2, **ours_env})
                 if have_torch:
                     record("torch", "infer-torch", [30], {})
     report(results, args, shapes)
@@ -351,9 +356,12 @@ def median(runs, field="value"):
 def report(results, args, shapes):
     train_rows = [k for k in results if isinstance(k, tuple) and k[0] != "pipeline"]
     if train_rows:
-        print(f"\ntraining step, {ARCH}, fp32 (peak RSS in MB)")
+        tried = f"; tried: {' '.join(args.env + args.context)}" if args.env or args.context else ""
+        print(f"\ntraining step, {ARCH}, fp32 (peak RSS in MB){tried}")
         print(f"{'':<12}" + "".join(f"{f'{s}x{s} b{b}':>22}" for s, b in shapes))
-        for name in ("ours", "seed AVX2", "seed stock", "torch"):
+        for name in ("ours", "ours, tried", "seed AVX2", "seed stock", "torch"):
+            if not any((name, size, batch) in results for size, batch in shapes):
+                continue
             cells = []
             for size, batch in shapes:
                 runs = results.get((name, size, batch))
@@ -368,6 +376,10 @@ def report(results, args, shapes):
             for name in ("seed stock", "seed AVX2", "torch"):
                 if (name, size, batch) in results:
                     line.append(f"ours/{name} {median(ours) / median(results[(name, size, batch)]):.2f}x")
+            tried = results.get(("ours, tried", size, batch))
+            if tried:
+                line.append("tried/ours per round: " + ", ".join(f"{t['value'] / o['value']:.2f}"
+                                                                 for o, t in zip(ours, tried)))
             per_round = [o["value"] / t["value"] for o, t in zip(ours, results.get(("torch", size, batch), []))]
             if per_round:
                 line.append("(ours/torch per round: " + ", ".join(f"{r:.2f}" for r in per_round) + ")")
@@ -382,12 +394,16 @@ def report(results, args, shapes):
                   f"({median(runs, 'peak_rss_mb'):.0f} MB){ratio}")
     if "ckpt" in results:
         print(f"\ninference, batch 1, {ARCH} 224x224, network only (ms; peak RSS in MB)")
-        for name in ("ckpt", "mindir", "torch"):
+        for name in ("ckpt", "mindir", "mindir, tried", "torch"):
             if name in results:
                 runs = results[name]
                 p50 = statistics.median(r["value"]["p50"] for r in runs)
                 p95 = statistics.median(r["value"]["p95"] for r in runs)
                 print(f"{name:<12}p50 {p50:>7.1f}  p95 {p95:>7.1f}  ({median(runs, 'peak_rss_mb'):.0f} MB)")
+        if "mindir, tried" in results:
+            print("  ratio tried/mindir p50 per round: " + ", ".join(
+                f"{t['value']['p50'] / o['value']['p50']:.2f}" for o, t in zip(results["mindir"],
+                                                                            results["mindir, tried"])))
         if "torch" in results:
             torch_p50 = statistics.median(r["value"]["p50"] for r in results["torch"])
             for name in ("ckpt", "mindir"):
