@@ -284,17 +284,23 @@ def step_correct(cb_params):
 
 
 class RunningAccuracy:
-    """Train loss and accuracy averaged over an epoch's steps (accuracy over images, as the model trains)."""
+    """Train loss and accuracy averaged over an epoch's steps (accuracy over images, as the model trains), and the
+    images trained on since global step `start_step`."""
 
-    def __init__(self):
-        self.losses, self.correct, self.images = [], 0.0, 0
+    def __init__(self, start_step=0):
+        self.losses, self.correct, self.images = [], 0.0, 0  # images: those whose predictions were counted
+        self.trained, self.step = 0, start_step
 
     def add(self, cb_params):
+        """Adds the last step's outputs; returns the images trained on since the previous call."""
         self.losses.append(step_loss(cb_params))  # reading the outputs waits for the step to finish
         correct = step_correct(cb_params)
         if correct is not None:
             self.correct += correct
             self.images += batch_size(cb_params)
+        new = images_since(cb_params, self.step)
+        self.trained, self.step = self.trained + new, cb_params.cur_step_num
+        return new
 
     @property
     def loss(self):
@@ -326,8 +332,7 @@ class EpochRecorder(Callback):
 
     def on_train_epoch_begin(self, run_context):
         self.epoch_start = time.perf_counter()
-        self.step_seconds, self.images, self.running = 0.0, 0, RunningAccuracy()
-        self.last_step = run_context.original_args().cur_step_num
+        self.step_seconds, self.running = 0.0, RunningAccuracy(run_context.original_args().cur_step_num)
 
     def on_train_step_begin(self, run_context):
         self.step_start = time.perf_counter()
@@ -336,8 +341,6 @@ class EpochRecorder(Callback):
         cb_params = run_context.original_args()
         self.running.add(cb_params)
         self.step_seconds += time.perf_counter() - self.step_start
-        self.images += images_since(cb_params, self.last_step)
-        self.last_step = cb_params.cur_step_num
 
     def on_train_epoch_end(self, run_context):
         cb_params = run_context.original_args()
@@ -357,7 +360,7 @@ class EpochRecorder(Callback):
             self.best_accuracy = record["val_accuracy"]
             save_checkpoint(self.net, self.best_path)
         record["seconds"] = time.perf_counter() - self.epoch_start
-        record["images_per_second"] = self.images / self.step_seconds if self.step_seconds else 0.0
+        record["images_per_second"] = self.running.trained / self.step_seconds if self.step_seconds else 0.0
         self.history.append(record)
         write_json(self.metrics_path, self.history)
         if self.train_step is not None:  # weights, optimizer moments and step: what --resume continues from

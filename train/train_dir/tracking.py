@@ -21,7 +21,7 @@ import time
 import numpy as np
 from mindspore.train import Callback
 
-from fit import RunningAccuracy, images_since
+from fit import RunningAccuracy
 
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
@@ -97,9 +97,8 @@ class AimCallback(Callback):
         self.run.track(Image(image, caption=caption), name=name, step=step, context=context or {})
 
     def on_train_epoch_begin(self, run_context):
-        self._running = RunningAccuracy()
+        self._running = RunningAccuracy(run_context.original_args().cur_step_num)
         self._epoch_start = time.perf_counter()
-        self._last_step = run_context.original_args().cur_step_num
 
     def on_train_step_begin(self, run_context):
         self._step_start = time.perf_counter()
@@ -108,9 +107,8 @@ class AimCallback(Callback):
         if self.run is None:
             return
         cb_params = run_context.original_args()
-        self._running.add(cb_params)  # waits for the step, so the timing below is the step's
+        images = self._running.add(cb_params)  # waits for the step, so the timing below is the step's
         seconds = time.perf_counter() - self._step_start
-        images, self._last_step = images_since(cb_params, self._last_step), cb_params.cur_step_num
         loss = self._running.losses[-1]
         step, epoch = cb_params.cur_step_num + self.step_offset, cb_params.cur_epoch_num
         if step % self.log_every:
