@@ -310,6 +310,7 @@ def main():
         results.setdefault(key, []).append(measure(name, arguments, env))
 
     shapes = [parse_shape(s) for s in args.shapes]
+    wanted = set(args.variants)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "pipeline" in parts:
@@ -324,7 +325,6 @@ def main():
                 for size, batch in shapes:
                     steps = [size, batch, args.steps]
                     slow = [size, batch, WARMUP_STEPS + 2]  # the stock loop takes seconds to minutes a step
-                    wanted = set(args.variants)
                     if "ours" in wanted:
                         record(("ours", size, batch), "train-ours", steps, AVX2)
                         if ours_env:  # the setting being tried, right after the baseline, in every round
@@ -348,14 +348,25 @@ def main():
     report(results, args, shapes)
 
 
-def median(runs, field="value"):
-    return statistics.median(r[field] if field != "value" or not isinstance(r["value"], dict) else r["value"]["p50"]
-                             for r in runs)
+def field(run, path):
+    for key in path:
+        run = run[key]
+    return run
+
+
+def median(runs, *path):
+    """The median over rounds of one field of the children's results: ("value",), ("peak_rss_mb",), ("value", "p50")."""
+    return statistics.median(field(r, path or ("value",)) for r in runs)
+
+
+def per_round(runs, baseline, *path):
+    """runs/baseline for each round, as text."""
+    path = path or ("value",)
+    return ", ".join(f"{field(r, path) / field(b, path):.2f}" for r, b in zip(runs, baseline))
 
 
 def report(results, args, shapes):
-    train_rows = [k for k in results if isinstance(k, tuple) and k[0] != "pipeline"]
-    if train_rows:
+    if any(isinstance(k, tuple) and k[0] != "pipeline" for k in results):
         tried = f"; tried: {' '.join(args.env + args.context)}" if args.env or args.context else ""
         print(f"\ntraining step, {ARCH}, fp32 (peak RSS in MB){tried}")
         print(f"{'':<12}" + "".join(f"{f'{s}x{s} b{b}':>22}" for s, b in shapes))
@@ -376,13 +387,10 @@ def report(results, args, shapes):
             for name in ("seed stock", "seed AVX2", "torch"):
                 if (name, size, batch) in results:
                     line.append(f"ours/{name} {median(ours) / median(results[(name, size, batch)]):.2f}x")
-            tried = results.get(("ours, tried", size, batch))
-            if tried:
-                line.append("tried/ours per round: " + ", ".join(f"{t['value'] / o['value']:.2f}"
-                                                                 for o, t in zip(ours, tried)))
-            per_round = [o["value"] / t["value"] for o, t in zip(ours, results.get(("torch", size, batch), []))]
-            if per_round:
-                line.append("(ours/torch per round: " + ", ".join(f"{r:.2f}" for r in per_round) + ")")
+            if ("ours, tried", size, batch) in results:
+                line.append("tried/ours per round: " + per_round(results[("ours, tried", size, batch)], ours))
+            if ("torch", size, batch) in results:
+                line.append(f"(ours/torch per round: {per_round(ours, results[('torch', size, batch)])})")
             print("  ratio " + "  ".join(line))
     for size, batch in ((32, 32), (224, 8)):
         runs = results.get(("pipeline", size, batch))
@@ -397,18 +405,15 @@ def report(results, args, shapes):
         for name in ("ckpt", "mindir", "mindir, tried", "torch"):
             if name in results:
                 runs = results[name]
-                p50 = statistics.median(r["value"]["p50"] for r in runs)
-                p95 = statistics.median(r["value"]["p95"] for r in runs)
-                print(f"{name:<12}p50 {p50:>7.1f}  p95 {p95:>7.1f}  ({median(runs, 'peak_rss_mb'):.0f} MB)")
+                print(f"{name:<15}p50 {median(runs, 'value', 'p50'):>7.1f}  p95 {median(runs, 'value', 'p95'):>7.1f}  "
+                      f"({median(runs, 'peak_rss_mb'):.0f} MB)")
         if "mindir, tried" in results:
-            print("  ratio tried/mindir p50 per round: " + ", ".join(
-                f"{t['value']['p50'] / o['value']['p50']:.2f}" for o, t in zip(results["mindir"],
-                                                                            results["mindir, tried"])))
+            print("  ratio tried/mindir p50 per round: "
+                  + per_round(results["mindir, tried"], results["mindir"], "value", "p50"))
         if "torch" in results:
-            torch_p50 = statistics.median(r["value"]["p50"] for r in results["torch"])
             for name in ("ckpt", "mindir"):
-                p50 = statistics.median(r["value"]["p50"] for r in results[name])
-                print(f"  ratio {name}/torch p50 latency: {p50 / torch_p50:.2f}x")
+                ratio = median(results[name], "value", "p50") / median(results["torch"], "value", "p50")
+                print(f"  ratio {name}/torch p50 latency: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -216,9 +216,10 @@ def main(args):
     recorder.restore(history, best_so_far)
     parallel = f" x {workers} workers (rank {rank}), global batch {args.batch_size * workers}, lr {lr:g}" \
         if workers > 1 else ""
-    print(f"train: {args.arch} on {device} ({plan.describe()}){parallel}, {args.epochs} epochs x {steps_per_epoch} steps of "
-          f"{args.batch_size}, " + (f"Aim run {tracker.hash} in {storage.redact(aim_repo)}" if rank == 0 else
-                                     f"outputs only on rank 0 (this worker's scratch: {output_dir})"))
+    where = f"Aim run {tracker.hash} in {storage.redact(aim_repo)}" if rank == 0 else \
+        f"outputs only on rank 0 (this worker's scratch: {output_dir})"
+    print(f"train: {args.arch} on {device} ({plan.describe()}){parallel}, {args.epochs} epochs x "
+          f"{steps_per_epoch} steps of {args.batch_size}, {where}")
     callbacks = [fit.StopOnSignal(), fit.StopOnNonFiniteLoss(), recorder,
                  fit.ConsoleProgress(args.epochs, steps_per_epoch), tracker,
                  fit.EpochEndHook(lambda: push(outputs, aim_store))]
