@@ -1,10 +1,14 @@
-"""The network: tutorial parameter names, every depth and input size, and pretrained loading."""
+"""The network: tutorial parameter names, every depth and input size, small maps as matmul, and pretrained loading."""
+import itertools
+
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn
 
+import resnet
 from errors import UserError
-from resnet import ARCHS, create_model, load_pretrained
+from resnet import ARCHS, PADDINGS, create_model, load_pretrained
 from tutorial_resnet import TutorialResNet50
 
 
@@ -47,6 +51,73 @@ def test_every_arch_takes_any_input_size(arch):
     net = create_model(arch, 7)
     for side in (32, 72):
         assert predict(net, np.zeros((2, 3, side, side), np.float32)).shape == (2, 7)
+
+
+class WeightedSum(nn.Cell):
+    """A loss whose gradient with respect to the output is `direction`: gradients of every output element count."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def construct(self, x, direction):
+        return (self.net(x) * direction).sum()
+
+
+def output_and_gradients(net, x, mode):
+    rng = np.random.default_rng(1)
+    out = net(x)
+    direction = ms.Tensor(rng.normal(size=out.shape).astype(np.float32))
+    grad = ms.grad(WeightedSum(net), grad_position=0, weights=net.trainable_params())
+    if mode == ms.GRAPH_MODE:
+        grad = ms.jit(grad)
+    x_grad, weight_grads = grad(x, direction)
+    return [out.asnumpy(), x_grad.asnumpy()] + [g.asnumpy() for g in weight_grads]
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE], ids=["graph", "pynative"])
+def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkeypatch):
+    """Every kernel, stride, map size and padding: the same output, input gradient and weight/bias gradients as
+    MindSpore's convolution, and the matmul path is the one taken for maps up to 2x2."""
+    ms.set_context(mode=mode, device_target="CPU")
+    taken = []
+    if mode == ms.PYNATIVE_MODE:  # Python runs construct, so the path taken can be counted
+        as_matmul = resnet.Conv2d.as_matmul
+        monkeypatch.setattr(resnet.Conv2d, "as_matmul", lambda self, *a: taken.append(a[-1]) or as_matmul(self, *a))
+    small = large = 0
+    for kernel, stride, side, padding in itertools.product((1, 3, 7), (1, 2), (1, 2, 3, 5), PADDINGS):
+        ours = resnet._conv(6, 5, kernel, stride, padding)
+        assert isinstance(ours, resnet.Conv2d) and ours.small_maps_as_matmul
+        reference = nn.Conv2d(6, 5, kernel, stride=stride, pad_mode=ours.pad_mode, padding=ours.padding)
+        reference.weight.set_data(ours.weight.data)
+        x = ms.Tensor(np.random.default_rng(kernel * 100 + side).normal(size=(3, 6, side, side)).astype(np.float32))
+        got, expected = output_and_gradients(ours, x, mode), output_and_gradients(reference, x, mode)
+        case = f"kernel {kernel}, stride {stride}, {side}x{side}, {padding}"
+        assert [g.shape for g in got] == [e.shape for e in expected], case
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=case)
+        is_small = got[0].shape[2] * got[0].shape[3] <= resnet.SMALL_MAP_PIXELS
+        small, large = small + is_small, large + (not is_small)
+    assert small and large
+    if mode == ms.PYNATIVE_MODE:
+        assert len(taken) == 2 * small  # the output, and again under the gradient
+
+
+def test_resnet50_on_32x32_trains_the_same_with_small_maps_as_matmul():
+    """The whole network, compiled: logits and every weight's gradient as with convolutions throughout."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    x = ms.Tensor(np.random.default_rng(2).normal(size=(4, 3, 32, 32)).astype(np.float32))
+    results = []
+    for as_matmul in (True, False):
+        ms.set_seed(0)
+        net = create_model("resnet50", 10)
+        for cell in net.cells_and_names():
+            if isinstance(cell[1], resnet.Conv2d):
+                cell[1].small_maps_as_matmul = as_matmul
+        net.set_train(False)  # moving statistics: the same logits whatever the batch
+        results.append(output_and_gradients(net, x, ms.GRAPH_MODE))
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
 def test_tutorial_checkpoint_loads_unchanged_and_computes_the_same(tutorial_checkpoint):
