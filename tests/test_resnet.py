@@ -8,7 +8,7 @@ from mindspore import nn
 
 import resnet
 from errors import UserError
-from resnet import ARCHS, PADDINGS, create_model, load_pretrained
+from resnet import ARCHS, MATMUL_MIN_BATCH, PADDINGS, create_model, load_pretrained
 from tutorial_resnet import TutorialResNet50
 
 
@@ -78,7 +78,7 @@ def output_and_gradients(net, x, mode):
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE], ids=["graph", "pynative"])
 def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkeypatch):
     """Every kernel, stride, map size and padding: the same output, input gradient and weight/bias gradients as
-    MindSpore's convolution, and the matmul path is the one taken for maps up to 2x2."""
+    MindSpore's convolution, and the matmul path is the one taken for maps up to 2x2 in batches of 8 or more."""
     ms.set_context(mode=mode, device_target="CPU")
     taken = []
     if mode == ms.PYNATIVE_MODE:  # Python runs construct, so the path taken can be counted
@@ -90,7 +90,8 @@ def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkey
         assert isinstance(ours, resnet.Conv2d) and ours.small_maps_as_matmul
         reference = nn.Conv2d(6, 5, kernel, stride=stride, pad_mode=ours.pad_mode, padding=ours.padding)
         reference.weight.set_data(ours.weight.data)
-        x = ms.Tensor(np.random.default_rng(kernel * 100 + side).normal(size=(3, 6, side, side)).astype(np.float32))
+        rng = np.random.default_rng(kernel * 100 + side)
+        x = ms.Tensor(rng.normal(size=(MATMUL_MIN_BATCH, 6, side, side)).astype(np.float32))
         got, expected = output_and_gradients(ours, x, mode), output_and_gradients(reference, x, mode)
         case = f"kernel {kernel}, stride {stride}, {side}x{side}, {padding}"
         assert [g.shape for g in got] == [e.shape for e in expected], case
@@ -101,12 +102,15 @@ def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkey
     assert small and large
     if mode == ms.PYNATIVE_MODE:
         assert len(taken) == 2 * small  # the output, and again under the gradient
+        taken.clear()
+        resnet._conv(6, 5, 3)(ms.Tensor(np.ones((MATMUL_MIN_BATCH - 1, 6, 2, 2), np.float32)))
+        assert not taken  # small batches (batch-1 inference) keep the convolution
 
 
 def test_resnet50_on_32x32_trains_the_same_with_small_maps_as_matmul():
     """The whole network, compiled: logits and every weight's gradient as with convolutions throughout."""
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    x = ms.Tensor(np.random.default_rng(2).normal(size=(4, 3, 32, 32)).astype(np.float32))
+    x = ms.Tensor(np.random.default_rng(2).normal(size=(MATMUL_MIN_BATCH, 3, 32, 32)).astype(np.float32))
     results = []
     for as_matmul in (True, False):
         ms.set_seed(0)

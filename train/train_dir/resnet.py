@@ -26,7 +26,8 @@ HEAD_PREFIX = "fc."
 PADDINGS = ("same", "explicit")
 
 
-SMALL_MAP_PIXELS = 4  # output maps up to 2x2 pixels run as one matmul on CPU
+SMALL_MAP_PIXELS = 4  # output maps up to 2x2 pixels run as one matmul on CPU ...
+MATMUL_MIN_BATCH = 8  # ... in batches of 8 or more: a single image's GEMM is no narrower than its convolution's
 
 
 class Conv2d(nn.Conv2d):
@@ -35,8 +36,8 @@ class Conv2d(nn.Conv2d):
     MindSpore's CPU convolution runs one GEMM per image, as wide as the output map, so on the 2x2 and 1x1 maps of
     ResNet's last two stages (32x32 inputs) it runs at a few GFLOP/s. Unfolding the batch into one matmul makes a
     convolution's forward and backward 1.4x (3x3 on 2x2) to 10x (1x1 on 1x1) faster there, and ResNet50's whole
-    training step at 32x32 about 1.8x faster (README, Performance). From 4x4 maps on, the convolution is faster.
-    GPU and Ascend keep their convolutions.
+    training step at 32x32 about 1.8x faster (README, Performance). From 4x4 maps on, or for fewer than 8 images
+    (batch-1 inference), the convolution is faster. GPU and Ascend keep their convolutions.
     """
 
     def __init__(self, *args, **kwargs):
@@ -61,7 +62,7 @@ class Conv2d(nn.Conv2d):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         top, bottom, left, right = self.pads(in_h, in_w)
         out_h, out_w = (in_h + top + bottom - kh) // sh + 1, (in_w + left + right - kw) // sw + 1
-        if not self.small_maps_as_matmul or out_h * out_w > SMALL_MAP_PIXELS:
+        if not self.small_maps_as_matmul or out_h * out_w > SMALL_MAP_PIXELS or n < MATMUL_MIN_BATCH:
             output = self.conv2d(x, self.weight)
         else:
             output = self.as_matmul(x, (n, c, in_h, in_w), (top, bottom, left, right), (out_h, out_w))
