@@ -11,6 +11,8 @@ rounds, and the ratios are taken from those medians, because absolute times on a
 
 - "ours" is the real fit path: `fit.create_optimizer` + `fit.create_trainer` + `fit.fit` (GRAPH_MODE, `TrainStep`),
   with `fit.tune_cpu_env` applied, as train.py runs it.
+- "ours conv" is the same with `resnet.Conv2d`'s small-map matmul turned off (MindSpore's convolution everywhere):
+  what that gains.
 - "seed" is the MindSpore ResNet50 tutorial's PyNative `value_and_grad` loop on its own ResNet50
   (tests/tutorial_resnet.py), once with stock settings and once with ONEDNN_MAX_CPU_ISA=AVX2 as ours uses.
 - "torch" is PyTorch's CPU build on the same architecture (bench/torch_resnet.py), eager, fp32.
@@ -78,16 +80,19 @@ def images_per_second(step_ends, batch_size):
 
 # ---------------------------------------------------------------- training steps (each in its own process)
 
-def train_ours(image_size, batch_size, steps):
+def train_ours(image_size, batch_size, steps, small_maps_as_matmul=True):
     import mindspore as ms
     import mindspore.dataset as ds
     from mindspore.train import Callback
     import fit
-    from resnet import create_model
+    from resnet import Conv2d, create_model
     fit.tune_cpu_env()
     device = fit.setup_device("CPU")
     ms.set_context(**context_overrides())
     net = create_model(ARCH, CLASSES)
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, Conv2d):
+            cell.small_maps_as_matmul &= small_maps_as_matmul
     optimizer = fit.create_optimizer(net, fit.cosine_lr(0.01, 1, steps), momentum=0.9, weight_decay=1e-4)
     trainer = fit.create_trainer(net, optimizer, CLASSES, fit.plan_training(device))
     images, labels = random_batches(image_size, batch_size, steps)
@@ -284,8 +289,8 @@ def main():
                         help="extra environment for our runs (to try a setting)")
     parser.add_argument("--context", action="append", default=[], metavar="KEY=JSON",
                         help="extra mindspore.set_context setting for our runs, e.g. enable_graph_kernel=true")
-    parser.add_argument("--variants", nargs="+", default=["ours", "seed AVX2", "seed stock", "torch"],
-                        help="which training variants to run")
+    parser.add_argument("--variants", nargs="+", default=["ours", "ours conv", "seed AVX2", "seed stock", "torch"],
+                        help="which training variants to run ('ours conv': ours with convolutions on small maps too)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -329,6 +334,8 @@ def main():
                         record(("ours", size, batch), "train-ours", steps, AVX2)
                         if ours_env:  # the setting being tried, right after the baseline, in every round
                             record(("ours, tried", size, batch), "train-ours", steps, {**AVX2, **ours_env})
+                    if "ours conv" in wanted:  # what resnet.Conv2d's small-map matmul gains
+                        record(("ours conv", size, batch), "train-ours", steps + [False], AVX2)
                     if "seed AVX2" in wanted:
                         record(("seed AVX2", size, batch), "train-seed", steps, AVX2)
                     if "seed stock" in wanted and (size <= 64 or args.stock_224):
@@ -370,7 +377,7 @@ def report(results, args, shapes):
         tried = f"; tried: {' '.join(args.env + args.context)}" if args.env or args.context else ""
         print(f"\ntraining step, {ARCH}, fp32 (peak RSS in MB){tried}")
         print(f"{'':<12}" + "".join(f"{f'{s}x{s} b{b}':>22}" for s, b in shapes))
-        for name in ("ours", "ours, tried", "seed AVX2", "seed stock", "torch"):
+        for name in ("ours", "ours, tried", "ours conv", "seed AVX2", "seed stock", "torch"):
             if not any((name, size, batch) in results for size, batch in shapes):
                 continue
             cells = []
@@ -384,7 +391,7 @@ def report(results, args, shapes):
             if not ours:
                 continue
             line = [f"{size}x{size} b{batch}:"]
-            for name in ("seed stock", "seed AVX2", "torch"):
+            for name in ("ours conv", "seed stock", "seed AVX2", "torch"):
                 if (name, size, batch) in results:
                     line.append(f"ours/{name} {median(ours) / median(results[(name, size, batch)]):.2f}x")
             if ("ours, tried", size, batch) in results:
