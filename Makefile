@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 check-cloud: $(STAMP)
 	RUN_NETWORK_TESTS=1 $(PY) -m pytest tests/test_cloud_requirements.py
 
-# Speed against the seed tutorial's loop and PyTorch (CPU wheel, installed here only for this), ~15 min on 2 cores.
+# Speed against the seed tutorial's loop and PyTorch (CPU wheel, installed here only for this), ~8 min on 2 cores.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/speed.py --rounds 3
