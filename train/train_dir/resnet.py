@@ -95,7 +95,7 @@ def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
     # He init (the tutorial's N(0, 0.02) makes from-scratch training of deep nets diverge)
     pad = {"pad_mode": "pad", "padding": (kernel_size - 1) // 2} if padding == "explicit" else {"pad_mode": "same"}
     return Conv2d(in_channel, out_channel, kernel_size=kernel_size, stride=stride,
-                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), **pad)
+                  weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), **pad)
 
 
 def _norm(channel, last_in_block=False):
