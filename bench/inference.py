@@ -23,23 +23,7 @@ sys.path.insert(0, str(ROOT / "inference"))
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # as train.py does: MindSpore's oneDNN is slow on AVX-512
 
 from predictor import Predictor  # noqa: E402  (also puts train/train_dir on the path)
-from speed import untrained_model  # noqa: E402
-
-
-def percentiles(seconds):
-    ms = np.asarray(seconds) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
-
-
-def latency(predictor, image, repeats, warmup=3):
-    for _ in range(warmup):
-        predictor.predict([image])
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predictor.predict([image])
-        times.append(time.perf_counter() - start)
-    return times
+from speed import call_times, percentiles, untrained_model  # noqa: E402
 
 
 def app_throughput(model, image_path, requests, concurrency):
@@ -84,7 +68,8 @@ def main():
 
         rows = {}
         for name, path in (("ckpt", ckpt), ("mindir", mindir)):
-            rows[name] = latency(Predictor.load(path), image_path, args.repeats)
+            predictor = Predictor.load(path)
+            rows[name] = call_times(lambda: predictor.predict([image_path]), args.repeats)
         rate, app_times = app_throughput(ckpt, image_path, args.requests, args.concurrency)
 
     print(f"inference at batch 1, {args.arch} {args.image_size}x{args.image_size}, a 640x480 JPEG per request "

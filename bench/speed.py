@@ -215,15 +215,26 @@ def infer_torch(repeats):
         return latencies(lambda: model(x).numpy(), repeats)
 
 
-def latencies(call, repeats, warmup=3):
+def call_times(call, repeats, warmup=3):
+    """Seconds each of `repeats` calls took, after `warmup` untimed ones."""
     for _ in range(warmup):
         call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def percentiles(seconds):
+    """p50 and p95 in milliseconds."""
+    ms = np.asarray(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def latencies(call, repeats):
+    return dict(zip(("p50", "p95"), percentiles(call_times(call, repeats))))
 
 
 def untrained_model(folder, arch=ARCH, image_size=224, num_classes=CLASSES):
