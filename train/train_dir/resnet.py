@@ -61,20 +61,20 @@ class Conv2d(nn.Conv2d):
         return (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
 
     def construct(self, x):
-        n, c, in_h, in_w = x.shape
+        n, _, in_h, in_w = x.shape
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         top, bottom, left, right = self.pads(in_h, in_w)
         out_h, out_w = (in_h + top + bottom - kh) // sh + 1, (in_w + left + right - kw) // sw + 1
         if not self.small_maps_as_matmul or out_h * out_w > SMALL_MAP_PIXELS or n < MATMUL_MIN_BATCH:
             output = self.conv2d(x, self.weight)
         else:
-            output = self.as_matmul(x, (n, c, in_h, in_w), (top, bottom, left, right), (out_h, out_w))
+            output = self.as_matmul(x, (top, bottom, left, right), (out_h, out_w))
         if self.has_bias:
             output = self.bias_add(output, self.bias)
         return output
 
-    def as_matmul(self, x, in_shape, pads, out_shape):
-        n, c, in_h, in_w = in_shape
+    def as_matmul(self, x, pads, out_shape):
+        n, c, _, _ = x.shape
         out_h, out_w = out_shape
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         if (kh, kw, sh, sw) == (1, 1, 1, 1) and pads == (0, 0, 0, 0):
