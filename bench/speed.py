@@ -9,8 +9,8 @@ Every measurement runs in a fresh process (so peak RSS is its own, and oneDNN se
 op, can differ), and rounds are interleaved: ours, seed, torch, ours, seed, torch, ... The table shows the median over
 rounds, and the ratios are taken from those medians, because absolute times on a shared machine are noise.
 
-- "ours" is the real fit path: `fit.create_optimizer` + `fit.create_trainer` + `fit.fit` (GRAPH_MODE, `TrainStep`),
-  with `fit.tune_cpu_env` applied, as train.py runs it.
+- "ours" is the real fit path: `train_step.create_optimizer` + `train_step.create_trainer` + `Model.fit` (GRAPH_MODE, `TrainStep`),
+  with `runtime.tune_cpu_env` applied, as train.py runs it.
 - "ours conv" is the same with `resnet.Conv2d`'s small-map matmul turned off (MindSpore's convolution everywhere):
   what that gains.
 - "seed" is the MindSpore ResNet50 tutorial's PyNative `value_and_grad` loop on its own ResNet50
@@ -84,27 +84,29 @@ def train_ours(image_size, batch_size, steps, small_maps_as_matmul=True):
     import mindspore as ms
     import mindspore.dataset as ds
     from mindspore.train import Callback
-    import fit
+    import runtime
+    import train_step
+    from callbacks import StepMeter, StopOnNonFiniteLoss
     from resnet import Conv2d, create_model
-    fit.tune_cpu_env()
-    device = fit.setup_device("CPU")
+    runtime.tune_cpu_env()
+    device = runtime.setup_device("CPU")
     ms.set_context(**context_overrides())
     net = create_model(ARCH, CLASSES)
     for _, cell in net.cells_and_names():
         if isinstance(cell, Conv2d):
             cell.small_maps_as_matmul &= small_maps_as_matmul
-    optimizer = fit.create_optimizer(net, fit.cosine_lr(0.01, 1, steps), momentum=0.9, weight_decay=1e-4)
-    trainer = fit.create_trainer(net, optimizer, CLASSES, fit.plan_training(device))
+    optimizer = train_step.create_optimizer(net, train_step.cosine_lr(0.01, 1, steps), momentum=0.9, weight_decay=1e-4)
+    trainer = train_step.create_trainer(net, optimizer, CLASSES, runtime.plan_training(device))
     images, labels = random_batches(image_size, batch_size, steps)
     data = ds.NumpySlicesDataset({"image": images, "label": labels}, shuffle=False).batch(batch_size)
     ends = []
 
     class StepTimes(Callback):
-        def on_train_step_end(self, run_context):
-            fit.step_loss(run_context.original_args())  # waits for the step, as train.py's callbacks do
+        def on_train_step_end(self, run_context):  # after the meter has waited for the step, as in train.py
             ends.append(time.perf_counter())
 
-    fit.fit(trainer, 1, data, None, [fit.StopOnNonFiniteLoss(), StepTimes()])
+    meter = StepMeter()
+    trainer.fit(1, data, callbacks=[meter, StopOnNonFiniteLoss(meter), StepTimes()], dataset_sink_mode=False)
     return images_per_second(ends, batch_size)
 
 
@@ -197,7 +199,7 @@ def write_photos(folder, count, size=(500, 375), seed=0):
 def infer(model_path, repeats):
     """Latency of the network on one preprocessed 224 image, through the app's Predictor (ckpt or MindIR)."""
     import mindspore as ms
-    from fit import tune_cpu_env
+    from runtime import tune_cpu_env
     tune_cpu_env()
     from predictor import Predictor
     predictor = Predictor.load(model_path)

@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from predictor import MAX_PIXELS, BadImage, Predictor, find_model, read_image  # noqa: E402
-from errors import UserError  # noqa: E402  (train/train_dir, put on the path by predictor)
+import run_state  # noqa: E402  (train/train_dir, put on the path by predictor)
+from errors import UserError  # noqa: E402
 
 TOP_K = 5
 EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -29,7 +30,7 @@ def model_card(predictor):
              f"{labels.get('dataset', 'its data')}, {len(predictor.class_names)} classes at "
              f"{predictor.image_size}x{predictor.image_size}.",
              "**Classes:** " + ", ".join(predictor.class_names) + "."]
-    metrics = predictor.model_path.parent / "metrics.json"
+    metrics = predictor.model_path.parent / run_state.METRICS
     try:
         history = json.loads(metrics.read_text())
         best = max(history, key=lambda r: r["val_accuracy"])
@@ -44,7 +45,7 @@ def example_images(predictor):
     """Validation images that training saved in examples/ beside the model; on the platform's pod, where the
     model_path files all land in inference/, the images listed there."""
     model_dir = predictor.model_path.parent
-    folders = [model_dir / "examples", HERE / "examples"] + ([HERE] if model_dir == HERE else [])
+    folders = [model_dir / run_state.EXAMPLES, HERE / run_state.EXAMPLES] + ([HERE] if model_dir == HERE else [])
     for folder in folders:
         if folder.is_dir():
             found = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)

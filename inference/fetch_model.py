@@ -30,13 +30,13 @@ def model_paths(config_path):
 
 def fetch(paths, source=None, hub=None, target=HERE):
     """Copy each named file into `target` under its basename; returns the files written."""
-    written = []
+    written, store = [], storage.backend()
     for entry in paths:
         name = PurePosixPath(entry).name
         src = f"{str(hub).rstrip('/')}/{entry}" if hub else f"{str(source).rstrip('/')}/{name}"
-        if not storage.exists(src):
+        if not store.exists(src):
             raise UserError(f"model file {entry}: {storage.redact(src)} does not exist")
-        storage.copy(src, target / name)
+        store.copy(src, target / name)
         written.append(target / name)
     return written
 

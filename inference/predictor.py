@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
+import run_state  # noqa: E402
 from errors import UserError  # noqa: E402
 
 MAX_PIXELS = 40_000_000  # larger uploads are refused (decompression bombs); a 40 MP photo still passes
@@ -94,7 +95,7 @@ class Predictor:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise UserError(f"model file {model_path} does not exist")
-        labels = read_labels(Path(labels_path) if labels_path else model_path.parent / "labels.json")
+        labels = read_labels(Path(labels_path) if labels_path else model_path.parent / run_state.LABELS)
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
         if model_path.suffix.lower() == ".mindir":
             try:
@@ -146,7 +147,8 @@ def load_network(model_path, labels):
     """The ResNet of train/train_dir with the checkpoint's weights (of any family train.py reads), in inference
     mode, padded as the weights were trained."""
     import mindspore as ms
-    from resnet import create_model, read_pretrained
+    from checkpoints import read_pretrained
+    from resnet import create_model
     checkpoint = read_pretrained(model_path)
     padding, params = checkpoint.padding, checkpoint.weights
     head = params.get("fc.weight")

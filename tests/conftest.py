@@ -17,6 +17,7 @@ os.environ.setdefault("GLOG_v", "3")
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 from make_demo_data import make_demo_data  # noqa: E402
+from run_state import RunFiles  # noqa: E402
 
 # The shared training run: ResNet50 from scratch on 4 colour-and-shape classes (chance: 0.25).
 # Several hundred images and ~150 steps, because BatchNorm's moving statistics lag on less (see toolchain notes).
@@ -58,7 +59,7 @@ def trained(tmp_path_factory):
                        "--epochs", TRAINED["epochs"], "--batch_size", TRAINED["batch_size"], "--lr", 0.01,
                        "--warmup_epochs", 1, "--experiment", "pytest", "--seed", 7)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"out": out, "data": cifar, "result": result}
+    return {"out": out, "files": RunFiles(out, "resnet50"), "data": cifar, "result": result}
 
 
 # ---------------------------------------------------------------- loopback servers for remote storage

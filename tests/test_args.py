@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-import fit
+import runtime
+import train_step
 from args import parse_args
 from errors import UserError
 
@@ -92,32 +93,32 @@ def test_bad_values_give_one_error_line(argv, needle, capsys):
     ("GPU", ["GPU", "CPU"], "GPU"),
 ])
 def test_device_choice(requested, available, chosen):
-    assert fit.choose_device(requested, available) == chosen
+    assert runtime.choose_device(requested, available) == chosen
 
 
 def test_unavailable_device_is_a_user_error():
     with pytest.raises(UserError, match="GPU is not available"):
-        fit.choose_device("GPU", ["CPU"])
+        runtime.choose_device("GPU", ["CPU"])
 
 
 def test_this_machine_detects_cpu_only():
-    assert fit.available_devices() == ["CPU"]
+    assert runtime.available_devices() == ["CPU"]
     with pytest.raises(UserError, match="Ascend"):
-        fit.setup_device("Ascend")
+        runtime.setup_device("Ascend")
 
 
 def test_cpu_isa_cap_respects_the_user():
     env = {}
-    fit.tune_cpu_env(env)
+    runtime.tune_cpu_env(env)
     assert env == {"ONEDNN_MAX_CPU_ISA": "AVX2"} or os.uname().machine not in ("x86_64", "AMD64")
     env = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
-    fit.tune_cpu_env(env)
+    runtime.tune_cpu_env(env)
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
 
 
 def test_cosine_schedule_with_warmup():
-    lr = fit.cosine_lr(0.1, epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    lr = train_step.cosine_lr(0.1, epochs=4, steps_per_epoch=10, warmup_epochs=1)
     assert len(lr) == 40 and lr.dtype == np.float32
     assert np.all(np.diff(lr[:10]) > 0) and lr[9] == pytest.approx(0.1)
     assert np.all(np.diff(lr[10:]) < 0) and lr[10] == pytest.approx(0.1) and lr[-1] < 0.001
-    assert fit.cosine_lr(0.1, 2, 5)[0] == pytest.approx(0.1)  # no warmup: starts at the peak
+    assert train_step.cosine_lr(0.1, 2, 5)[0] == pytest.approx(0.1)  # no warmup: starts at the peak

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import export
+from checkpoints import checkpoint_padding, load_pretrained, to_our_names
 from errors import UserError
-from resnet import checkpoint_padding, create_model, load_pretrained, to_our_names
+from resnet import create_model
 
 
 def randomise(net, seed=0):

@@ -10,7 +10,7 @@ import pytest
 from conftest import TRAIN_PY, free_port, read_json, run_train
 from test_aim_runs import read_runs
 
-import fit
+import runtime
 from make_demo_data import make_split, write_cifar
 
 pytestmark = pytest.mark.slow
@@ -80,6 +80,6 @@ def test_validation_matches_a_single_process_at_the_same_global_batch(two_worker
 
 
 def test_a_single_process_does_not_join_a_group():
-    assert fit.join_data_parallel({}) == (0, 1, 0)
-    assert not fit.launched_workers({"RANK_SIZE": "1"})
-    assert fit.launched_workers({"MS_ROLE": "MS_WORKER"}) and fit.launched_workers({"RANK_SIZE": "8"})
+    assert runtime.join_data_parallel({}) == (0, 1, 0)
+    assert not runtime.launched_workers({"RANK_SIZE": "1"})
+    assert runtime.launched_workers({"MS_ROLE": "MS_WORKER"}) and runtime.launched_workers({"RANK_SIZE": "8"})

@@ -5,7 +5,7 @@ import pytest
 from conftest import read_json, run_train
 
 import datasets
-import fit
+import train_step
 from resnet import create_model
 
 pytestmark = pytest.mark.slow
@@ -83,8 +83,8 @@ def test_trainable_layers_train_and_the_rest_stays_bit_identical(small_data, pre
 
 def test_backbone_learning_rate_scale():
     net = create_model("resnet18", 3)
-    schedule = fit.cosine_lr(0.1, 2, 5, 1)
-    optimizer = fit.create_optimizer(net, schedule, 0.9, 1e-4, backbone_lr_scale=0.1)
+    schedule = train_step.cosine_lr(0.1, 2, 5, 1)
+    optimizer = train_step.create_optimizer(net, schedule, 0.9, 1e-4, backbone_lr_scale=0.1)
     head = optimizer.get_lr_parameter(net.fc.weight).asnumpy()
     backbone = optimizer.get_lr_parameter(net.layer2[0].conv1.weight).asnumpy()
     np.testing.assert_allclose(head, schedule, rtol=1e-6)

@@ -6,6 +6,7 @@ import zipfile
 import mindspore as ms
 import pytest
 from conftest import S3_KEYS, run_train
+from moxing_fixture import moxing_double  # noqa: F401 (a fixture)
 
 import storage
 from make_demo_data import make_split, write_cifar, write_imagefolder
@@ -25,6 +26,12 @@ def pretrained(module_tmp):
     return path
 
 
+def names_in(url):
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache()
+    return {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+
+
 def assert_clean(result):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -33,18 +40,19 @@ def assert_clean(result):
 @pytest.mark.parametrize("scheme", ["s3", "obs"])
 def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     cifar = write_cifar(tmp_path / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
-    storage.copy_parallel(cifar, f"{scheme}://{bucket}/datasets/cifar-10-batches-bin")
-    storage.copy(pretrained, f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt")
+    store = storage.FsspecStorage()
+    store.copy_parallel(cifar, f"{scheme}://{bucket}/datasets/cifar-10-batches-bin")
+    store.copy(pretrained, f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt")
     result = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "cache",
                        "--pretrain_url", f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt",
                        "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
                        *QUICK)
     assert_clean(result)
     assert "pretrained: loaded" in result.stdout and "head re-initialised" in result.stdout
-    assert set(storage.list_directory(f"{scheme}://{bucket}/output")) >= OUTPUTS
-    assert ".aim" in storage.list_directory(f"{scheme}://{bucket}/aim")
-    assert storage.exists(f"{scheme}://{bucket}/aim/.aim/run_metadata.sqlite")
-    storage.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
+    assert names_in(f"{scheme}://{bucket}/output") >= OUTPUTS
+    assert ".aim" in names_in(f"{scheme}://{bucket}/aim")
+    assert store.exists(f"{scheme}://{bucket}/aim/.aim/run_metadata.sqlite")
+    store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
     assert result.stdout.count("synced") >= 3  # after each epoch and at the end
 
@@ -56,11 +64,11 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     assert "resume: continuing after epoch 2 of 3" in resumed.stdout
     (staged,) = [p.parent for p in (tmp_path / "fresh-cache" / "outputs").glob("*/metrics.json")]
     assert {"resume.ckpt", "resnet18-best.ckpt", "resnet18-best.mindir"} <= {p.name for p in staged.iterdir()}
-    storage.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
+    store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
 
     # The bucket's copy of the Aim repo is a working repo: it lists the job's run.
-    storage.copy_parallel(f"{scheme}://{bucket}/aim", tmp_path / "aim-copy")
+    store.copy_parallel(f"{scheme}://{bucket}/aim", tmp_path / "aim-copy")
     from aim import Repo
     assert len(Repo(str(tmp_path / "aim-copy")).list_all_runs()) == 1
 
@@ -68,6 +76,33 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     secret = S3_KEYS["AWS_SECRET_ACCESS_KEY"].encode()
     assert secret not in (result.stdout + result.stderr).encode()
     assert not [p for p in (tmp_path / "aim-copy").rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_job_stores_everything_through_moxing_when_importable(moxing_double, tmp_path):
+    """Inside ModelArts: data staged in, outputs pushed and resume state pulled back all go through moxing.file
+    (the double, over a local folder); fsspec has no endpoint that works, so it cannot have been used."""
+    bucket = moxing_double.root / "bucket"
+    write_cifar(bucket / "data" / "cifar-10-batches-bin", make_split(32, 2, 0), make_split(12, 2, 1), ["cat", "dog"])
+    job = ["--data_url", "obs://bucket/data/", "--output_url", "obs://bucket/out", *QUICK]
+    first = run_train(*job, "--cache_dir", tmp_path / "cache", "--epochs", 1)
+    assert_clean(first)
+    assert OUTPUTS | {"resume.ckpt", ".aim"} <= {p.name for p in (bucket / "out").iterdir()}
+    calls = moxing_double.calls("copy", "copy_parallel")
+    assert calls[0][0] == "copy_parallel" and calls[0][1][0] == "obs://bucket/data/"
+    pushed = {args[1].removeprefix("obs://bucket/out/") for call, args in calls[1:] if call == "copy"}
+    assert OUTPUTS | {"resume.ckpt", ".aim/run_metadata.sqlite"} <= pushed
+    assert all(args[1].startswith("obs://bucket/out/") for _, args in calls[1:])
+
+    moxing_double.log.unlink()  # restarted on a fresh machine: an empty cache, everything comes from the bucket
+    resumed = run_train(*job, "--cache_dir", tmp_path / "fresh-cache", "--resume", "auto", "--epochs", 2)
+    assert_clean(resumed)
+    assert "resume: continuing after epoch 1 of 2" in resumed.stdout
+    local = tmp_path / "fresh-cache" / "outputs"
+    pulls = [(call, args[0]) for call, args in moxing_double.calls("copy", "copy_parallel")
+             if args[1].startswith(str(local))]
+    assert {("copy", f"obs://bucket/out/{name}") for name in ("resume.ckpt", "metrics.json", "resnet18-best.ckpt")} \
+        | {("copy_parallel", "obs://bucket/out/.aim")} <= set(pulls)
+    assert [r["epoch"] for r in json.loads((bucket / "out" / "metrics.json").read_text())] == [1, 2]
 
 
 def test_job_trains_from_a_canidae_style_zip_over_http(http_server, tmp_path):

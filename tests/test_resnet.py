@@ -8,7 +8,8 @@ from mindspore import nn
 
 import resnet
 from errors import UserError
-from resnet import ARCHS, MATMUL_MIN_BATCH, create_model, load_pretrained
+from checkpoints import load_pretrained
+from resnet import ARCHS, MATMUL_MIN_BATCH, create_model
 from tutorial_resnet import TutorialResNet50
 
 

@@ -11,9 +11,15 @@ from conftest import TRAIN_PY, read_json, run_train
 from test_aim_runs import read_runs
 
 from make_demo_data import make_split, write_cifar
+from run_state import RunFiles
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
+
+
+def files_of(out):
+    """The files a resnet18 job writes into `out`."""
+    return RunFiles(out, "resnet18")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +50,15 @@ def test_killed_in_epoch_2_then_restarted_finishes_as_one_run(data, tmp_path):
             job.kill()
             break
     job.wait(timeout=60)
-    first_epoch = read_json(out / "metrics.json")
+    first_epoch = read_json(files_of(out).metrics)
     assert [r["epoch"] for r in first_epoch] == [1]
 
     resumed = run_train(*argv(data, out))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resume: continuing after epoch 1 of 3" in resumed.stdout
-    history = read_json(out / "metrics.json")
+    history = read_json(files_of(out).metrics)
     assert [r["epoch"] for r in history] == [1, 2, 3] and history[0] == first_epoch[0]
-    expected = read_json(tmp_path / "uninterrupted" / "metrics.json")[-1]["val_accuracy"]
+    expected = read_json(files_of(tmp_path / "uninterrupted").metrics)[-1]["val_accuracy"]
     assert abs(history[-1]["val_accuracy"] - expected) <= 0.05, (history[-1], expected)
 
     (run,) = read_runs(out).values()  # the same Aim run, continued
@@ -70,12 +76,13 @@ def test_kills_at_random_moments_never_leave_a_checkpoint_that_fails_to_load(dat
         time.sleep(rng.uniform(4, 16))
         job.kill()
         job.wait(timeout=60)
-        for name in ("resume.ckpt", "resnet18-last.ckpt", "resnet18-best.ckpt"):
-            if (out / name).exists():
-                assert len(ms.load_checkpoint(str(out / name))) > 50, name
-        if (out / "metrics.json").exists():
-            epochs = [r["epoch"] for r in json.loads((out / "metrics.json").read_text())]
+        files = files_of(out)
+        for path in (files.resume, files.last_checkpoint, files.best_checkpoint):
+            if path.exists():
+                assert len(ms.load_checkpoint(str(path))) > 50, path
+        if files.metrics.exists():
+            epochs = [r["epoch"] for r in json.loads(files.metrics.read_text())]
             assert epochs == list(range(1, len(epochs) + 1))
     final = run_train(*argv(data, out, epochs=4))
     assert final.returncode == 0, final.stdout[-3000:]
-    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in read_json(files_of(out).metrics)] == [1, 2, 3, 4]

@@ -7,8 +7,9 @@ import pytest
 from conftest import ROOT, TRAINED, read_json, run_train
 
 import datasets
-import fit
+import train_step
 from resnet import create_model
+from run_state import AIM_FOLDER, RunFiles
 from tutorial_resnet import TutorialResNet50
 
 pytestmark = pytest.mark.slow
@@ -37,17 +38,17 @@ def aim_run(trained):
 
 
 def test_every_output_is_written(trained):
-    out = trained["out"]
-    for name in ("resnet50-best.ckpt", "resnet50-last.ckpt", "resnet50-best.mindir", "labels.json", "metrics.json"):
-        assert (out / name).stat().st_size > 0, name
-    for picture in ("curves.png", "train_samples.png", "val_predictions.png"):
-        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
-    assert (out / ".aim").is_dir()
+    out, files = trained["out"], trained["files"]
+    for path in (files.best_checkpoint, files.last_checkpoint, files.best_mindir, files.labels, files.metrics):
+        assert path.stat().st_size > 0, path
+    for picture in (files.curves, files.train_samples, files.val_predictions):
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    assert (out / AIM_FOLDER).is_dir()
     assert not list(out.glob(".*partial*")), "temporary files left behind"
 
 
 def test_labels_json_describes_the_model(trained):
-    labels = read_json(trained["out"] / "labels.json")
+    labels = read_json(trained["files"].labels)
     assert labels["class_names"] == ["red_circle", "blue_square", "red_square", "blue_circle"]
     assert (labels["image_size"], labels["arch"]) == (32, "resnet50")
     assert labels["mean"] == pytest.approx(datasets.IMAGENET_MEAN)
@@ -55,7 +56,7 @@ def test_labels_json_describes_the_model(trained):
 
 
 def test_metrics_json_has_one_entry_per_epoch(trained):
-    history = read_json(trained["out"] / "metrics.json")
+    history = read_json(trained["files"].metrics)
     assert [r["epoch"] for r in history] == list(range(1, TRAINED["epochs"] + 1))
     for r in history:
         assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second"} <= set(r)
@@ -66,25 +67,25 @@ def test_metrics_json_has_one_entry_per_epoch(trained):
 
 
 def test_the_network_learns(trained):
-    history = read_json(trained["out"] / "metrics.json")
+    history = read_json(trained["files"].metrics)
     chance = 1 / TRAINED["classes"]
     assert max(r["val_accuracy"] for r in history) >= chance + 0.2, history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
 def test_best_checkpoint_scores_what_metrics_json_says(trained):
-    history = read_json(trained["out"] / "metrics.json")
+    history = read_json(trained["files"].metrics)
     net = create_model("resnet50", TRAINED["classes"])
-    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["out"] / "resnet50-best.ckpt")))
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].best_checkpoint)))
     val = datasets.create_dataset(datasets.find_data(trained["data"]), "val", 32, batch_size=50)
     assert evaluate(net, val) == pytest.approx(max(r["val_accuracy"] for r in history), abs=1e-6)
 
 
 def test_mindir_export_predicts_like_the_checkpoint(trained):
     net = create_model("resnet50", TRAINED["classes"])
-    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["out"] / "resnet50-best.ckpt")))
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].best_checkpoint)))
     net.set_train(False)
-    graph = ms.nn.GraphCell(ms.load(str(trained["out"] / "resnet50-best.mindir")))
+    graph = ms.nn.GraphCell(ms.load(str(trained["files"].best_mindir)))
     image = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
     np.testing.assert_allclose(graph(image).asnumpy(), net(image).asnumpy(), rtol=1e-4, atol=1e-4)
 
@@ -119,11 +120,11 @@ def test_aim_run_reads_back_with_names_contexts_and_steps(trained, aim_run):
     for name in ("loss", "lr"):
         assert series(name, "train")["step"].tolist() == list(range(1, total_steps + 1))
     lr = series("lr", "train")["value"].to_numpy()
-    np.testing.assert_allclose(lr, fit.cosine_lr(0.01, TRAINED["epochs"], STEPS, 1), rtol=1e-6)
+    np.testing.assert_allclose(lr, train_step.cosine_lr(0.01, TRAINED["epochs"], STEPS, 1), rtol=1e-6)
     epochs = list(range(1, TRAINED["epochs"] + 1))
     for name, subset in (("epoch_loss", "train"), ("accuracy", "train"), ("loss", "val"), ("accuracy", "val")):
         assert series(name, subset)["step"].tolist() == epochs
-    history = read_json(trained["out"] / "metrics.json")
+    history = read_json(trained["files"].metrics)
     np.testing.assert_allclose(series("accuracy", "val")["value"], [r["val_accuracy"] for r in history])
     np.testing.assert_allclose(series("accuracy", "train")["value"], [r["train_accuracy"] for r in history])
     np.testing.assert_allclose(series("epoch_loss", "train")["value"], [r["train_loss"] for r in history], rtol=1e-6)
@@ -139,13 +140,13 @@ def test_freeze_keeps_the_pretrained_backbone_bit_identical(small_data, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "head re-initialised" in result.stdout
     before = ms.load_checkpoint(str(pretrained))
-    after = ms.load_checkpoint(str(out / "resnet50-last.ckpt"))
+    after = ms.load_checkpoint(str(RunFiles(out, "resnet50").last_checkpoint))
     backbone = [name for name in before if not name.startswith("fc.")]
     assert backbone and all(name in after for name in backbone)
     for name in backbone:
         assert np.array_equal(before[name].asnumpy(), after[name].asnumpy()), name
     assert after["fc.weight"].shape == (4, 2048)
-    history = read_json(out / "metrics.json")
+    history = read_json(RunFiles(out, "resnet50").metrics)
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # the head did train
 
 
@@ -154,7 +155,7 @@ def test_aim_run_has_captioned_predictions_confusion_matrix_and_class_accuracy(t
     from aim.storage.context import Context
     _, run = aim_run
     epochs = list(range(1, TRAINED["epochs"] + 1))
-    names = read_json(trained["out"] / "labels.json")["class_names"]
+    names = read_json(trained["files"].labels)["class_names"]
     _, inputs, labels = datasets.preview_batch(datasets.find_data(trained["data"]), "val", 32, 16)
 
     steps, batches = run.get_image_sequence("val_predictions", Context({"subset": "val"})).values.sparse_list()
@@ -163,7 +164,7 @@ def test_aim_run_has_captioned_predictions_confusion_matrix_and_class_accuracy(t
     assert [names.index(true) for true, _ in pairs] == labels.tolist()
     # The last epoch's captions are what the last checkpoint predicts for those images.
     net = create_model("resnet50", TRAINED["classes"])
-    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["out"] / "resnet50-last.ckpt")))
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].last_checkpoint)))
     net.set_train(False)
     predicted = net(ms.Tensor(inputs)).asnumpy().argmax(1)
     assert [names.index(p) for _, p in pairs] == predicted.tolist()
@@ -173,7 +174,7 @@ def test_aim_run_has_captioned_predictions_confusion_matrix_and_class_accuracy(t
 
     # Per-class accuracy, weighted by class sizes, is the overall accuracy.
     val_labels = datasets.find_data(trained["data"]).val[1]
-    history = read_json(trained["out"] / "metrics.json")
+    history = read_json(trained["files"].metrics)
     weighted = 0.0
     for label, name in enumerate(names):
         series = run.get_metric("class_accuracy", Context({"subset": "val", "class": name})).dataframe()

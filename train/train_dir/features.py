@@ -108,3 +108,11 @@ def feature_datasets(train, val, batch_size, seed, shard=None):
     ds.config.set_seed(seed)
     sharding = {"num_shards": shard[0], "shard_id": shard[1]} if shard else {}
     return pipeline(*train, shuffle=True, sharding=sharding), pipeline(*val, shuffle=False, sharding={})
+
+
+def head_training(net, source, args, pretrained, cache_dir, shard, preview_count):
+    """Fixed-feature mode in one call: what is trained (the head, `fc`), its training and validation pipelines of
+    cached features, and the predictor of the first `preview_count` validation images."""
+    train_features, val_features = cached_features(net, source, args, pretrained, cache_dir)
+    train_data, val_data = feature_datasets(train_features, val_features, args.batch_size, args.seed, shard)
+    return net.fc, train_data, val_data, head_predictor(net.fc, val_features[0], preview_count)

@@ -1,14 +1,16 @@
 """Experiment tracking with Aim: a MindSpore callback that works with any `Model.train` / `Model.fit`.
 
+    from callbacks import StepMeter
     from tracking import AimCallback
-    aim_cb = AimCallback("runs", experiment="my-exp", hparams={"lr": 0.01})
-    model.fit(10, train_ds, valid_dataset=val_ds, callbacks=[aim_cb])   # closes the run when training ends
+    meter = StepMeter()                                   # reads each step once; Aim logs what it measured
+    aim_cb = AimCallback("runs", experiment="my-exp", hparams={"lr": 0.01}, meter=meter)
+    model.fit(10, train_ds, valid_dataset=val_ds, callbacks=[meter, aim_cb])   # closes the run when training ends
 
 Metric names and contexts:
 - `loss`, `lr` and `images_per_second` with {"subset": "train"}, every `log_every` steps (step = global step, from 1);
 - `epoch_loss`, `accuracy` and `epoch_seconds` with {"subset": "train"}, once per epoch (step = epoch); the train
   accuracy is the running one over the epoch's steps, when the train step reports right predictions
-  (`fit.TrainStep` does);
+  (`train_step.TrainStep` does);
 - `loss`, `accuracy` and (5 classes or more) `top5_accuracy` with {"subset": "val"}, once per epoch, with a
   validation set; `class_accuracy` with {"subset": "val", "class": NAME} when the fit's metrics include a
   `confusion` matrix, which is also logged as the image `confusion_matrix`;
@@ -16,12 +18,8 @@ Metric names and contexts:
 
 In a data-parallel job only rank 0 opens a run; on the other ranks the callback does nothing.
 """
-import time
-
 import numpy as np
 from mindspore.train import Callback
-
-from fit import RunningAccuracy
 
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
@@ -59,13 +57,14 @@ class AimCallback(Callback):
     `repo` is a folder (its `.aim` is created when missing) or an `aim://host:port` tracking server.
     `preview` is (HWC uint8 images, network inputs, labels) and `predict` maps network inputs to logits: with both,
     each epoch logs the preview images captioned with their true and predicted class. `run_hash` continues an
-    existing run (a resumed job), whose fit starts counting steps after `step_offset`.
+    existing run (a resumed job), whose fit starts counting steps after `step_offset`. `meter` is the
+    `callbacks.StepMeter` placed before this callback, whose measurements are logged.
     """
 
-    def __init__(self, repo, experiment, hparams, log_every=1, system_tracking=True, class_names=None,
+    def __init__(self, repo, experiment, hparams, meter, log_every=1, system_tracking=True, class_names=None,
                  preview=None, predict=None, close_at_end=True, run_hash=None, step_offset=0):
         super().__init__()
-        self.run = None
+        self.run, self.meter = None, meter
         self.step_offset = step_offset  # a resumed fit counts its steps from 0 again
         if process_rank() == 0:
             from aim import Run
@@ -77,7 +76,6 @@ class AimCallback(Callback):
         self.preview, self.predict = preview, predict
         self.close_at_end = close_at_end
         self.last_predictions = None
-        self._running = RunningAccuracy()
 
     @property
     def hash(self):
@@ -96,42 +94,33 @@ class AimCallback(Callback):
             image = PILImage.open(image).convert("RGB")
         self.run.track(Image(image, caption=caption), name=name, step=step, context=context or {})
 
-    def on_train_epoch_begin(self, run_context):
-        self._running = RunningAccuracy(run_context.original_args().cur_step_num)
-        self._epoch_start = time.perf_counter()
-
-    def on_train_step_begin(self, run_context):
-        self._step_start = time.perf_counter()
-
     def on_train_step_end(self, run_context):
         if self.run is None:
             return
         cb_params = run_context.original_args()
-        images = self._running.add(cb_params)  # waits for the step, so the timing below is the step's
-        seconds = time.perf_counter() - self._step_start
-        loss = self._running.losses[-1]
         step, epoch = cb_params.cur_step_num + self.step_offset, cb_params.cur_epoch_num
         if step % self.log_every:
             return
-        self.run.track(loss, name="loss", step=step, epoch=epoch, context=TRAIN)
+        measured = self.meter.last
+        self.run.track(measured.loss, name="loss", step=step, epoch=epoch, context=TRAIN)
         optimizer = cb_params.get("optimizer") or getattr(cb_params.get("train_network"), "optimizer", None)
         lr = current_lr(optimizer, step - 1)  # a Model built from a train step cell knows no optimizer itself
         if lr is not None:
             self.run.track(lr, name="lr", step=step, epoch=epoch, context=TRAIN)
-        if seconds > 0:
-            self.run.track(images / seconds, name="images_per_second", step=step, epoch=epoch, context=TRAIN)
+        if measured.seconds > 0:
+            self.run.track(measured.images / measured.seconds, name="images_per_second", step=step, epoch=epoch,
+                           context=TRAIN)
 
     def on_train_epoch_end(self, run_context):
         if self.run is None:
             return
         cb_params = run_context.original_args()
-        epoch = cb_params.cur_epoch_num
-        if self._running.losses:
-            self.run.track(self._running.loss, name="epoch_loss", step=epoch, epoch=epoch, context=TRAIN)
-        if self._running.images:
-            self.run.track(self._running.accuracy, name="accuracy", step=epoch, epoch=epoch, context=TRAIN)
-        self.run.track(time.perf_counter() - self._epoch_start, name="epoch_seconds", step=epoch, epoch=epoch,
-                       context=TRAIN)
+        epoch, totals = cb_params.cur_epoch_num, self.meter.epoch
+        if totals.losses:
+            self.run.track(totals.loss, name="epoch_loss", step=epoch, epoch=epoch, context=TRAIN)
+        if totals.counted:
+            self.run.track(totals.accuracy, name="accuracy", step=epoch, epoch=epoch, context=TRAIN)
+        self.run.track(self.meter.epoch_seconds(), name="epoch_seconds", step=epoch, epoch=epoch, context=TRAIN)
         metrics = cb_params.get("metrics") or {}
         for name in ("loss", "accuracy", "top5_accuracy"):
             if name in metrics:

@@ -5,7 +5,8 @@ import mindspore.nn as nn
 import numpy as np
 import pytest
 
-import fit
+import runtime
+import train_step
 from errors import UserError
 from resnet import create_model
 
@@ -20,9 +21,9 @@ def test_train_step_counts_right_predictions_and_updates_the_weights():
     labels = np.where(np.arange(8) < 5, predicted, (predicted + 1) % 3).astype(np.int32)  # 5 right, 3 wrong
 
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    optimizer = fit.create_optimizer(net, fit.cosine_lr(0.1, 1, 1), momentum=0.9, weight_decay=1e-4)
+    optimizer = train_step.create_optimizer(net, train_step.cosine_lr(0.1, 1, 1), momentum=0.9, weight_decay=1e-4)
     before = net.fc.weight.asnumpy().copy()
-    step = fit.TrainStep(fit.LossAndCorrect(net, loss_fn), optimizer)
+    step = train_step.TrainStep(train_step.LossAndCorrect(net, loss_fn), optimizer)
     step.set_train()
     loss, correct = step(ms.Tensor(images), ms.Tensor(labels))
 
@@ -39,7 +40,7 @@ def small_step(loss_scale=None):
     net = nn.SequentialCell([nn.Dense(6, 16), nn.ReLU(), nn.Dense(16, 3)])
     optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
     loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    step = fit.TrainStep(fit.LossAndCorrect(net, loss_fn), optimizer, loss_scale)
+    step = train_step.TrainStep(train_step.LossAndCorrect(net, loss_fn), optimizer, loss_scale)
     step.set_train()
     return net, step
 
@@ -56,7 +57,7 @@ def weights(net):
 def test_loss_scaling_makes_the_same_update_as_plain_fp32():
     images, labels = batch()
     plain_net, plain = small_step()
-    scaled_net, scaled = small_step(fit.DynamicLossScale(initial=2.0 ** 12))
+    scaled_net, scaled = small_step(train_step.DynamicLossScale(initial=2.0 ** 12))
     for _ in range(3):
         plain_loss, _ = plain(ms.Tensor(images), ms.Tensor(labels))
         scaled_loss, _ = scaled(ms.Tensor(images), ms.Tensor(labels))
@@ -66,7 +67,7 @@ def test_loss_scaling_makes_the_same_update_as_plain_fp32():
 
 
 def test_an_overflowing_step_is_skipped_and_the_scale_adapts():
-    scale = fit.DynamicLossScale(initial=2.0 ** 10, window=2)
+    scale = train_step.DynamicLossScale(initial=2.0 ** 10, window=2)
     net, step = small_step(scale)
     images, labels = batch()
     values = []
@@ -96,13 +97,13 @@ def test_an_overflowing_step_is_skipped_and_the_scale_adapts():
     ("GPU", "auto", "true", ("O2", True, True)),
 ])
 def test_training_plan_per_device(device, amp_level, dataset_sink, expected):
-    assert tuple(fit.plan_training(device, amp_level, dataset_sink)) == expected
+    assert tuple(runtime.plan_training(device, amp_level, dataset_sink)) == expected
 
 
 @pytest.mark.parametrize("amp_level, dataset_sink", [("O2", "auto"), ("auto", "true")])
 def test_cpu_refuses_mixed_precision_and_dataset_sink(amp_level, dataset_sink):
     with pytest.raises(UserError, match="needs GPU or Ascend"):
-        fit.plan_training("CPU", amp_level, dataset_sink)
+        runtime.plan_training("CPU", amp_level, dataset_sink)
 
 
 def test_mixed_precision_trainer_trains_in_fp16_with_fp32_weights_and_logits():
@@ -114,8 +115,8 @@ def test_mixed_precision_trainer_trains_in_fp16_with_fp32_weights_and_logits():
     images = ms.Tensor(np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32))
     net.set_train(False)
     fp32_logits = net(images).asnumpy()
-    optimizer = fit.create_optimizer(net, fit.cosine_lr(0.1, 1, 1), momentum=0.9, weight_decay=1e-4)
-    trainer = fit.create_trainer(net, optimizer, 3, fit.TrainingPlan("O2", True, False))
+    optimizer = train_step.create_optimizer(net, train_step.cosine_lr(0.1, 1, 1), momentum=0.9, weight_decay=1e-4)
+    trainer = train_step.create_trainer(net, optimizer, 3, runtime.TrainingPlan("O2", True, False))
     evaluate = trainer.eval_network
     evaluate.set_train(False)
     _, logits, _ = evaluate(images, ms.Tensor(np.zeros(4, np.int32)))
@@ -124,7 +125,7 @@ def test_mixed_precision_trainer_trains_in_fp16_with_fp32_weights_and_logits():
     np.testing.assert_allclose(logits.asnumpy(), fp32_logits, rtol=0.05, atol=0.05)  # ... to fp16 precision
 
     step = trainer.train_network
-    assert isinstance(step.loss_scale, fit.DynamicLossScale)
+    assert isinstance(step.loss_scale, train_step.DynamicLossScale)
     step.set_train()
     before = net.fc.weight.asnumpy().copy()
     scales = []

@@ -1,0 +1,132 @@
+"""A run's output folder: the name of every file written there, where it is staged, and the resume state that lets
+`--resume` continue the run after its last finished epoch. Training, inference and the tests take names from here."""
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import staging
+import storage
+from errors import UserError
+
+LABELS = "labels.json"  # class names and preprocessing, for inference
+METRICS = "metrics.json"  # one record per finished epoch
+RESUME = "resume.ckpt"  # weights, optimiser moments, schedule position, best accuracy and the Aim run
+CURVES = "curves.png"
+TRAIN_SAMPLES = "train_samples.png"
+VAL_PREDICTIONS = "val_predictions.png"
+EXAMPLES = "examples"  # one validation image per class, for the inference app
+AIM_FOLDER = ".aim"  # the Aim repo, when it lives in the output folder
+
+
+def model_file(arch, which="best", suffix=".ckpt"):
+    """`resnet50-best.ckpt`, `resnet50-last.ckpt`, `resnet50-best.mindir`."""
+    return f"{arch}-{which}{suffix}"
+
+
+class RunFiles:
+    """The files of one run's (local) output folder, by what they hold."""
+
+    def __init__(self, folder, arch):
+        self.folder = Path(folder)
+        self.labels, self.metrics, self.resume = (self.folder / name for name in (LABELS, METRICS, RESUME))
+        self.curves, self.examples = self.folder / CURVES, self.folder / EXAMPLES
+        self.train_samples, self.val_predictions = self.folder / TRAIN_SAMPLES, self.folder / VAL_PREDICTIONS
+        self.best_checkpoint = self.folder / model_file(arch, "best")
+        self.last_checkpoint = self.folder / model_file(arch, "last")
+        self.best_mindir = self.folder / model_file(arch, "best", ".mindir")
+
+
+class Outputs:
+    """Where the job writes: its output folder and its Aim repo, local while it runs and copied to their remote
+    locations by `push()`. Only the worker that `writes_outputs` has them; the others write into a scratch folder."""
+
+    def __init__(self, args, workers):
+        self.aim_mirror, self.aim_repo = None, None
+        if not workers.writes_outputs:
+            scratch = Path(args.cache_dir or staging.default_cache_dir()) / f"rank-{workers.rank}"
+            self.mirror = staging.OutputMirror(str(scratch), "scratch folder", args.cache_dir)
+        else:
+            self.mirror = staging.OutputMirror(args.output_url, "output_url", args.cache_dir)
+            if not args.aim_repo:  # the Aim repo lives in the output folder, and travels with it
+                self.aim_repo = self.mirror.local
+            elif storage.scheme_of(args.aim_repo) == "aim":  # an Aim tracking server: nothing to stage
+                self.aim_repo = args.aim_repo
+            else:
+                self.aim_mirror = staging.OutputMirror(args.aim_repo, "aim_repo", args.cache_dir)
+                self.aim_repo = self.aim_mirror.local
+        self.files = RunFiles(self.mirror.local, args.arch)
+        self.location = self.mirror.remote or self.mirror.local
+
+    def push(self):
+        """Copy what is new or changed to the remote locations (after every epoch, at the end, after a failure)."""
+        for mirror in filter(None, (self.mirror, self.aim_mirror)):
+            copied = mirror.push()
+            if copied:
+                print(f"synced {copied} file(s) to {storage.redact(mirror.remote)}", flush=True)
+
+    def pull_for_resume(self):
+        """A restarted cloud job has a fresh disk: fetch the resume state, the records, the best weights so far
+        (the final export needs them) and the Aim repo, so that the run continues in it."""
+        names = [self.files.resume.name, self.files.metrics.name, self.files.best_checkpoint.name]
+        if self.aim_repo == self.mirror.local:
+            names.append(AIM_FOLDER)
+        self.mirror.pull(*names)
+        if self.aim_mirror is not None:
+            self.aim_mirror.pull()
+
+
+class ResumeState(NamedTuple):
+    """Where a resumed run continues: epochs done, best validation accuracy, Aim run, finished epochs' records."""
+    epochs_done: int = 0
+    best_accuracy: float = -1.0
+    aim_run: str = None
+    history: list = []
+
+
+def save_resume(train_step, path, epoch, best_accuracy, aim_run):
+    """The train step's parameters (weights, optimiser moments, global step, loss scale) and where the run is."""
+    from export import save_checkpoint
+    save_checkpoint(train_step, path, {"epoch": epoch, "best_accuracy": best_accuracy, "aim_run": aim_run or ""})
+
+
+def load_resume(args, outputs, train_step):
+    """With `--resume` ('auto' or the path of a resume.ckpt), load the saved state into `train_step` and return
+    where the run continues; a fresh start without it, or when 'auto' finds nothing to resume."""
+    if not args.resume:
+        return ResumeState()
+    if args.resume == "auto":
+        outputs.pull_for_resume()
+        path = outputs.files.resume
+        if not path.is_file():
+            print("resume: nothing to resume in the output folder; starting fresh")
+            return ResumeState()
+    else:
+        path = staging.stage_in(args.resume, "resume", args.cache_dir)
+    state = _read_resume(path, train_step)
+    metrics = path.parent / METRICS
+    history = [r for r in json.loads(metrics.read_text()) if r["epoch"] <= state.epochs_done] \
+        if metrics.is_file() else []
+    print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path} "
+          f"(best val_accuracy {state.best_accuracy:.4f})")
+    return state._replace(history=history)
+
+
+def _read_resume(path, train_step):
+    import mindspore as ms
+    from checkpoints import read_checkpoint
+    state = read_checkpoint(path)
+    if "epoch" not in state:
+        raise UserError(f"{path} is not a resume state written by this job (no epoch recorded)")
+    done, best, run_hash = int(state.pop("epoch")), float(state.pop("best_accuracy")), str(state.pop("aim_run"))
+    # The schedule itself comes from this run's flags (--epochs may have grown); its position is global_step.
+    state = {name: value for name, value in state.items() if not name.startswith("learning_rate")}
+    try:
+        not_loaded, _ = ms.load_param_into_net(train_step, state)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"{path} does not fit this job ({str(exc).splitlines()[0][:200]})") from None
+    # The loss scale restarts when a run moves between devices with and without mixed precision
+    not_loaded = [name for name in not_loaded if not name.startswith(("learning_rate", "loss_scale"))]
+    if not_loaded:
+        raise UserError(f"{path} does not fit this job's network and optimizer: {len(not_loaded)} parameters "
+                        f"missing, e.g. {not_loaded[0]} (same --arch, --freeze and --trainable?)")
+    return ResumeState(done, best, run_hash or None)

@@ -1,0 +1,152 @@
+"""The training step: loss with right-prediction counts, the optimiser and its schedule, loss scaling, and the
+`Model` that trains and validates with them."""
+import math
+
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as ops
+import numpy as np
+from mindspore.train import Model
+
+from resnet import HEAD_PREFIX
+from runtime import TrainingPlan
+
+
+def cosine_lr(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0):
+    """Per-step learning rates: linear warmup to `base_lr`, then cosine decay to zero."""
+    total = epochs * steps_per_epoch
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    step = np.arange(total, dtype=np.float64)
+    warm = base_lr * (step + 1) / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    cosine = 0.5 * base_lr * (1 + np.cos(math.pi * progress))
+    return np.where(step < warmup, warm, cosine).astype(np.float32)
+
+
+def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale=1.0):
+    """Momentum SGD over the trainable parameters; no weight decay on BatchNorm and biases; the backbone (all but
+    `fc`) optionally at a fraction of the learning rate."""
+    params = net.trainable_params()
+    groups = []
+    for is_head, scale in ((True, 1.0), (False, backbone_lr_scale)):
+        part = [p for p in params if p.name.startswith(HEAD_PREFIX) == is_head]
+        for decayed in (True, False):
+            chosen = [p for p in part if (len(p.shape) > 1) == decayed]
+            if chosen:
+                group = {"params": chosen, "weight_decay": weight_decay if decayed else 0.0}
+                if scale != 1.0:
+                    group["lr"] = ms.Tensor(lr_schedule * scale)
+                groups.append(group)
+    groups.append({"order_params": params})
+    return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
+
+
+class ConfusionMatrix(nn.ConfusionMatrix):
+    """Counts (rows: true class, columns: predicted); quiet about classes absent from a split."""
+
+    def eval(self):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return super().eval()
+
+
+class LossAndCorrect(nn.Cell):
+    """The network and its loss; also returns how many of the batch's predictions were right (no gradient)."""
+
+    def __init__(self, net, loss_fn):
+        super().__init__(auto_prefix=False)  # parameter names stay the network's own
+        self.net, self.loss_fn = net, loss_fn
+
+    def construct(self, images, labels):
+        logits = self.net(images)
+        correct = ops.stop_gradient((logits.argmax(-1) == labels).astype(ms.float32).sum())
+        return self.loss_fn(logits, labels), correct
+
+
+class ScaledLoss(nn.Cell):
+    """The loss times the loss scale, for fp16 gradients that would otherwise underflow; the unscaled loss and the
+    right predictions ride along."""
+
+    def __init__(self, net_with_loss):
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = net_with_loss
+
+    def construct(self, images, labels, scale):
+        loss, correct = self.net_with_loss(images, labels)
+        return loss * scale.astype(loss.dtype), loss, correct
+
+
+class DynamicLossScale(nn.Cell):
+    """The loss scale of mixed-precision training: halved after a step whose gradients overflow (that step is
+    skipped), doubled after `window` clean steps in a row. Its state is saved with the optimiser's for --resume."""
+
+    def __init__(self, initial=2.0 ** 16, factor=2.0, window=1000):
+        super().__init__()
+        self.value = ms.Parameter(ms.Tensor(initial, ms.float32), name="loss_scale", requires_grad=False)
+        self.clean_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="loss_scale_clean_steps", requires_grad=False)
+        self.factor, self.window = factor, window
+        self.one = ms.Tensor(1.0, ms.float32)
+
+    def construct(self, finite):
+        clean = ops.select(finite, self.clean_steps + 1, ops.zeros_like(self.clean_steps))
+        grow = clean >= self.window
+        value = ops.select(finite, ops.select(grow, self.value * self.factor, self.value),
+                           ops.maximum(self.value / self.factor, self.one))
+        ops.assign(self.clean_steps, ops.select(grow, ops.zeros_like(clean), clean))
+        return ops.assign(self.value, value)
+
+
+_unscale = ops.MultitypeFuncGraph("unscale")
+_is_finite = ops.MultitypeFuncGraph("is_finite")
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_tensor(scale, grad):
+    return grad / scale.astype(grad.dtype)
+
+
+@_is_finite.register("Tensor")
+def _is_finite_tensor(grad):
+    return ops.isfinite(grad).all()
+
+
+class TrainStep(nn.TrainOneStepCell):
+    """One optimiser step returning (loss, right predictions), for a running train accuracy at no extra cost.
+
+    The gradient reducer of `TrainOneStepCell` is kept, so data-parallel training averages gradients as usual.
+    With a `DynamicLossScale` (mixed precision on GPU/Ascend), gradients are unscaled and a step whose gradients
+    are not all finite leaves the weights alone.
+    """
+
+    def __init__(self, net_with_loss, optimizer, loss_scale=None):
+        super().__init__(net_with_loss, optimizer)
+        self.loss_scale = loss_scale
+        self.hyper_map = ops.HyperMap()
+        differentiated = net_with_loss if loss_scale is None else ScaledLoss(net_with_loss)
+        self.value_and_grad = ops.value_and_grad(differentiated, None, self.weights, has_aux=True)
+
+    def construct(self, images, labels):
+        if self.loss_scale is None:
+            (loss, correct), grads = self.value_and_grad(images, labels)
+            grads = self.grad_reducer(grads)
+            loss = ops.depend(loss, self.optimizer(grads))
+            return loss, correct
+        scale = self.loss_scale.value
+        (_, loss, correct), grads = self.value_and_grad(images, labels, scale)
+        grads = self.hyper_map(ops.partial(_unscale, scale), self.grad_reducer(grads))
+        finite = ops.stack(self.hyper_map(_is_finite, grads)).all()
+        loss = ops.depend(loss, self.loss_scale(finite))
+        if finite:
+            loss = ops.depend(loss, self.optimizer(grads))
+        return loss, correct
+
+
+def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False)):
+    """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
+    if num_classes >= 5:
+        metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
+    if plan.amp_level != "O0":  # casts the cells in place (evaluation runs in fp16 too); logits come back fp32
+        net = ms.amp.auto_mixed_precision(net, plan.amp_level)
+    train_step = TrainStep(LossAndCorrect(net, loss_fn), optimizer, DynamicLossScale() if plan.loss_scale else None)
+    return Model(train_step, eval_network=nn.WithEvalCell(net, loss_fn), eval_indexes=[0, 1, 2], metrics=metrics)
