@@ -6,7 +6,6 @@ import zipfile
 import mindspore as ms
 import pytest
 from conftest import S3_KEYS, run_train
-from moxing_fixture import moxing_double  # noqa: F401 (a fixture)
 
 import storage
 from make_demo_data import make_split, write_cifar, write_imagefolder

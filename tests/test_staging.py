@@ -6,7 +6,6 @@ import time
 
 import pytest
 from conftest import free_port, run_train
-from moxing_fixture import moxing_double  # noqa: F401 (a fixture)
 
 import datasets
 import staging

@@ -4,7 +4,6 @@ import sys
 import uuid
 
 import pytest
-from moxing_fixture import moxing_double  # noqa: F401 (a fixture)
 
 import storage
 

@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes: train.py prints it as a single line and exits non-zero."""
+"""The ways a job ends early on purpose: each is printed as one `error:` line, with its own non-zero exit code."""
 
 
 class UserError(Exception):
