@@ -28,10 +28,39 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
-def run_train(*args, timeout=900, cwd=None):
+def run_train(*args, timeout=900, cwd=None, env=None):
     """train.py in a fresh interpreter, as a user or the platform runs it."""
     return subprocess.run([sys.executable, str(TRAIN_PY), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+# ---------------------------------------------------------------- the bad-input and fault catalogue's checks
+
+def snapshot(folder):
+    """Every file below `folder` with its bytes: what a failed run must leave exactly as it was."""
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def stderr_lines(result):
+    """What the job said on stderr, without blank lines and MindSpore's own [WARNING] log lines."""
+    return [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[WARNING]")]
+
+
+def assert_fails_cleanly(result, needle, exit_code=2):
+    """The catalogue's promise: the exit code, exactly one `error:` line that mentions `needle`, no traceback."""
+    lines = stderr_lines(result)
+    assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def assert_warns_and_goes_on(result, needle):
+    """A fault the job can work around: exit 0, a `warning:` line that mentions `needle`, no error, no traceback."""
+    lines = stderr_lines(result)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert any(line.startswith("warning: ") and needle in line for line in lines), lines
+    assert not any(line.startswith("error: ") for line in lines), lines
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,13 @@ def get_args_parser():
     run.add_argument("--cache_dir", default=None,
                      help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
                           "on ModelArts, else ~/.cache/resnet-job")
+    run.add_argument("--io_timeout", type=_bounded(float, 0.0, inclusive=False), default=60.0,
+                     help="seconds a download or upload may make no progress (or crawl below 1 KiB/s) before the "
+                          "job stops with an error naming the location")
+    run.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
+                     help="allow a new run into an output folder that holds another run's outputs (they are "
+                          "replaced once the new run has finished an epoch); without it such a folder is refused "
+                          "unless --resume continues that run")
     return parser
 
 
