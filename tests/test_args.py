@@ -62,6 +62,18 @@ def test_unknown_flags_warn_once_and_are_ignored():
     assert "--init_method" in warnings[0] and "--num_gpus=1" in warnings[0]
 
 
+def test_the_largest_values_a_real_job_uses_are_accepted():
+    args, _ = parse("--data_url=/d", "--epochs=10000", "--warmup_epochs=10000", "--image_size=4096",
+                    "--num_classes=100000", "--feature_views=100", "--seed=4294967295", "--lr=1e-9")
+    assert (args.epochs, args.image_size, args.num_classes, args.seed) == (10000, 4096, 100000, 2**32 - 1)
+
+
+def test_unknown_flags_show_urls_redacted():
+    _, warnings = parse("--data_url=/d", "--data_ur=https://me:pw@host/d.zip?sig=abc", "s3://k:pw@b/x?t=abc")
+    assert "--data_ur=https://host/d.zip?..." in warnings[0] and "s3://b/x?..." in warnings[0]
+    assert "pw" not in warnings[0] and "abc" not in warnings[0]
+
+
 def test_no_abbreviations_of_known_flags():
     # A platform flag such as --data must not be taken for --data_url.
     args, warnings = parse("--data_url", "/d", "--data", "/other")
@@ -76,6 +88,14 @@ def test_no_abbreviations_of_known_flags():
     (["--data_url", "/d", "--arch", "vgg16"], "--arch"),
     (["--data_url", "/d", "--device_target", "TPU"], "--device_target"),
     (["--epochs", "3"], "--data_url"),
+    (["--data_url", "/d", "--warmup_epochs=nan"], "--warmup_epochs: must be a finite number"),
+    (["--data_url", "/d", "--lr=-inf"], "--lr: must be a finite number"),
+    (["--data_url", "/d", "--momentum", "1e999"], "--momentum: must be a finite number"),
+    (["--data_url", "/d", "--epochs=10001"], "--epochs: must be <= 10000 (the per-step learning-rate schedule"),
+    (["--data_url", "/d", "--image_size=4097"], "--image_size: must be <= 4096"),
+    (["--data_url", "/d", "--feature_views=101"], "--feature_views: must be <= 100"),
+    (["--data_url", "/d", "--seed=4294967296"], "--seed: must be <= 4294967295"),
+    (["--data_url", "/d", "--io_timeout=1e9"], "--io_timeout: must be <= 86400"),
 ])
 def test_bad_values_give_one_error_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,5 +1,6 @@
 """The shipped Xihe configs, the local runner that executes them as the platform would, and the model fetcher."""
 import json
+import os
 import subprocess
 import sys
 
@@ -52,6 +53,21 @@ def test_runner_passes_everything_as_the_platform_does(tmp_path):
     assert f"--output_path={tmp_path / 'work' / 'train' / 'output'}" in command
     assert f"--aim_repo={tmp_path / 'work' / 'train' / 'aim'}" in command
     assert "pip-requirements.txt" in result.stdout and "not installed" in result.stdout
+
+
+def test_check_shows_urls_redacted_and_writes_nothing(tmp_path):
+    (tmp_path / "earlier.log").write_text("a previous job's log")
+    before = sorted(tmp_path.rglob("*"))
+    result = subprocess.run([sys.executable, str(RUNNER), ROOT / "config_aim.json", "--check",  # default --work
+                             "--input", "data_url=obs://bucket/cifar/", "--input",
+                             "pretrain_url=https://me:s3cr3t@host/w.ckpt?X-Amz-Signature=s3cr3t"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--pretrain_url=https://host/w.ckpt?..." in result.stdout
+    assert "--data_url=obs://bucket/cifar/" in result.stdout
+    assert "s3cr3t" not in result.stdout + result.stderr
+    assert f"--aim_repo={tmp_path / 'job-work'}" in result.stdout
+    assert sorted(tmp_path.rglob("*")) == before  # not even the output folders
 
 
 def test_hub_paths_resolve_under_hub(tmp_path):
@@ -215,7 +231,7 @@ def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
 
 def test_runner_sets_env_cwd_and_tees_the_log(tmp_path):
     config = {**shipped("config.json"), "code_dir": "tests/fixtures/echo_job/", "boot_file": "echo.py",
-              "job_name": "echo", "env_variables": {"JOB_FLAG": "on", "EXIT_WITH": "3"},
+              "job_name": "echo", "env_variables": {"JOB_FLAG": "on", "EXIT_WITH": "3", "PYTHONPATH": "/opt/libs"},
               "inputs": [{"name": "data_url", "input_url": "/data/"}]}
     path = tmp_path / "echo.json"
     path.write_text(json.dumps(config))
@@ -223,7 +239,8 @@ def test_runner_sets_env_cwd_and_tees_the_log(tmp_path):
     assert result.returncode == 3  # the boot file's exit code
     seen = json.loads(result.stdout.splitlines()[2])
     code_dir = str(ROOT / "tests" / "fixtures" / "echo_job")
-    assert seen["JOB_FLAG"] == "on" and seen["cwd"] == code_dir and seen["pythonpath"].startswith(code_dir)
+    assert seen["JOB_FLAG"] == "on" and seen["cwd"] == code_dir
+    assert seen["pythonpath"].split(os.pathsep)[:2] == [code_dir, "/opt/libs"]  # the config's after code_dir
     assert "--epochs=2" in seen["argv"] and "--data_url=/data/" in seen["argv"]
     log = (tmp_path / "work" / "train" / "log" / "echo.log").read_text()
     assert '"JOB_FLAG": "on"' in log and "to stderr" in log

@@ -9,7 +9,8 @@ would (and a little stricter, so mistakes show here rather than after a cloud jo
 - Each input is passed as `--<name>=<path or URL>`: Xihe hub paths (`datasets/owner/name/path`, `models/...`) are
   resolved under `--hub DIR`, or replaced with `--input NAME=URL`.
 - Each output is passed as `--<name>=<work>/<output_dir>`; the log goes to `<work>/<log_url>/<job_name>.log`.
-- Nothing is installed: the platform would install `<code_dir>/pip-requirements.txt` first.
+- `env_variables` are set (a `PYTHONPATH` after code_dir's; not `PYTHONHOME`). Every URL printed is redacted.
+- Nothing is installed: the platform would install `<code_dir>/pip-requirements.txt` first. `--check` writes nothing.
 """
 import argparse
 import difflib
@@ -23,6 +24,13 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_DIR = ROOT / "train" / "train_dir"
+if __name__ == "__main__":  # --check writes nothing, not even bytecode caches in code_dir
+    sys.dont_write_bytecode = True
+sys.path.insert(0, str(TRAIN_DIR))
+from storage import redact  # noqa: E402  the job's own rule for what a log may show of a URL
+sys.path.remove(str(TRAIN_DIR))
+
 HUB_PREFIXES = ("datasets/", "models/", "projects/")
 REQUIRED = {  # field: type, as in Xihe's job form
     "SDK": str, "job_name": str, "code_dir": str, "boot_file": str, "inputs": list, "outputs": list,
@@ -30,6 +38,7 @@ REQUIRED = {  # field: type, as in Xihe's job form
     "env_variables": dict, "job_description": str,
 }
 JSON_TYPES = {str: "string", list: "array", dict: "object"}
+NOT_HONOURED = {"PYTHONHOME": "it would point this machine's Python at the image's standard library"}
 KNOWN_COMPUTE = {  # framework_type -> instance types and framework versions Xihe offers (xihe-server dp_training.go)
     "MPI": ({"modelarts.p3.large.public"}, {"mindspore_1.3.0-cuda_10.1-py_3.7-ubuntu_1804-x86_64"}),
     "Ascend-Powered-Engine": ({"modelarts.kat1.xlarge.public"}, {
@@ -44,8 +53,24 @@ class ConfigError(Exception):
     """A mistake in the config: reported as one line with a hint."""
 
 
+URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s\"']+")
+
+
+def scrubbed(text):
+    """`text` with every URL in it redacted as the job redacts them: no user:password, no query string."""
+    return URL.sub(lambda match: redact(match.group()), str(text))
+
+
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {scrubbed(message)}", file=sys.stderr, flush=True)
+
+
+def inside(base, relative, what, where):
+    """`base/relative`, refused when it would leave `base`: `../`, an absolute path, a link pointing out."""
+    path = base / relative
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise ConfigError(f"{what} {relative!r} would leave {where} ({base}); give a path inside it")
+    return path
 
 
 # ---------------------------------------------------------------- reading
@@ -142,18 +167,23 @@ def validate(config):
     for key, value in config["env_variables"].items():
         if not isinstance(value, str):
             raise ConfigError(f"env_variables.{key} must be a string, got {json.dumps(value)}")
+        if not key or "=" in key or "\0" in key + value:
+            raise ConfigError(f"env_variables {key!r} cannot be set (an empty name, '=' in it or a NUL character)")
+    name = config["job_name"]
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"job_name {name!r} must be a plain name (no '/', '\\' or '..'): it names the log file "
+                          f"and the default work folder job-work/<job_name>")
 
-    code_dir = (ROOT / config["code_dir"]).resolve()
+    code_dir = inside(ROOT, config["code_dir"], "code_dir", "the repository").resolve()
     if not code_dir.is_dir():
         raise ConfigError(f"code_dir {config['code_dir']!r} does not exist in the repository ({ROOT})")
-    boot_file = code_dir / config["boot_file"]
+    boot_file = inside(code_dir, config["boot_file"], "boot_file", "code_dir")
     if not boot_file.is_file():
         raise ConfigError(f"boot_file {config['boot_file']!r} does not exist in code_dir {config['code_dir']!r}")
 
     flags = known_flags(code_dir)
-    _check_names("input", [e["name"] for e in inputs], flags)
-    _check_names("output", [e["name"] for e in outputs], flags)
-    _check_names("hypeparameter", [e["name"] for e in hyper], flags)
+    for kind, entries in (("input", inputs), ("output", outputs), ("hypeparameter", hyper)):
+        _check_names(kind, [e["name"] for e in entries], flags)
 
     frameworks = config["frameworks"]
     framework_type, version = frameworks.get("framework_type"), frameworks.get("framework_version")
@@ -174,7 +204,7 @@ def _pairs(values, option):
     pairs = {}
     for item in values:
         name, sep, value = item.partition("=")
-        if not sep or not name:
+        if not sep or not name or "://" in name:
             raise ConfigError(f"{option} takes NAME=VALUE, got {item!r}")
         pairs[name] = value
     return pairs
@@ -206,11 +236,20 @@ def build_command(config, code_dir, boot_file, work, inputs, overrides, hub):
     for entry in config["inputs"]:
         value = inputs.get(entry["name"]) or resolve_input(entry["name"], entry["input_url"], hub)
         argv.append(f"--{entry['name']}={value}")
-    for entry in config["outputs"]:
-        folder = (work / entry["output_dir"]).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        argv.append(f"--{entry['name']}={folder}")
-    return argv
+    folders = [inside(work, e["output_dir"], f"outputs[{i}].output_dir", "--work").resolve()
+               for i, e in enumerate(config["outputs"])]
+    argv += [f"--{entry['name']}={folder}" for entry, folder in zip(config["outputs"], folders)]
+    return argv, folders
+
+
+def job_env(config, code_dir):
+    """This environment with the config's variables; PYTHONPATH: code_dir, the config's, then this machine's."""
+    wanted = config["env_variables"]
+    for name in sorted(NOT_HONOURED.keys() & wanted.keys()):
+        warn(f"env_variables.{name} is not set for a local run: {NOT_HONOURED[name]}")
+    paths = [str(code_dir), wanted.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]
+    return {**os.environ, **{k: v for k, v in wanted.items() if k not in NOT_HONOURED},
+            "PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
 def _tee(source, sinks):
@@ -220,8 +259,9 @@ def _tee(source, sinks):
             sink.flush()
 
 
-def run(argv, cwd, env, log_path):
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def run(argv, cwd, env, log_path, folders):
+    for folder in folders:  # only now: --check writes nothing
+        folder.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, bufsize=1)
@@ -260,21 +300,20 @@ def main(argv=None):
         config = read_config(args.config, args.strip_comments)
         code_dir, boot_file = validate(config)
         work = Path(args.work or Path("job-work") / config["job_name"]).resolve()
-        command = build_command(config, code_dir, boot_file, work, _pairs(args.input, "--input"),
-                                _pairs(args.set, "--set"), args.hub)
+        command, folders = build_command(config, code_dir, boot_file, work, _pairs(args.input, "--input"),
+                                         _pairs(args.set, "--set"), args.hub)
+        log_path = inside(work, config["log_url"], "log_url", "--work") / f"{config['job_name']}.log"
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrubbed(exc)}", file=sys.stderr)
         return 2
     requirements = code_dir / "pip-requirements.txt"
     print(f"job {config['job_name']}: the platform would first install {requirements.relative_to(ROOT)} "
           f"(not installed here)" if requirements.exists() else f"job {config['job_name']}")
-    print("running: " + " ".join(command[1:]), flush=True)
+    print("running: " + scrubbed(" ".join(command[1:])), flush=True)
+    env = job_env(config, code_dir)
     if args.check:
         return 0
-    env = {**os.environ, **config["env_variables"],
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")]))}
-    log_path = work / config["log_url"] / f"{config['job_name']}.log"
-    code = run(command, code_dir, env, log_path)
+    code = run(command, code_dir, env, log_path, [log_path.parent, *folders])
     print(f"job {config['job_name']} exited with {code}; log: {log_path}", flush=True)
     return code
 

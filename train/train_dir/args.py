@@ -4,13 +4,20 @@ The platform passes every value as a string (`--epochs=30`, `--freeze=true`), na
 `train_url` as well as `output_url`, and may add flags of its own (`--init_method`, ...). Unknown flags get one warning.
 """
 import argparse
+import math
 import sys
 
 from resnet import ARCHS
+from storage import redact
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
 DEVICE_TARGETS = ("auto", "CPU", "GPU", "Ascend")
+# Upper bounds no real job reaches, which stop a typo before it asks for more memory than any machine has.
+MAX_EPOCHS, SCHEDULE = 10_000, "the per-step learning-rate schedule is held in memory"
+MAX_IMAGE_SIZE, IMAGE = 4096, "one 4096x4096 image is already 200 MB as float32"
+MAX_CLASSES, HEAD = 100_000, "the head holds up to 2048 weights per class"
+MAX_VIEWS, VIEWS = 100, "every view of every training image is kept"
 
 
 def str2bool(value):
@@ -22,12 +29,17 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {value!r}")
 
 
-def _bounded(kind, low, inclusive=True):
-    """A type that also enforces a lower bound, so `--epochs=0` is refused as early as `--epochs=ten`."""
+def _bounded(kind, low, inclusive=True, high=None, why=""):
+    """A type that also enforces bounds, so `--epochs=0` is refused as early as `--epochs=ten`. NaN and inf are
+    refused too: they pass every comparison, then break the schedule mid-job."""
     def parse(value):
         number = kind(value)
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
         if number < low or (not inclusive and number == low):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {value}")
+        if high is not None and number > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high} ({why}), got {value}")
         return number
     parse.__name__ = kind.__name__
     return parse
@@ -67,18 +79,22 @@ def get_args_parser():
                          "aim://host:port tracking server; default: the output folder")
 
     hp = parser.add_argument_group("hyperparameters")
-    hp.add_argument("--epochs", type=_bounded(int, 1), default=10, help="passes over the training split")
+    hp.add_argument("--epochs", type=_bounded(int, 1, high=MAX_EPOCHS, why=SCHEDULE), default=10,
+                    help=f"passes over the training split (at most {MAX_EPOCHS}: {SCHEDULE})")
     hp.add_argument("--batch_size", type=_bounded(int, 1), default=18, help="per-device batch size")
     hp.add_argument("--lr", type=_bounded(float, 0.0, inclusive=False), default=0.001,
                     help="peak learning rate (after warmup) of momentum SGD with a cosine schedule")
     hp.add_argument("--momentum", type=_bounded(float, 0.0), default=0.9, help="SGD momentum")
     hp.add_argument("--weight_decay", type=_bounded(float, 0.0), default=1e-4,
                     help="L2 on conv and dense weights (not on BatchNorm or biases)")
-    hp.add_argument("--warmup_epochs", type=_bounded(float, 0.0), default=0.0, help="linear warmup length")
-    hp.add_argument("--image_size", type=_bounded(int, 32), default=224,
-                    help="train/val crop size; CIFAR-10 is resized to it unless it is 32")
+    hp.add_argument("--warmup_epochs", type=_bounded(float, 0.0, high=MAX_EPOCHS, why=SCHEDULE), default=0.0,
+                    help="linear warmup length")
+    hp.add_argument("--image_size", type=_bounded(int, 32, high=MAX_IMAGE_SIZE, why=IMAGE), default=224,
+                    help=f"train/val crop size; CIFAR-10 is resized to it unless it is 32 (at most {MAX_IMAGE_SIZE}: "
+                         f"{IMAGE})")
     hp.add_argument("--arch", type=str.lower, choices=sorted(ARCHS), default="resnet50")
-    hp.add_argument("--num_classes", type=_bounded(int, 2), default=None, help="default: from the data")
+    hp.add_argument("--num_classes", type=_bounded(int, 2, high=MAX_CLASSES, why=HEAD), default=None,
+                    help=f"default: from the data (at most {MAX_CLASSES}: {HEAD})")
     hp.add_argument("--freeze", type=str2bool, nargs="?", const=True, default=False,
                     help="fixed-feature mode: train only the classifier head on a frozen backbone, whose features "
                          "are computed once (see --feature_cache)")
@@ -86,15 +102,16 @@ def get_args_parser():
                     help="with --freeze: keep the backbone's features in memory, or on disk under --cache_dir "
                          "(reused by later runs on the same weights and data), or 'off': run the frozen "
                          "backbone on every image every epoch, as the MindSpore tutorial does")
-    hp.add_argument("--feature_views", type=_bounded(int, 1), default=1,
+    hp.add_argument("--feature_views", type=_bounded(int, 1, high=MAX_VIEWS, why=VIEWS), default=1,
                     help="with --freeze: 1 = each training image once, with the validation transform; "
-                         "N = N randomly augmented views of each")
+                         f"N = N randomly augmented views of each (at most {MAX_VIEWS}: {VIEWS})")
     hp.add_argument("--trainable", type=_layer_list, default=None,
                     help="partial fine-tuning: the only layers to train, e.g. 'layer4,fc' "
                          "(names: conv1, norm, layer1..layer4, fc); BatchNorm statistics of the rest stay fixed")
     hp.add_argument("--backbone_lr_scale", type=_bounded(float, 0.0), default=1.0,
                     help="learning rate of the backbone (everything but fc) as a fraction of --lr")
-    hp.add_argument("--seed", type=int, default=1, help="seeds weights, shuffling and augmentation")
+    hp.add_argument("--seed", type=_bounded(int, 0, high=2**32 - 1, why="MindSpore's seed range"), default=1,
+                    help="seeds weights, shuffling and augmentation")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")
@@ -116,7 +133,8 @@ def get_args_parser():
     run.add_argument("--cache_dir", default=None,
                      help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
                           "on ModelArts, else ~/.cache/resnet-job")
-    run.add_argument("--io_timeout", type=_bounded(float, 0.0, inclusive=False), default=60.0,
+    run.add_argument("--io_timeout", type=_bounded(float, 0.0, inclusive=False, high=86400, why="a day"),
+                     default=60.0,
                      help="seconds a download or upload may make no progress (or crawl below 1 KiB/s) before the "
                           "job stops with an error naming the location")
     run.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
@@ -137,10 +155,16 @@ def _layer_list(text):
     return layers
 
 
+def _shown(item):
+    """An unknown argument as a log may show it: a misspelt location flag may carry a signed URL."""
+    flag, sep, value = item.partition("=") if item.startswith("-") else ("", "", item)
+    return flag + sep + redact(value)
+
+
 def parse_args(argv=None, warn=None):
     """Parse known flags; warn once about the rest and ignore them."""
     args, unknown = get_args_parser().parse_known_args(argv)
     if unknown:
         (warn or (lambda msg: print(msg, file=sys.stderr)))(
-            f"warning: ignoring unknown arguments: {' '.join(unknown)}")
+            f"warning: ignoring unknown arguments: {' '.join(map(_shown, unknown))}")
     return args
