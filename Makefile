@@ -20,7 +20,7 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) train/make_demo_data.py --out $(DEMO_DATA)
 	$(PY) train/train_dir/train.py --data_url $(DEMO_DATA)/cifar-10-batches-bin --output_url $(DEMO_OUTPUT) \
-		--experiment demo-shapes --image_size 32 --batch_size 32 --epochs 8 --lr 0.01 --warmup_epochs 1
+		--experiment demo-shapes --image_size 32 --batch_size 32 --epochs 8 --lr 0.01 --warmup_epochs 1 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -66,7 +66,7 @@ def test_a_killed_run_leaves_the_repo_usable(data, tmp_path):
     victim.kill()
     victim.wait(timeout=30)
 
-    result = run_train("--data_url", data, "--output_url", out, "--epochs", 1, *QUICK)
+    result = run_train("--data_url", data, "--output_url", out, "--epochs", 1, *QUICK, "--overwrite")  # a new run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     runs = read_runs(out)
     assert len(runs) == 2

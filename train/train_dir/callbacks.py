@@ -139,9 +139,6 @@ class EpochRecorder(Callback):
             run_state.save_resume(self.train_step, self.files.resume, record["epoch"], self.best_accuracy,
                                   self.run_id)
 
-    def best_record(self):
-        return max(self.history, key=lambda r: r["val_accuracy"])
-
 
 class ConsoleProgress(Callback):
     """A tqdm bar per epoch on a terminal, plain lines otherwise; one summary line per epoch."""
@@ -183,14 +180,16 @@ class ConsoleProgress(Callback):
 
 
 class EpochEndHook(Callback):
-    """Calls `action()` after every epoch, once the epoch's outputs are written (e.g. to upload them)."""
+    """Calls `action()` at the end of every epoch (with `once`, of the first epoch this process trains)."""
 
-    def __init__(self, action):
+    def __init__(self, action, once=False):
         super().__init__()
-        self.action = action
+        self.action, self.once, self.done = action, once, False
 
     def on_train_epoch_end(self, run_context):
-        self.action()
+        if not (self.once and self.done):
+            self.action()
+            self.done = True
 
 
 class StopOnSignal(Callback):
@@ -266,10 +265,13 @@ class _AllReduceMean(nn.Cell):
         return self.all_reduce(x) / self.workers
 
 
-def create_callbacks(meter, recorder, tracker, net, workers, epochs, steps_per_epoch, after_epoch):
+def create_callbacks(meter, recorder, tracker, net, workers, epochs, steps_per_epoch, after_epoch,
+                     at_first_epoch_end=None):
     """The job's callbacks in the order they depend on: workers' BatchNorm statistics averaged before validation;
-    the meter before everything that reads the step; a bad loss stops before its epoch is recorded; the record
-    before the console line and Aim; `after_epoch()` (the upload) once the epoch's files are written."""
+    the meter before everything that reads the step; a bad loss stops before its epoch is recorded;
+    `at_first_epoch_end()` (the files inference reads beside the checkpoints) just before the first record; the
+    record before the console line and Aim; `after_epoch()` (the upload) once the epoch's files are written."""
     synced = [SyncBatchNormStatistics(net, workers.size, steps_per_epoch)] if workers.size > 1 else []
-    return synced + [meter, StopOnSignal(), StopOnNonFiniteLoss(meter), recorder,
-                     ConsoleProgress(meter, recorder, epochs, steps_per_epoch), tracker, EpochEndHook(after_epoch)]
+    first = [EpochEndHook(at_first_epoch_end, once=True)] if at_first_epoch_end else []
+    return synced + [meter, StopOnSignal(), StopOnNonFiniteLoss(meter)] + first + [
+        recorder, ConsoleProgress(meter, recorder, epochs, steps_per_epoch), tracker, EpochEndHook(after_epoch)]

@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass
 
 import mindspore as ms
+import numpy as np
 
 from errors import UserError
 from resnet import HEAD_PREFIX
@@ -98,7 +99,17 @@ class Pretrained:
 
 
 def read_pretrained(path):
-    return Pretrained(path, *to_our_names(read_checkpoint(path), path))
+    pretrained = Pretrained(path, *to_our_names(read_checkpoint(path), path))
+    check_finite(pretrained.weights, path)
+    return pretrained
+
+
+def check_finite(weights, path):
+    """NaN or infinite weights would train to NaN and be saved as if fine: refuse them, naming one."""
+    for name, value in weights.items():
+        array = value.asnumpy() if hasattr(value, "asnumpy") else None  # strings and scalars recorded beside
+        if array is not None and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise UserError(f"{path} holds NaN or infinite values (e.g. in {name}): the weights are damaged")
 
 
 def checkpoint_padding(path):

@@ -1,6 +1,7 @@
 """A run's output folder: the name of every file written there, where it is staged, and the resume state that lets
 `--resume` continue the run after its last finished epoch. Training, inference and the tests take names from here."""
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,8 +42,8 @@ class Outputs:
     locations by `push()`. Only the worker that `writes_outputs` has them; the others write into a scratch folder."""
 
     def __init__(self, args, workers):
-        self.aim_mirror, self.aim_repo = None, None
-        if not workers.writes_outputs:
+        self.aim_mirror, self.aim_repo, self.scratch = None, None, not workers.writes_outputs
+        if self.scratch:
             scratch = Path(args.cache_dir or staging.default_cache_dir()) / f"rank-{workers.rank}"
             self.mirror = staging.OutputMirror(str(scratch), "scratch folder", args.cache_dir)
         else:
@@ -56,6 +57,29 @@ class Outputs:
                 self.aim_repo = self.aim_mirror.local
         self.files = RunFiles(self.mirror.local, args.arch)
         self.location = self.mirror.remote or self.mirror.local
+        self._lock = _lock_folder(self.files.folder, self.location)
+
+    def previous_run(self):
+        """The names of another run's outputs already in the output folder (locally, or at its remote location)."""
+        files = self.files
+        names = [path.name for path in (files.labels, files.metrics, files.resume, files.best_checkpoint,
+                                        files.last_checkpoint, files.best_mindir)]
+        found = [name for name in names if (files.folder / name).exists()]
+        if self.mirror.remote is not None:
+            store = storage.backend()
+            found += [name for name in names if name not in found and store.exists(f"{self.mirror.remote}/{name}")]
+        return found
+
+    def claim(self, args, resumed):
+        """Before the first write: an output folder belongs to one run. One that holds another run's outputs is
+        refused unless this run continues it (--resume) or replaces it (--overwrite)."""
+        continues = args.resume == "auto" or (resumed.source is not None
+                                              and resumed.source.parent == self.files.folder)
+        found = [] if self.scratch or continues or args.overwrite else self.previous_run()
+        if found:
+            raise UserError(f"{storage.redact(self.location)} holds another run's outputs ({', '.join(found)}): "
+                            f"continue that run with --resume auto, replace it with --overwrite, or choose another "
+                            f"--output_url")
 
     def push(self):
         """Copy what is new or changed to the remote locations (after every epoch, at the end, after a failure)."""
@@ -75,12 +99,31 @@ class Outputs:
             self.aim_mirror.pull()
 
 
+def _lock_folder(folder, shown_as):
+    """Hold an exclusive lock on the folder while the job runs: a second run into it at once is refused rather than
+    mixing its files with ours. (flock on the folder itself leaves no file behind; it is released at exit.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{storage.redact(shown_as)} is in use by another run of this job; wait for it to end or "
+                        f"choose another --output_url") from None
+    return fd
+
+
 class ResumeState(NamedTuple):
-    """Where a resumed run continues: epochs done, best validation accuracy, Aim run, finished epochs' records."""
+    """Where a resumed run continues: epochs done, best validation accuracy, Aim run, finished epochs' records, and
+    the resume state's file (None for a fresh start)."""
     epochs_done: int = 0
     best_accuracy: float = -1.0
     aim_run: str = None
     history: list = []
+    source: Path = None
 
 
 def save_resume(train_step, path, epoch, best_accuracy, aim_run):
@@ -103,12 +146,20 @@ def load_resume(args, outputs, train_step):
     else:
         path = staging.stage_in(args.resume, "resume", args.cache_dir)
     state = _read_resume(path, train_step)
-    metrics = path.parent / METRICS
-    history = [r for r in json.loads(metrics.read_text()) if r["epoch"] <= state.epochs_done] \
-        if metrics.is_file() else []
     print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path} "
           f"(best val_accuracy {state.best_accuracy:.4f})")
-    return state._replace(history=history)
+    return state._replace(history=_read_history(path.parent / METRICS, state.epochs_done), source=Path(path))
+
+
+def _read_history(path, epochs_done):
+    """The records of the finished epochs, from the metrics.json beside the resume state."""
+    if not path.is_file():
+        return []
+    try:
+        return [r for r in json.loads(path.read_text()) if int(r["epoch"]) <= epochs_done]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); delete it to resume without the finished epochs' records")\
+            from None
 
 
 def _read_resume(path, train_step):

@@ -29,13 +29,16 @@ from tracking import AimCallback  # noqa: E402
 
 URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo", "resume")
 PREVIEW_IMAGES = 16  # validation images shown in Aim each epoch, and in the picture files
+MAX_SCHEDULE_STEPS = 10_000_000  # per-step learning rates, 40 MB of float32
 
 
 class Training(NamedTuple):
-    """What the optimiser steps, the pipelines it trains and validates on, and what labels the Aim preview."""
+    """What the optimiser steps, the pipelines it trains and validates on, the preview of validation images
+    (HWC images, network inputs, labels) and what labels it in Aim."""
     cell: object
     train_data: object
     val_data: object
+    preview: tuple
     predict: object
 
 
@@ -87,30 +90,37 @@ def predictor(net):
     return predict
 
 
-def prepare_training(args, net, source, pretrained, workers, preview):
+def prepare_training(args, net, source, pretrained, workers):
     """The whole network on images; in fixed-feature mode the head alone, on features the frozen backbone computes
     once. With several workers each trains on its own shard; all validate on the whole split."""
+    preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
     if args.freeze and args.feature_cache != "off":
         cache_dir = args.cache_dir or staging.default_cache_dir()
-        return Training(*features.head_training(net, source, args, pretrained, cache_dir, workers.shard,
-                                                len(preview[2])))
+        head, train_data, val_data, predict = features.head_training(net, source, args, pretrained, cache_dir,
+                                                                     workers.shard, len(preview[2]))
+        return Training(head, train_data, val_data, preview, predict)
     train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers,
                                          shard=workers.shard)
     val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers)
-    return Training(net, train_data, val_data, predictor(net))
+    return Training(net, train_data, val_data, preview, predictor(net))
 
 
-def write_inference_files(files, args, source, net, preview):
-    """labels.json and examples/, written only once every input has been checked, so a mistake leaves the last
-    good run's files alone."""
+def learning_rates(args, workers, steps_per_epoch):
+    """The peak learning rate (scaled linearly with the workers) and the per-step schedule, held in memory."""
+    if args.epochs * steps_per_epoch > MAX_SCHEDULE_STEPS:
+        raise UserError(f"--epochs {args.epochs} x {steps_per_epoch} steps per epoch is a schedule of more than "
+                        f"{MAX_SCHEDULE_STEPS:,} steps, too long to hold in memory")
+    lr = args.lr * workers.lr_scale
+    return lr, train_step.cosine_lr(lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+
+
+def write_first_outputs(files, args, source, net, preview, tracker):
+    """labels.json, examples/ and train_samples.png: written once the first epoch has finished (just before its
+    checkpoints), so a run that fails earlier leaves the last good run's files alone."""
     export.write_labels(files.labels, source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
     export.save_examples(preview[0], preview[2], source.class_names, files.examples)
-
-
-def show_training_samples(source, image_size, files, tracker):
-    """The tutorial's first picture: training images with their labels (train_samples.png and in Aim)."""
-    images, _, labels = datasets.preview_batch(source, "train", image_size, PREVIEW_IMAGES)
+    images, _, labels = datasets.preview_batch(source, "train", args.image_size, PREVIEW_IMAGES)
     path = export.plot_image_grid(images, [source.class_names[i] for i in labels], files.train_samples)
     tracker.track_image("train_samples", path, caption="training images with their labels")
 
@@ -145,12 +155,40 @@ def hyperparameters(args, source, device, num_classes, workers, plan):
             "train_size": source.sizes["train"], "val_size": source.sizes["val"], **plan._asdict()}
 
 
-def export_best(net, recorder, image_size, files):
-    """The best epoch's weights as the servable MindIR, and the learning curves."""
+def start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch):
+    """The Aim run: the resumed one when the Aim repo still holds it, else a new one (a state from another
+    folder, or an Aim repo that was lost)."""
+    def aim_run(run_hash):
+        return AimCallback(outputs.aim_repo, args.experiment or source.name, hparams, meter,
+                           log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
+                           class_names=source.class_names, preview=training.preview, predict=training.predict,
+                           close_at_end=False, run_hash=run_hash, step_offset=resumed.epochs_done * steps_per_epoch)
+    try:
+        return aim_run(resumed.aim_run)
+    except Exception as exc:  # aim's MissingRunError; aim is imported lazily, so matched by name
+        if type(exc).__name__ != "MissingRunError":
+            raise
+    print(f"resume: Aim run {resumed.aim_run} is not in {storage.redact(outputs.aim_repo)}; the resumed epochs are "
+          f"tracked in a new Aim run")
+    return aim_run(None)
+
+
+def finish(net, history, args, outputs, only_missing=False):
+    """The best epoch's weights as the servable MindIR, and the learning curves (with `only_missing`, just those
+    a finished job is missing, e.g. after a kill during the export); then the final upload."""
     import mindspore as ms
-    ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
-    export.export_mindir(net, image_size, files.best_mindir)
-    export.plot_curves(recorder.history, files.curves)
+    files = outputs.files
+    if not (only_missing and files.best_mindir.exists()):
+        ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
+        export.export_mindir(net, args.image_size, files.best_mindir)
+    if history and not (only_missing and files.curves.exists()):
+        export.plot_curves(history, files.curves)
+    outputs.push()
+    best = max(history, key=lambda r: r["val_accuracy"]) if history else None
+    print((f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; " if best else "done: ")
+          + f"outputs in {storage.redact(outputs.location)}")
+    if outputs.aim_repo and storage.scheme_of(outputs.aim_repo) != "aim":
+        print(f"see the run in Aim: aim up --repo {outputs.aim_repo}")
 
 
 def main(args):
@@ -167,49 +205,40 @@ def main(args):
 
     source, num_classes = load_data(args, data_dir)
     net = build_network(args, num_classes, pretrained)
-    preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
-    training = prepare_training(args, net, source, pretrained, workers, preview)
+    training = prepare_training(args, net, source, pretrained, workers)
     steps_per_epoch = training.train_data.get_dataset_size()
-    lr = args.lr * workers.lr_scale
-    lr_schedule = train_step.cosine_lr(lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    lr, lr_schedule = learning_rates(args, workers, steps_per_epoch)
     optimizer = train_step.create_optimizer(training.cell, lr_schedule, args.momentum, args.weight_decay,
                                             args.backbone_lr_scale)
     trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan)
     resumed = run_state.load_resume(args, outputs, trainer.train_network)
-    write_inference_files(files, args, source, net, preview)
+    outputs.claim(args, resumed)  # every input is checked: from here on the job writes
+    if resumed.epochs_done >= args.epochs:
+        print(f"resume: all {args.epochs} epochs are done; nothing left to train")
+        return finish(net, resumed.history, args, outputs, only_missing=True)
 
     meter = callbacks.StepMeter()
-    tracker = AimCallback(outputs.aim_repo, args.experiment or source.name,
-                          hyperparameters(args, source, device, num_classes, workers, plan), meter,
-                          log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
-                          class_names=source.class_names, preview=preview, predict=training.predict,
-                          close_at_end=False, run_hash=resumed.aim_run,
-                          step_offset=resumed.epochs_done * steps_per_epoch)
+    hparams = hyperparameters(args, source, device, num_classes, workers, plan)
+    tracker = start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch)
     recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, tracker.hash, resumed)
     where = f"Aim run {tracker.hash} in {storage.redact(outputs.aim_repo)}" if workers.writes_outputs else \
         f"outputs only on rank 0 (this worker's scratch: {files.folder})"
     print(f"train: {args.arch} on {device} ({plan.describe()}){workers.describe(args.batch_size, lr)}, "
           f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, {where}")
     try:
-        show_training_samples(source, args.image_size, files, tracker)
         trainer.fit(args.epochs, training.train_data, valid_dataset=training.val_data,
-                    callbacks=callbacks.create_callbacks(meter, recorder, tracker, net, workers, args.epochs,
-                                                         steps_per_epoch, outputs.push),
+                    callbacks=callbacks.create_callbacks(
+                        meter, recorder, tracker, net, workers, args.epochs, steps_per_epoch, outputs.push,
+                        at_first_epoch_end=lambda: write_first_outputs(files, args, source, net, training.preview,
+                                                                       tracker)),
                     dataset_sink_mode=plan.dataset_sink, valid_dataset_sink_mode=False,
                     initial_epoch=resumed.epochs_done)
         if workers.writes_outputs:
-            show_predictions(preview, tracker.last_predictions, source.class_names, files, tracker)
+            show_predictions(training.preview, tracker.last_predictions, source.class_names, files, tracker)
     finally:
         tracker.close()
         outputs.push()  # also after a failure: keep what the finished epochs made
-
-    export_best(net, recorder, args.image_size, files)
-    outputs.push()
-    best = recorder.best_record()
-    print(f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; "
-          f"outputs in {storage.redact(outputs.location)}")
-    if outputs.aim_repo and storage.scheme_of(outputs.aim_repo) != "aim":
-        print(f"see the run in Aim: aim up --repo {outputs.aim_repo}")
+    finish(net, recorder.history, args, outputs)
 
 
 def run(argv=None):
