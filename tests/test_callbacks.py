@@ -83,3 +83,29 @@ def test_workers_describe_their_share():
     assert (second.leader, second.writes_outputs, second.shard, second.lr_scale) == (False, False, (4, 1), 4)
     assert second.describe(16, 0.04) == " x 4 workers (rank 1), global batch 64, lr 0.04"
     assert single.describe(16, 0.01) == ""
+
+
+def test_the_readme_aim_example_logs_a_plain_model(tmp_path):
+    """The README's snippet: StepMeter + AimCallback in any Model.fit, read back through Aim's SDK."""
+    from aim.storage.context import Context
+    from mindspore.train import Model
+    from test_aim_runs import read_runs
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_seed(0)
+    net = nn.Dense(4, 3)
+    loss_fn = nn.CrossEntropyLoss()
+    model = Model(net, loss_fn, nn.Momentum(net.trainable_params(), 0.1, 0.9),
+                  metrics={"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": nn.ConfusionMatrix(3)})
+    meter = callbacks.StepMeter()
+    aim_cb = AimCallback(tmp_path, experiment="plain", hparams={"lr": 0.1}, meter=meter, class_names=["a", "b", "c"],
+                         log_every=2, system_tracking=False)
+    model.fit(EPOCHS, separable(BATCH * STEPS, 0), valid_dataset=separable(24, 1), callbacks=[meter, aim_cb])
+
+    (run,) = read_runs(tmp_path).values()
+    assert run["hparams"] == {"lr": 0.1} and run.end_time is not None  # closed at the end
+    train_loss = run.get_metric("loss", Context({"subset": "train"})).dataframe()
+    assert train_loss["step"].tolist() == [2, 4, 6, 8, 10]  # every 2nd of 10 steps
+    assert np.isfinite(train_loss["value"]).all()
+    val = run.get_metric("accuracy", Context({"subset": "val"})).dataframe()
+    assert val["step"].tolist() == [1, 2] and val["value"].iloc[-1] > 0.6
+    assert run.get_metric("class_accuracy", Context({"subset": "val", "class": "b"})) is not None
