@@ -23,7 +23,7 @@ def test_never_pins_mindspore_and_keeps_numpy_below_2():
     names = requirement_names()
     assert "mindspore" not in names and not any(n.startswith("mindspore") for n in names)
     assert "<2" in names["numpy"]
-    assert {"aim", "fsspec", "s3fs", "download", "tqdm", "matplotlib"} <= set(names)
+    assert {"aim", "fsspec", "s3fs", "tqdm", "matplotlib"} <= set(names)
 
 
 network = pytest.mark.skipif(os.environ.get("RUN_NETWORK_TESTS") != "1",

@@ -6,7 +6,8 @@ import runtime
 
 
 def job_args(output_url, cache_dir, aim_repo=None, arch="resnet18"):
-    return SimpleNamespace(output_url=str(output_url), aim_repo=aim_repo, cache_dir=str(cache_dir), arch=arch)
+    return SimpleNamespace(output_url=str(output_url), aim_repo=aim_repo, cache_dir=str(cache_dir), arch=arch,
+                           io_timeout=10.0)
 
 
 def test_names_of_the_output_files(tmp_path):
@@ -21,7 +22,7 @@ def test_names_of_the_output_files(tmp_path):
 def test_the_aim_repo_lives_in_the_output_folder_unless_given(tmp_path):
     outputs = run_state.Outputs(job_args(tmp_path / "out", tmp_path / "cache"), runtime.Workers())
     assert outputs.aim_repo == outputs.files.folder == tmp_path / "out" and outputs.aim_mirror is None
-    server = run_state.Outputs(job_args(tmp_path / "out", tmp_path / "cache", "aim://127.0.0.1:53800"),
+    server = run_state.Outputs(job_args(tmp_path / "out-too", tmp_path / "cache", "aim://127.0.0.1:53800"),
                                runtime.Workers())
     assert server.aim_repo == "aim://127.0.0.1:53800"
     other_rank = run_state.Outputs(job_args(tmp_path / "out2", tmp_path / "cache"), runtime.Workers(1, 2, 1))

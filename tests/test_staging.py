@@ -1,5 +1,6 @@
 """Staging inputs into the cache and mirroring outputs, against real servers on 127.0.0.1 (moto S3 as s3:// and
 obs://, http.server), local disk, and the moxing test double; and whole jobs whose storage is moxing."""
+import socketserver
 import tarfile
 import threading
 import time
@@ -93,6 +94,36 @@ def test_truncated_download_is_not_trusted(tmp_path):
     assert not list((tmp_path / "c").rglob(staging.COMPLETE_MARKER))
 
 
+def test_url_credentials_go_in_a_header_and_never_into_logs(tmp_path, capsys):
+    """user:password@ in an http URL becomes HTTP basic auth; the request line and every message go without it."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    seen = []
+
+    class NeedsAuth(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = b"weights" if self.headers.get("Authorization") == "Basic cmVhZGVyOmh1bnRlcjI=" else b""
+            self.send_response(200 if body else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NeedsAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://reader:{{}}@127.0.0.1:{server.server_address[1]}/w.ckpt?X-Amz-Signature=SIG-SECRET"
+    try:
+        assert staging.stage_in(base.format("hunter2"), "pretrain_url", tmp_path / "c").read_bytes() == b"weights"
+        with pytest.raises(UserError, match=r"could not download http://127.0.0.1:\d+/w.ckpt\?...: HTTP Error 401"):
+            staging.stage_in(base.format("wrong"), "pretrain_url", tmp_path / "other-cache")
+    finally:
+        server.shutdown()
+    assert seen[0] == ("/w.ckpt?X-Amz-Signature=SIG-SECRET", "Basic cmVhZGVyOmh1bnRlcjI=")
+    assert not any(secret in capsys.readouterr().out for secret in ("hunter2", "wrong", "SIG-SECRET"))
+
+
 def test_output_mirror_pushes_what_changed(bucket, tmp_path):
     mirror = staging.OutputMirror(f"s3://{bucket}/out", "output_url", tmp_path / "cache")
     (mirror.local / "metrics.json").write_text("[1]")
@@ -126,6 +157,23 @@ def test_output_mirror_pulls_files_and_folders_a_restarted_job_needs(bucket, tmp
     assert everything.pull() == 5 and (everything.local / "other.png").read_bytes() == b"p"
     assert everything.push() == 0
     assert staging.OutputMirror(f"s3://{bucket}/empty", "output_url", tmp_path / "c").pull() == 0
+
+
+def test_an_upload_to_a_store_gone_silent_ends_in_time_and_keeps_the_outputs(bucket, tmp_path, monkeypatch):
+    from test_faults_staging import Silent, serving
+    mirror = staging.OutputMirror(f"s3://{bucket}/out", "output_url", tmp_path / "cache", io_timeout=1)
+    (mirror.local / "metrics.json").write_text("[1]")
+    with serving(socketserver.ThreadingTCPServer, Silent) as port:
+        monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{port}")  # the endpoint stops answering mid-job
+        start = time.monotonic()
+        with pytest.raises(UserError, match=f"output_url: could not upload to s3://{bucket}/out: no answer for 1 s"):
+            mirror.push()
+        assert time.monotonic() - start < 8  # two attempts of io_timeout, and botocore's backoff
+        start = time.monotonic()
+        with pytest.raises(UserError, match="could not upload"):
+            mirror.push()  # the final push after a failed one does not wait again
+        assert time.monotonic() - start < 0.5
+    assert (mirror.local / "metrics.json").read_text() == "[1]"
 
 
 @pytest.mark.parametrize("url,needle", [("s3://no-such-bucket-out/x", "bucket 'no-such-bucket-out' does not exist"),

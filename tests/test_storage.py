@@ -118,3 +118,16 @@ def test_credentials_are_redacted():
         "https://host.example:8443/data/x.zip?..."
     assert storage.redact("obs://bucket/path/") == "obs://bucket/path/"
     assert storage.redact("/local/path") == "/local/path"
+    assert storage.redact_text('Read timeout on "https://u:pw@h.example/b/k?X-Amz-Signature=s", retrying') == \
+        'Read timeout on "https://h.example/b/k?...", retrying'
+
+
+def test_timeouts_are_recognised_whoever_raises_them():
+    import asyncio
+    import botocore.exceptions
+    import fsspec.exceptions
+    for exc in (TimeoutError(), asyncio.TimeoutError(), fsspec.exceptions.FSTimeoutError(),
+                botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"),
+                botocore.exceptions.ConnectTimeoutError(endpoint_url="http://x")):
+        assert storage.is_timeout(exc), exc
+    assert not storage.is_timeout(ConnectionRefusedError()) and not storage.is_timeout(OSError(28, "full"))

@@ -42,18 +42,21 @@ class Outputs:
     locations by `push()`. Only the worker that `writes_outputs` has them; the others write into a scratch folder."""
 
     def __init__(self, args, workers):
+        def mirror(url, what):
+            return staging.OutputMirror(str(url), what, args.cache_dir, io_timeout=args.io_timeout)
+
         self.aim_mirror, self.aim_repo, self.scratch = None, None, not workers.writes_outputs
         if self.scratch:
-            scratch = Path(args.cache_dir or staging.default_cache_dir()) / f"rank-{workers.rank}"
-            self.mirror = staging.OutputMirror(str(scratch), "scratch folder", args.cache_dir)
+            self.mirror = mirror(Path(args.cache_dir or staging.default_cache_dir()) / f"rank-{workers.rank}",
+                                 "scratch folder")
         else:
-            self.mirror = staging.OutputMirror(args.output_url, "output_url", args.cache_dir)
+            self.mirror = mirror(args.output_url, "output_url")
             if not args.aim_repo:  # the Aim repo lives in the output folder, and travels with it
                 self.aim_repo = self.mirror.local
             elif storage.scheme_of(args.aim_repo) == "aim":  # an Aim tracking server: nothing to stage
                 self.aim_repo = args.aim_repo
             else:
-                self.aim_mirror = staging.OutputMirror(args.aim_repo, "aim_repo", args.cache_dir)
+                self.aim_mirror = mirror(args.aim_repo, "aim_repo")
                 self.aim_repo = self.aim_mirror.local
         self.files = RunFiles(self.mirror.local, args.arch)
         self.location = self.mirror.remote or self.mirror.local
@@ -144,7 +147,7 @@ def load_resume(args, outputs, train_step):
             print("resume: nothing to resume in the output folder; starting fresh")
             return ResumeState()
     else:
-        path = staging.stage_in(args.resume, "resume", args.cache_dir)
+        path = staging.stage_in(args.resume, "resume", args.cache_dir, io_timeout=args.io_timeout)
     state = _read_resume(path, train_step)
     print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path} "
           f"(best val_accuracy {state.best_accuracy:.4f})")

@@ -1,13 +1,18 @@
 """Staging the job's files: inputs fetched into a local cache once, outputs written locally and mirrored up.
 
-Every remote read and write goes through `storage.backend()`; http(s) inputs are fetched with `download`.
+Every remote read and write goes through `storage.backend()`; http(s) inputs are streamed by `http_get`.
+Every transfer ends after `io_timeout` seconds without progress; a full disk, a timeout or an unreachable store ends
+the job with one line naming the (redacted) location, and leaves no half-written file in the cache.
 """
+import base64
 import hashlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit, urlunsplit
 
 import storage
 from archives import extract_archive, is_archive
@@ -32,28 +37,93 @@ def _basename(url):
     return PurePosixPath(urlsplit(str(url)).path.rstrip("/")).name or "download"
 
 
-def _reason(exc):
-    """The root cause in one line (`download` wraps urllib's error in a generic RuntimeError)."""
-    while exc.__cause__ or exc.__context__:
-        exc = exc.__cause__ or exc.__context__
-    reason = getattr(exc, "reason", None) or exc
+def _reason(exc, io_timeout=None):
+    """The root cause in one line, without secrets; a timeout says which flag sets it."""
+    chain = [exc]
+    while chain[-1].__cause__ or (chain[-1].__context__ and not chain[-1].__suppress_context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if isinstance(exc, TransferStalled):
+        return str(exc)
+    if io_timeout and any(map(storage.is_timeout, chain)):
+        return f"no answer for {io_timeout:g} s (see --io_timeout)"
+    root = chain[-1]
+    reason = root.reason if isinstance(root, URLError) and not isinstance(root, HTTPError) else root
     text = str(reason).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return storage.redact_text(text[0]) if text else type(chain[-1]).__name__
 
 
-def _fetch(url, destination):
-    """Copy a remote file or folder to `destination` (a folder): http(s) with `download`, others with the back end."""
-    name = _basename(url)
-    if storage.scheme_of(url) in storage.HTTP_SCHEMES:
-        from download import download
-        try:
-            download(url, str(destination / name), kind="file", progressbar=True, replace=True, verbose=False,
-                     timeout=30)
-        except Exception as exc:  # urllib and `download` raise many types; all mean "could not fetch"
-            raise UserError(f"could not download {storage.redact(url)}: {_reason(exc)}") from None
-        return destination / name
-    store = storage.backend()
+class TransferStalled(TimeoutError):
+    """A download made no progress, or crawled below storage.MIN_RATE, for io_timeout seconds."""
+
+
+def _without_credentials(url):
+    """(url without user:password@, headers carrying them as HTTP basic auth)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
+
+
+class _Watchdog:
+    """Raises TransferStalled once the bytes that arrived over the last io_timeout seconds average below MIN_RATE."""
+
+    def __init__(self, io_timeout):
+        self.io_timeout = io_timeout
+        self.since, self.at_start = time.monotonic(), 0
+
+    def check(self, received):
+        elapsed = time.monotonic() - self.since
+        if elapsed < self.io_timeout:
+            return
+        if received - self.at_start < storage.MIN_RATE * elapsed:
+            raise TransferStalled(f"less than {storage.MIN_RATE // 1024} KiB/s for {self.io_timeout:g} s "
+                                  f"(see --io_timeout)")
+        self.since, self.at_start = time.monotonic(), received
+
+
+def http_get(url, destination, io_timeout=storage.DEFAULT_IO_TIMEOUT):
+    """Stream an http(s) `url` into the file `destination`, with a progress bar on a terminal. Raises
+    TransferStalled when no data arrives for `io_timeout` seconds or too little for that long, and
+    ConnectionError for a body cut short."""
+    import urllib.request
+    from tqdm import tqdm
+
+    plain, headers = _without_credentials(url)
+    watchdog, received = _Watchdog(io_timeout), 0
     try:
+        with urllib.request.urlopen(urllib.request.Request(plain, headers=headers), timeout=io_timeout) as response, \
+                open(destination, "wb") as out, tqdm(total=response.length, unit="B", unit_scale=True, leave=False,
+                                                     disable=not sys.stderr.isatty()) as bar:
+            size = response.length
+            while True:
+                chunk = response.read1(1 << 16)  # whatever one read brings: the watchdog sees a trickle
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+                watchdog.check(received)
+    except TransferStalled:
+        raise
+    except OSError as exc:  # urllib wraps a timeout while connecting in URLError, and raises others bare
+        if storage.is_timeout(exc) or storage.is_timeout(getattr(exc, "reason", None)):
+            raise TransferStalled(f"no data for {io_timeout:g} s (see --io_timeout)") from None
+        raise
+    if size is not None and received < size:
+        raise ConnectionError(f"the server sent {received} of the {size} bytes it announced")
+
+
+def _fetch(url, destination, io_timeout):
+    """Copy a remote file or folder to `destination` (a folder): http(s) with `http_get`, others with the back end.
+    A full disk is passed on as it is, for `_staged` to report."""
+    name, where = _basename(url), storage.redact(url)
+    try:
+        if storage.scheme_of(url) in storage.HTTP_SCHEMES:
+            http_get(url, destination / name, io_timeout)
+            return destination / name
+        store = storage.backend(io_timeout)
         if store.is_directory(url):
             store.copy_parallel(url, destination / name)
         else:
@@ -61,15 +131,18 @@ def _fetch(url, destination):
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{storage.redact(url)} does not exist") from None
+        raise UserError(f"{where} does not exist") from None
     except PermissionError as exc:
-        raise UserError(f"{storage.redact(url)} cannot be read: {_reason(exc)}") from None
-    except Exception as exc:  # botocore and moxing raise their own types, e.g. for no keys or no endpoint
-        raise UserError(f"could not read {storage.redact(url)}: {_reason(exc)}") from None
+        raise UserError(f"{where} cannot be read: {_reason(exc)}") from None
+    except Exception as exc:  # urllib, botocore and moxing raise their own types, e.g. for no keys or no endpoint
+        if storage.is_disk_full(exc):
+            raise
+        verb = "download" if storage.scheme_of(url) in storage.HTTP_SCHEMES else "read"
+        raise UserError(f"could not {verb} {where}: {_reason(exc, io_timeout)}") from None
     return destination / name
 
 
-def stage_in(url, what, cache_dir=None, leader=True):
+def stage_in(url, what, cache_dir=None, leader=True, io_timeout=storage.DEFAULT_IO_TIMEOUT):
     """A local path for an input: local files are used in place, remote ones are fetched into the cache once,
     and archives are extracted there (safely). A half-finished fetch is never taken for a finished one.
 
@@ -88,7 +161,7 @@ def stage_in(url, what, cache_dir=None, leader=True):
                        lambda partial: extract_archive(path, partial / "extracted"), leader)
 
     def fetch(partial):
-        fetched = _fetch(url, partial)
+        fetched = _fetch(url, partial, io_timeout)
         if not (fetched.is_file() and is_archive(fetched)):
             return fetched
         extract_archive(fetched, partial / "extracted")
@@ -119,8 +192,15 @@ def _staged(target, what, source, produce, leader=True):
     except OSError as exc:
         raise UserError(f"cache folder {target.parent} cannot be written (see --cache_dir): "
                         f"{exc.strerror or exc}") from None
-    produced = produce(partial)
-    (partial / COMPLETE_MARKER).write_text(produced.name + "\n")
+    try:
+        produced = produce(partial)
+        (partial / COMPLETE_MARKER).write_text(produced.name + "\n")
+    except BaseException as exc:  # also Ctrl-C: the cache keeps only complete copies
+        shutil.rmtree(partial, ignore_errors=True)
+        if storage.is_disk_full(exc):
+            raise UserError(f"{what}: no space left in the cache folder {target.parent.parent} for {source} "
+                            f"(see --cache_dir): {exc.strerror or exc}") from None
+        raise
     os.replace(partial, target)
     return target / produced.name
 
@@ -145,14 +225,14 @@ class OutputMirror:
     epoch and at the end, so a preempted job keeps what it made.
     """
 
-    def __init__(self, url, what, cache_dir=None):
-        self.url, self.what = str(url), what
+    def __init__(self, url, what, cache_dir=None, io_timeout=storage.DEFAULT_IO_TIMEOUT):
+        self.url, self.what, self.io_timeout = str(url), what, io_timeout
         self.remote = None if storage.is_local(url) else self.url.rstrip("/")
-        self._pushed = {}
+        self._pushed, self._push_failed = {}, None
         if self.remote is None:
             self.local = prepare_output(url, what)
             return
-        self._store = storage.backend()
+        self._store = storage.backend(io_timeout)
         self._check_remote()
         local = Path(cache_dir or default_cache_dir()) / "outputs" / _cache_key(url)
         self.local = prepare_output(local, f"local staging folder for {what}")
@@ -162,14 +242,14 @@ class OutputMirror:
         if scheme in storage.HTTP_SCHEMES:
             raise UserError(f"{where}: http(s) locations are read-only")
         bucket = urlsplit(self.remote).netloc
-        try:
-            if scheme in ("s3", "obs") and not self._store.exists(f"{scheme}://{bucket}"):
+        try:  # is_directory, not exists: s3fs's exists says False for an endpoint that cannot be reached
+            if scheme in ("s3", "obs") and not self._store.is_directory(f"{scheme}://{bucket}"):
                 raise UserError(f"{where}: bucket {bucket!r} does not exist")
             self._store.make_dirs(self.remote)
         except UserError:
             raise
         except Exception as exc:  # botocore/aiohttp raise their own types for unreachable endpoints
-            raise UserError(f"{where} cannot be reached: {_reason(exc)}") from None
+            raise UserError(f"{where} cannot be reached: {_reason(exc, self.io_timeout)}") from None
 
     def _local_files(self):
         """relative path -> (size, mtime) of every finished file in the local folder."""
@@ -186,12 +266,21 @@ class OutputMirror:
         if self.remote is None:
             return 0
         before = self._local_files()
-        for name in names or ("",):  # "": the whole folder
-            remote = f"{self.remote}/{name}".rstrip("/")
-            if self._store.is_directory(remote):
-                self._store.copy_parallel(remote, self.local / name)
-            elif name and self._store.exists(remote):
-                self._store.copy(remote, self.local / name)
+        try:
+            for name in names or ("",):  # "": the whole folder
+                remote = f"{self.remote}/{name}".rstrip("/")
+                if self._store.is_directory(remote):
+                    self._store.copy_parallel(remote, self.local / name)
+                elif name and self._store.exists(remote):
+                    self._store.copy(remote, self.local / name)
+        except UserError:
+            raise
+        except Exception as exc:
+            if storage.is_disk_full(exc):
+                raise UserError(f"{self.what}: no space left in {self.local} for the files of "
+                                f"{storage.redact(self.remote)} (see --cache_dir): {exc.strerror}") from None
+            raise UserError(f"{self.what}: could not read {storage.redact(self.remote)}: "
+                            f"{_reason(exc, self.io_timeout)}") from None
         pulled = {rel: info for rel, info in self._local_files().items() if before.get(rel) != info}
         self._pushed.update(pulled)  # already on the remote: not to be pushed back unless they change
         return len(pulled)
@@ -200,8 +289,15 @@ class OutputMirror:
         """Copy new and changed files to the remote; returns how many were copied."""
         if self.remote is None:
             return 0
+        if self._push_failed:  # the store already failed after its retries and timeouts: do not wait for it again
+            raise UserError(self._push_failed)
         changed = {rel: info for rel, info in self._local_files().items() if self._pushed.get(rel) != info}
         if changed:
-            self._store.copy_parallel(self.local, self.remote, only=list(changed))
+            try:
+                self._store.copy_parallel(self.local, self.remote, only=list(changed))
+            except Exception as exc:
+                self._push_failed = (f"{self.what}: could not upload to {storage.redact(self.remote)}: "
+                                     f"{_reason(exc, self.io_timeout)}; the outputs are kept in {self.local}")
+                raise UserError(self._push_failed) from None
             self._pushed.update(changed)
         return len(changed)

@@ -44,9 +44,9 @@ class Training(NamedTuple):
 
 def stage_inputs(args, workers):
     """Local paths of the data and the pretrained weights (fetched once per machine when remote)."""
-    data_dir = staging.stage_in(args.data_url, "data_url", args.cache_dir, workers.leader)
-    pretrained = staging.stage_in(args.pretrain_url, "pretrain_url", args.cache_dir, workers.leader) \
-        if args.pretrain_url else None
+    data_dir = staging.stage_in(args.data_url, "data_url", args.cache_dir, workers.leader, io_timeout=args.io_timeout)
+    pretrained = staging.stage_in(args.pretrain_url, "pretrain_url", args.cache_dir, workers.leader,
+                                  io_timeout=args.io_timeout) if args.pretrain_url else None
     return data_dir, pretrained
 
 
