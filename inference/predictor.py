@@ -22,8 +22,8 @@ sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
 import run_state  # noqa: E402
 from errors import UserError  # noqa: E402
+from images import MAX_PIXELS, to_rgb  # noqa: E402
 
-MAX_PIXELS = 40_000_000  # larger uploads are refused (decompression bombs); a 40 MP photo still passes
 MODEL_SUFFIXES = (".ckpt", ".mindir")
 
 
@@ -50,20 +50,6 @@ def read_image(source):
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"the image is corrupt or truncated ({exc})") from None
     return to_rgb(image)
-
-
-def to_rgb(image):
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth grey: scale to 8 bits by its range
-        values = np.asarray(image, dtype=np.float64)
-        low, high = values.min(), values.max()
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        image = Image.fromarray(scaled.round().astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
 
 
 def find_model(folder=HERE):

@@ -139,3 +139,137 @@ def test_worker_count_is_clamped_to_cores():
     assert datasets.worker_count(None) == cores
     assert datasets.worker_count(cores + 5) == cores
     assert datasets.worker_count(1) == 1
+
+
+# ---------------------------------------------------------------- hostile trees and files (issue 16)
+
+def two_class_folder(root, train=8, val=4):
+    return write_imagefolder(root, {"train": make_split(train, 2, 1), "val": make_split(val, 2, 2)}, ["a", "b"])
+
+
+def test_symlink_loops_end_the_walk_at_once(tmp_path):
+    """Links to `.` and `..` at every level made the walk grow without end; now each folder is searched once."""
+    import os
+    import time
+    folder = tmp_path
+    for depth in range(4):
+        (folder / "sub").mkdir()
+        for link, target in (("here", "."), ("up", ".."), ("top", tmp_path)):
+            os.symlink(target, folder / link)
+        folder = folder / "sub"
+    start = time.monotonic()
+    with pytest.raises(UserError, match="no dataset found"):
+        datasets.find_data(tmp_path)
+    assert time.monotonic() - start < 2
+    two_class_folder(folder)  # the data, at the bottom of the loops
+    notes = []
+    assert datasets.find_data(tmp_path, log=notes.append).sizes == {"train": 8, "val": 4}
+    assert len(notes) == 1 and "symlink(s)" in notes[0] and "(a loop)" in notes[0]
+
+
+def test_a_symlinked_class_folder_is_read(tmp_path):
+    import os
+    two_class_folder(tmp_path / "elsewhere")
+    data = two_class_folder(tmp_path / "data")
+    shutil.rmtree(data / "train" / "b")
+    os.symlink(tmp_path / "elsewhere" / "train" / "b", data / "train" / "b")
+    source = datasets.find_data(data, log=pytest.fail)
+    assert source.sizes == {"train": 8, "val": 4} and source.class_names == ["a", "b"]
+
+
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path):
+    data = two_class_folder(tmp_path)
+    (data / "train" / "a" / "empty.jpg").write_bytes(b"")
+    (data / "val" / "b" / "notes.png").write_text("not an image")
+    notes = []
+    source = datasets.find_data(data, log=notes.append)
+    assert source.sizes == {"train": 8, "val": 4}
+    assert sorted(path.name for path, _ in source.skipped) == ["empty.jpg", "notes.png"]
+    assert len(notes) == 1 and "skipping 2 image file(s)" in notes[0] and "train/a/empty.jpg (empty file)" in notes[0]
+    got = batches(datasets.create_dataset(source, "val", 32, batch_size=3))
+    assert sum(len(labels) for _, labels in got) == 4  # the pipeline reads only the readable ones
+
+
+def test_a_mostly_unreadable_split_is_refused(tmp_path):
+    data = two_class_folder(tmp_path, val=2)
+    for name in ("x.png", "y.png", "z.png"):
+        (data / "val" / "a" / name).write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    with pytest.raises(UserError, match="3 of the 5 images in the val split .* cannot be read"):
+        datasets.find_data(data)
+
+
+@pytest.mark.parametrize("side, needle", [((8000, 6000), "8000x6000 pixels"), ((20000, 20000), "above the limit")])
+def test_decompression_bombs_are_refused_without_decoding(tmp_path, side, needle):
+    import resource
+    import images
+    from test_faults_data import bomb_png
+    bomb_png(tmp_path / "bomb.png", *side)  # written row by row: the test allocates no pixels either
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert needle in images.problem(tmp_path / "bomb.png") and "decompression bomb" in images.problem(
+        tmp_path / "bomb.png")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KB: no pixels were allocated
+
+
+@pytest.mark.parametrize("meta, split, needle", [
+    (True, 0, "data_batch_1.bin holds label 200 .record 3., but .*batches.meta.txt names 3 classes"),
+    (False, 0, "data_batch_1.bin holds label 200, but no training record has label 3"),
+    (False, 1, "test_batch.bin holds label 200 .record 3., but the training records have 3 classes")])
+def test_a_cifar_label_beyond_the_classes_is_refused(tmp_path, cifar_split, meta, split, needle):
+    splits = [(images, labels.copy()) for images, labels in cifar_split]
+    splits[split][1][3] = 200
+    write_cifar(tmp_path, *splits, NAMES)
+    if not meta:
+        (tmp_path / "batches.meta.txt").unlink()
+    with pytest.raises(UserError, match=needle):
+        datasets.find_data(tmp_path)
+
+
+def test_output_folders_in_the_data_are_not_data(tmp_path):
+    """An earlier run's outputs in a class folder, an Aim repo and this job's own (still empty) output folder in
+    train/: none is a class, and no image of theirs is data."""
+    data = two_class_folder(tmp_path)
+    earlier = data / "train" / "a" / "run1"
+    (earlier / "examples").mkdir(parents=True)
+    for name in ("labels.json", "metrics.json", "examples/b.png"):
+        shutil.copy(next((data / "val" / "b").glob("*.png")), earlier / name)
+    (data / "train" / "out").mkdir()
+    (data / "train" / "aim" / ".aim").mkdir(parents=True)
+    notes = []
+    source = datasets.find_data(data, exclude=[data / "train" / "out", None], log=notes.append)
+    assert source.class_names == ["a", "b"] and source.sizes == {"train": 8, "val": 4}
+    assert len(notes) == 1 and "2 folder(s)" in notes[0] and "training job's outputs" in notes[0]
+    assert "run1" in notes[0] and "train/aim" in notes[0]
+
+
+def test_a_small_split_is_fine_when_nothing_is_dropped(tmp_path, cifar_split):
+    """The frozen backbone's one pass keeps every image, in batches larger than the split."""
+    write_cifar(tmp_path, *cifar_split, NAMES)
+    data = datasets.create_dataset(datasets.find_data(tmp_path), "train", 32, 64, shuffle=False, augment=False,
+                                   drop_remainder=False)
+    assert [len(labels) for _, labels in batches(data)] == [37]
+
+
+def test_training_reads_every_mode_as_the_app_does(tmp_path):
+    """Palette, RGBA, 16-bit grey, CMYK and an EXIF-rotated JPEG: the validation pipeline's input equals the
+    inference predictor's for the same file."""
+    import sys
+    from conftest import ROOT
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "inference"))
+    from predictor import Predictor, read_image
+    rgb = Image.fromarray(make_split(1, 1, 3, side=40)[0][0])
+    grey16 = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    folder = tmp_path / "val" / "a"
+    folder.mkdir(parents=True)
+    for name, image in {"p.png": rgb.convert("P"), "rgba.png": rgb.convert("RGBA"), "grey16.png": grey16,
+                        "cmyk.jpg": rgb.convert("CMYK")}.items():
+        image.save(folder / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the app turns it upright
+    rgb.resize((40, 30)).save(folder / "rotated.jpg", exif=exif)
+    shutil.copytree(tmp_path / "val", tmp_path / "train")
+    source = datasets.find_data(tmp_path, log=pytest.fail)
+    inputs, _ = batches(datasets.create_dataset(source, "val", 32, batch_size=5))[0]
+    served = Predictor(None, {"class_names": ["a"], "image_size": 32, "data_format": "imagefolder"}, "m.ckpt")
+    expected = [served.preprocess(read_image(path)) for path, _ in source.val]
+    np.testing.assert_allclose(inputs, np.stack(expected), atol=1e-5)

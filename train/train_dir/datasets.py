@@ -3,7 +3,9 @@
 Two layouts are recognised anywhere below the data folder:
 - CIFAR-10 binary: `data_batch_*.bin` (train) and `test_batch.bin` (val), records of 1 label byte + 3072 CHW bytes.
   Any whole number of records is accepted (mindspore's Cifar10Dataset insists on exactly 10000).
-- ImageFolder: `train/` and `val/` folders of class subfolders (e.g. Canidae: `train|val/dogs|wolves`).
+- ImageFolder: `train/` and `val/` folders of class subfolders (e.g. Canidae: `train|val/dogs|wolves`). Every image
+  is checked before training; those that cannot be read are skipped with one warning.
+Symlinked folders are followed once each, never round a loop; a folder holding a training job's outputs is no data.
 """
 import os
 from dataclasses import dataclass, field
@@ -11,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+import images
 from errors import UserError
+from folders import Walker, named, warn
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -25,7 +29,7 @@ CIFAR_META_FILE = "batches.meta.txt"
 
 TRAIN_DIR = "train"
 VAL_DIRS = ("val", "validation", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = images.EXTENSIONS
 
 
 @dataclass
@@ -34,9 +38,10 @@ class DataSource:
     kind: str                       # "cifar10-bin" or "imagefolder"
     root: Path                      # the folder that holds the splits
     class_names: list
-    train: object                   # cifar: (images NHWC uint8, labels); imagefolder: the train folder
+    train: object                   # cifar: (images NHWC uint8, labels); imagefolder: [(image path, label)]
     val: object
     sizes: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)  # [(path, why)] of the image files that cannot be read
 
     @property
     def name(self):
@@ -46,39 +51,31 @@ class DataSource:
         return self.root.name if self.root.name not in ("data", "") else self.root.parent.name
 
 
-# ---------------------------------------------------------------- detection
-
-def find_data(data_url):
-    """Detect the layout anywhere below `data_url` and read its metadata."""
+def find_data(data_url, exclude=(), log=warn):
+    """Detect the layout anywhere below `data_url` and read its metadata. `exclude`: folders that are not data
+    (the job's own output folder); what was skipped is reported through `log` once the data is found."""
     root = Path(data_url)
     if not root.exists():
         raise UserError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise UserError(f"data_url {root} is not a folder")
-    for folder, dirs, files in _walk(root):
+    walker = Walker(exclude)
+    for folder, dirs, files in walker.walk(root, note_outputs=False):  # only data folders matter
         if CIFAR_VAL_FILE in files or any(Path(f).match(CIFAR_TRAIN_GLOB) for f in files):
-            return _load_cifar(folder)
+            source = _load_cifar(folder)
+            break
         if TRAIN_DIR in dirs:
-            return _load_imagefolder(folder)
-    raise UserError(f"no dataset found below {root}: expected CIFAR-10 binary files "
-                    f"({CIFAR_TRAIN_GLOB}, {CIFAR_VAL_FILE}) or an ImageFolder with train/ and val/ class folders")
-
-
-def _walk(root):
-    """os.walk, breadth first, hidden folders skipped, sorted for a deterministic choice."""
-    level = [root]
-    while level:
-        next_level = []
-        for folder in level:
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-            files = [e.name for e in entries if e.is_file()]
-            yield folder, dirs, files
-            next_level += [folder / d for d in dirs]
-        level = next_level
+            source = _load_imagefolder(folder, walker)
+            break
+    else:
+        raise UserError(f"no dataset found below {root}: expected CIFAR-10 binary files "
+                        f"({CIFAR_TRAIN_GLOB}, {CIFAR_VAL_FILE}) or an ImageFolder with train/ and val/ class "
+                        f"folders")
+    walker.report(log)
+    if source.skipped:
+        log(f"skipping {len(source.skipped)} image file(s) in {source.root} that cannot be read: "
+            f"{named([f'{path.relative_to(source.root)} ({why})' for path, why in source.skipped])}")
+    return source
 
 
 # ---------------------------------------------------------------- CIFAR-10 binary
@@ -91,13 +88,29 @@ def read_cifar_file(path):
                         f"{CIFAR_RECORD}-byte records (truncated download?)")
     records = np.fromfile(path, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
     labels = records[:, 0].astype(np.int32)
-    images = records[:, 1:].reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels
+    pixels = records[:, 1:].reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(pixels), labels
 
 
-def _read_cifar_split(files):
-    parts = [read_cifar_file(f) for f in files]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+def _check_cifar_labels(labels, names, meta):
+    """Every label byte (`labels`: file -> labels) names a class: one beyond `names` (or, without a names file, a
+    class that no training record has) is a corrupt record, which would otherwise silently add classes."""
+    named_by = f"{meta} names {len(names)} classes"
+    if not names:
+        present = set(np.concatenate([y for f, y in labels.items() if f.name != CIFAR_VAL_FILE]).tolist())
+        names = [str(i) for i in range(max(present) + 1)]
+        missing = sorted(set(range(len(names))) - present)
+        if missing:
+            high = next(f for f, y in labels.items() if y.max() == len(names) - 1)
+            raise UserError(f"{high} holds label {len(names) - 1}, but no training record has label {missing[0]} "
+                            f"({len(missing)} unused labels below it): a corrupt record? Name the classes in {meta}")
+        named_by = f"the training records have {len(names)} classes (no {meta.name})"
+    for path, found in labels.items():
+        beyond = np.flatnonzero(found >= len(names))
+        if beyond.size:
+            raise UserError(f"{path} holds label {found[beyond[0]]} (record {beyond[0]}), but {named_by}, labels "
+                            f"0-{len(names) - 1}: a corrupt record?")
+    return names
 
 
 def _load_cifar(folder):
@@ -107,43 +120,55 @@ def _load_cifar(folder):
         raise UserError(f"CIFAR-10 folder {folder} has {CIFAR_VAL_FILE} but no training split ({CIFAR_TRAIN_GLOB})")
     if not val_file.exists():
         raise UserError(f"CIFAR-10 folder {folder} has no validation split ({CIFAR_VAL_FILE})")
-    train = _read_cifar_split(train_files)
-    val = _read_cifar_split([val_file])
-    class_count = int(max(train[1].max(), val[1].max())) + 1
+    parts = {f: read_cifar_file(f) for f in train_files + [val_file]}
     meta = folder / CIFAR_META_FILE
     names = [line.strip() for line in meta.read_text().splitlines() if line.strip()] if meta.exists() else []
-    if len(names) < class_count:
-        names += [str(i) for i in range(len(names), class_count)]
-    return DataSource("cifar10-bin", folder, names, train, val,
-                      sizes={"train": len(train[1]), "val": len(val[1])})
+    names = _check_cifar_labels({f: labels for f, (_, labels) in parts.items()}, names, meta)
+    train = tuple(np.concatenate(column) for column in zip(*(parts[f] for f in train_files)))
+    return DataSource("cifar10-bin", folder, names, train, parts[val_file],
+                      sizes={"train": len(train[1]), "val": len(parts[val_file][1])})
 
 
 # ---------------------------------------------------------------- ImageFolder
 
-def _class_folders(split):
-    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _image_files(split, names, walker):
+    """[(path, label)] of every image below each class folder of `split`, in class order."""
+    return [(path, label) for label, name in enumerate(names)
+            for path in walker.files(split / name, IMAGE_EXTENSIONS)]
 
 
-def _count_images(folder):
-    return sum(1 for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+def _readable(folder, splits):
+    """`splits` (name -> [(path, label)]) without the files that cannot be read, and [(path, why)] of those. A
+    split that is mostly unreadable is refused: the data is broken, not a few files."""
+    for split, items in splits.items():
+        if not items:
+            raise UserError(f"the {split} split of {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    every = [item for items in splits.values() for item in items]
+    reasons = dict(zip(every, images.problems([path for path, _ in every], worker_count(None))))
+    for split, items in splits.items():
+        bad = [(item[0], reasons[item]) for item in items if reasons[item]]
+        if 2 * len(bad) > len(items):
+            raise UserError(f"{len(bad)} of the {len(items)} images in the {split} split of {folder} cannot be "
+                            f"read, e.g. {bad[0][0]} ({bad[0][1]})")
+    good = {split: [item for item in items if not reasons[item]] for split, items in splits.items()}
+    return good, [(path, why) for (path, _), why in reasons.items() if why]
 
 
-def _load_imagefolder(folder):
+def _load_imagefolder(folder, walker):
     train = folder / TRAIN_DIR
     val = next((folder / d for d in VAL_DIRS if (folder / d).is_dir()), None)
     if val is None:
         raise UserError(f"ImageFolder {folder} has train/ but no validation split ({'/, '.join(VAL_DIRS)}/)")
-    names = _class_folders(train)
+    names = sorted(next(walker.walk(train))[1])
     if not names:
         raise UserError(f"{train} has no class folders")
-    val_names = _class_folders(val)
+    val_names = sorted(next(walker.walk(val))[1])
     if val_names != names:
         raise UserError(f"train and val classes differ in {folder}: train has {names}, {val.name} has {val_names}")
-    sizes = {"train": _count_images(train), "val": _count_images(val)}
-    for split, count in sizes.items():
-        if count == 0:
-            raise UserError(f"the {split} split of {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return DataSource("imagefolder", folder, names, train, val, sizes=sizes)
+    splits, skipped = _readable(folder, {"train": _image_files(train, names, walker),
+                                         "val": _image_files(val, names, walker)})
+    return DataSource("imagefolder", folder, names, splits["train"], splits["val"],
+                      sizes={split: len(items) for split, items in splits.items()}, skipped=skipped)
 
 
 # ---------------------------------------------------------------- pipelines
@@ -154,18 +179,18 @@ def worker_count(requested):
     return max(1, min(requested or cores, cores))
 
 
-def eval_transforms(image_size, data_format="imagefolder", decode=False):
-    """The validation transform for one HWC uint8 image (encoded bytes when `decode`), by the data's format:
-    photos (imagefolder) are resized to image_size / 0.875 and centre-cropped; CIFAR images are resized whole.
+def eval_transforms(image_size, data_format="imagefolder"):
+    """The validation transform for one HWC uint8 image, by the data's format: photos (imagefolder) are resized to
+    image_size / 0.875 and centre-cropped; CIFAR images are resized whole.
 
-    Inference uses it too, so a served model sees its input exactly as validation did.
+    Inference uses it too (on images read by images.read_rgb, as training reads them), so a served model sees its
+    input exactly as validation did.
     """
     from mindspore.dataset import vision
-    ops = [vision.Decode()] if decode else []
     if data_format == "imagefolder":
-        ops += [vision.Resize(round(image_size / CROP_RATIO)), vision.CenterCrop(image_size)]
+        ops = [vision.Resize(round(image_size / CROP_RATIO)), vision.CenterCrop(image_size)]
     else:
-        ops += [vision.Resize((image_size, image_size))]
+        ops = [vision.Resize((image_size, image_size))]
     return ops + _to_tensor()
 
 
@@ -177,14 +202,29 @@ def _to_tensor():
 def _transforms(source, image_size, augment):
     from mindspore.dataset import vision
     if not augment:
-        return eval_transforms(image_size, source.kind, decode=source.kind == "imagefolder")
+        return eval_transforms(image_size, source.kind)
     if source.kind == "imagefolder":
-        return [vision.RandomCropDecodeResize(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333)),
+        return [vision.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333)),
                 vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
     # CIFAR: native-size padded crop, or resized to image_size (e.g. 224 to fine-tune ImageNet weights)
     resize = [] if image_size == CIFAR_SIDE else [vision.Resize((image_size, image_size))]
     return resize + [vision.RandomCrop(image_size, padding=image_size // 8),
                      vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
+
+
+class _ImageFiles:
+    """(RGB pixels, label) of checked image files, by index: a random-access source for GeneratorDataset. PIL
+    decodes, as in the inference app, so every format and mode it accepts trains the same way."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        return images.read_rgb(path), np.int32(label)
 
 
 def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None,
@@ -203,22 +243,21 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     workers = worker_count(workers)
     sharding = {"num_shards": shard[0], "shard_id": shard[1]} if shard else {}
     data = source.train if training else source.val
-    if source.kind == "imagefolder":
-        class_indexing = {name: i for i, name in enumerate(source.class_names)}
-        dataset = ds.ImageFolderDataset(str(data), class_indexing=class_indexing, decode=False,
-                                        extensions=list(IMAGE_EXTENSIONS) + [e.upper() for e in IMAGE_EXTENSIONS],
-                                        shuffle=shuffle, num_parallel_workers=workers, **sharding)
+    if source.kind == "imagefolder":  # threads: PIL decodes without the GIL
+        dataset = ds.GeneratorDataset(_ImageFiles(data), ["image", "label"], shuffle=shuffle,
+                                      num_parallel_workers=workers, python_multiprocessing=False, **sharding)
     else:
-        images, labels = data
-        dataset = ds.NumpySlicesDataset({"image": images, "label": labels}, shuffle=shuffle,
+        pixels, labels = data
+        dataset = ds.NumpySlicesDataset({"image": pixels, "label": labels}, shuffle=shuffle,
                                         num_parallel_workers=1, **sharding)
     dataset = dataset.map(operations=_transforms(source, image_size, augment), input_columns="image",
                           num_parallel_workers=workers)
     dataset = dataset.map(operations=TypeCast(ms.int32), input_columns="label")
-    if training and dataset.get_dataset_size() < batch_size:
+    drop_remainder = training if drop_remainder is None else drop_remainder
+    if drop_remainder and dataset.get_dataset_size() < batch_size:  # nothing would be left
         raise UserError(f"the training split has {dataset.get_dataset_size()} images, fewer than "
                         f"--batch_size {batch_size}")
-    return dataset.batch(batch_size, drop_remainder=training if drop_remainder is None else drop_remainder)
+    return dataset.batch(batch_size, drop_remainder=drop_remainder)
 
 
 def preview_batch(source, split, image_size, count=16):

@@ -56,6 +56,8 @@ def cache_key(source, args, pretrained):
 
 def compute(net, source, args):
     backbone = Backbone(net)
+    # One pass over the data, faster in batches of 32 or more. No image is dropped (a short last batch is padded),
+    # so a split smaller than the batch, or than --batch_size, is fine.
     batch = max(args.batch_size, 32)
     val = extract(backbone, datasets.create_dataset(source, "val", args.image_size, batch, args.num_workers), batch)
     if args.feature_views == 1:  # one view per image, as validation sees it

@@ -50,9 +50,10 @@ def stage_inputs(args, workers):
     return data_dir, pretrained
 
 
-def load_data(args, data_dir):
-    """The dataset found under `data_dir`, and its class count (--num_classes may leave room for more)."""
-    source = datasets.find_data(data_dir)
+def load_data(args, data_dir, outputs):
+    """The dataset found under `data_dir` (never the job's own outputs), and its class count (--num_classes may
+    leave room for more)."""
+    source = datasets.find_data(data_dir, exclude=[outputs.files.folder, outputs.aim_repo])
     print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val images, "
           f"{len(source.class_names)} classes")
     num_classes = args.num_classes or len(source.class_names)
@@ -203,7 +204,7 @@ def main(args):
     files = outputs.files
     ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
 
-    source, num_classes = load_data(args, data_dir)
+    source, num_classes = load_data(args, data_dir, outputs)
     net = build_network(args, num_classes, pretrained)
     training = prepare_training(args, net, source, pretrained, workers)
     steps_per_epoch = training.train_data.get_dataset_size()
