@@ -109,3 +109,19 @@ def test_the_readme_aim_example_logs_a_plain_model(tmp_path):
     val = run.get_metric("accuracy", Context({"subset": "val"})).dataframe()
     assert val["step"].tolist() == [1, 2] and val["value"].iloc[-1] > 0.6
     assert run.get_metric("class_accuracy", Context({"subset": "val", "class": "b"})) is not None
+
+
+def test_a_short_last_batch_counts_the_images_it_has(tmp_path):
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    net = nn.Dense(4, 3)
+    optimizer = train_step.create_optimizer(net, train_step.cosine_lr(0.1, 1, STEPS), 0.9, 0.0)
+    trainer = train_step.create_trainer(net, optimizer, 3)
+    meter, seen = callbacks.StepMeter(), []
+
+    class Spy(Callback):
+        def on_train_step_end(self, run_context):
+            seen.append(meter.last.images)
+
+    trainer.fit(1, separable(BATCH * STEPS - 3, 0), callbacks=[meter, Spy()], dataset_sink_mode=False)
+    assert seen == [BATCH] * (STEPS - 1) + [BATCH - 3]
+    assert meter.epoch.counted == BATCH * STEPS - 3 and meter.epoch.images == BATCH * STEPS - 3

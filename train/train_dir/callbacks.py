@@ -82,7 +82,8 @@ class StepMeter(Callback):
         loss, correct = (outputs[0], outputs[1] if len(outputs) == 2 else None) \
             if isinstance(outputs, (tuple, list)) else (outputs, None)
         loss, correct = _first_value(loss), None if correct is None else _first_value(correct)
-        batch_size = cb_params.train_dataset.get_batch_size()  # with dataset sink, callbacks get no batch
+        element = cb_params.get("train_dataset_element")  # the batch itself; with dataset sink, callbacks get none
+        batch_size = len(element[-1]) if element else cb_params.train_dataset.get_batch_size()
         images = (cb_params.cur_step_num - self._counted_to) * batch_size
         self._counted_to = cb_params.cur_step_num
         self.last = StepMeasurement(loss, correct, images, time.perf_counter() - self._step_start)

@@ -108,6 +108,9 @@ def prepare_training(args, net, source, pretrained, workers):
 
 def learning_rates(args, workers, steps_per_epoch):
     """The peak learning rate (scaled linearly with the workers) and the per-step schedule, held in memory."""
+    if steps_per_epoch == 0:  # e.g. a worker's shard smaller than a batch that drops its remainder
+        raise UserError(f"the training split gives this worker no batch of --batch_size {args.batch_size}: "
+                        f"lower --batch_size")
     if args.epochs * steps_per_epoch > MAX_SCHEDULE_STEPS:
         raise UserError(f"--epochs {args.epochs} x {steps_per_epoch} steps per epoch is a schedule of more than "
                         f"{MAX_SCHEDULE_STEPS:,} steps, too long to hold in memory")
