@@ -102,7 +102,7 @@ def test_a_stopped_run_is_closed_and_keeps_its_finished_epochs(data, tmp_path, s
 
 def test_a_diverging_loss_stops_the_run_naming_the_step(data, tmp_path):
     out = tmp_path / "out"
-    result = run_train("--data_url", data, "--output_url", out, "--epochs", 3, *QUICK, "--lr", "1e6")
+    result = run_train("--data_url", data, "--output_url", out, "--epochs", 3, *QUICK, "--lr", "1e30")
     assert result.returncode == 3, result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("error: the loss became ") and " at step " in line and "Traceback" not in result.stdout
