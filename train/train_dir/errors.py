@@ -1,8 +1,17 @@
 """The ways a job ends early on purpose: each is printed as one `error:` line, with its own non-zero exit code."""
+import contextlib
+import errno
+import os
+import sys
 
 
 class UserError(Exception):
     """Bad input from the user (flags, data, checkpoints, paths): reported without a traceback."""
+
+
+class OutputError(UserError):
+    """A folder the job writes to cannot take a write: its disk is full or read-only, or the folder was deleted.
+    Nothing in the program is wrong, so it is reported like a user's mistake (exit 2)."""
 
 
 class Interrupted(Exception):
@@ -16,3 +25,78 @@ class Interrupted(Exception):
 
 class Diverged(Exception):
     """The loss became NaN or infinite: training cannot recover, so the job stops with the last good epoch kept."""
+
+
+WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENOENT: "the folder was deleted while the job ran"}
+# How libraries without an errno (RocksDB under Aim, SQLite) word the same faults.
+FAULT_WORDS = {"no space left": errno.ENOSPC, "disk is full": errno.ENOSPC, "quota exceeded": errno.EDQUOT,
+               "read-only file system": errno.EROFS, "readonly database": errno.EROFS,
+               "permission denied": errno.EACCES, "no such file or directory": errno.ENOENT}
+LOW_SPACE = 1 << 20  # bytes: less free than this and a write that failed for no stated reason is put down to it
+
+
+def _stated_fault(exc):
+    """The errno of a write fault that `exc` (or an exception it came from) states, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAULTS:
+            return exc.errno
+        text = str(exc).lower()
+        for words, code in FAULT_WORDS.items():
+            if words in text:
+                return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def folder_fault(folder):
+    """The errno of what stops writes into `folder`, found by looking at it (gone, read-only, nearly full), or None."""
+    if not os.path.isdir(folder):
+        return errno.ENOENT
+    if not hasattr(os, "statvfs"):  # Windows
+        return None
+    info = os.statvfs(folder)
+    if info.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    return errno.ENOSPC if info.f_bavail * info.f_frsize < LOW_SPACE else None
+
+
+def write_fault(exc, folder, what):
+    """The OutputError for `exc`, raised while writing `what` (e.g. "resnet50-last.ckpt") into `folder`, when a full,
+    read-only or vanished disk caused it; None when it did not (a bug, which keeps its traceback)."""
+    if not isinstance(exc, Exception) or isinstance(exc, (UserError, Interrupted, Diverged)):
+        return None  # a stop signal, or already said
+    code = _stated_fault(exc)
+    if code == errno.ENOENT and os.path.isdir(folder):
+        code = None  # the folder is there: something else is missing
+    code = code or folder_fault(folder)
+    if code is None:
+        return None
+    return OutputError(f"cannot write {what} in {folder}: {WRITE_FAULTS[code]}")
+
+
+@contextlib.contextmanager
+def child_stderr_held():
+    """Output to file descriptor 2 (where child processes print, e.g. Aim's database migration its traceback on a
+    full disk) is held back while the block runs, and shown only if it succeeds: a failure is the job's one line."""
+    import tempfile
+    try:
+        held, saved = tempfile.TemporaryFile(), os.dup(2)
+    except OSError:  # no room even for that: let it through
+        yield
+        return
+    sys.stderr.flush()
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+        held.seek(0)
+        shown = held.read().decode(errors="replace")
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.close()
+    sys.stderr.write(shown)

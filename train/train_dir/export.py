@@ -1,12 +1,18 @@
 """Writing the job's outputs: checkpoints, labels.json, metrics.json, curves.png and the MindIR export.
 
 Every file is written to a temporary name and renamed into place, so a killed job never leaves a half-written output.
+A write that fails removes its temporary file, and a full, read-only or vanished disk ends the job with one
+`errors.OutputError` naming the file and its folder.
 """
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+from errors import write_fault
 
 
 def _temporary(path):
@@ -14,23 +20,63 @@ def _temporary(path):
     return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
-def write_json(path, data):
+@contextlib.contextmanager
+def _disk_faults(path):
+    """A disk fault while writing `path` becomes one OutputError naming it."""
+    try:
+        yield
+    except Exception as exc:
+        fault = write_fault(exc, path.parent, path.name)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+@contextlib.contextmanager
+def _atomic(path):
+    """Yields the temporary name to write `path` to, then renames it into place; on failure the temporary file (and
+    MindSpore's own `.tmp` beside it) is removed, so no partial file is left behind."""
     path = Path(path)
     tmp = _temporary(path)
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with _disk_faults(path):
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            for leftover in (tmp, tmp.with_suffix(".tmp")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise
+
+
+class _NoSaveFailureLine(logging.Filter):
+    """MindSpore logs a CRITICAL line of its own when a checkpoint cannot be saved; the job's error line says it."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Failed to save the checkpoint")
+
+
+def _quiet_save_failures():
+    from mindspore import log
+    logger = getattr(log, "_get_logger", lambda: None)()
+    if logger is not None and not any(isinstance(f, _NoSaveFailureLine) for f in logger.filters):
+        logger.addFilter(_NoSaveFailureLine())
+
+
+def write_json(path, data):
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def save_checkpoint(net, path, extra=None):
     """Atomically; a ResNet also records its padding, so the checkpoint reloads into the same network. `extra`
     adds scalar entries (ints, floats, strings)."""
     import mindspore as ms
-    path = Path(path)
-    tmp = _temporary(path)
+    _quiet_save_failures()
     padding = getattr(net, "padding", None)
     append = {**({"resnet_padding": padding} if padding else {}), **(extra or {})}
-    ms.save_checkpoint(net, str(tmp), append_dict=append or None)
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        ms.save_checkpoint(net, str(tmp), append_dict=append or None)
 
 
 def write_labels(path, class_names, image_size, mean, std, arch, dataset, data_format, padding="same"):
@@ -44,33 +90,32 @@ def save_examples(images, labels, class_names, folder):
     """One validation image per class (of those given) as examples/<class>.png, for the inference app."""
     from PIL import Image
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with _disk_faults(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     for image, label in zip(images, labels):
         path = folder / f"{class_names[label]}.png"
         if not path.exists():
-            tmp = _temporary(path)
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            with _atomic(path) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
 
 
 def export_mindir(net, image_size, path):
     """A MindIR graph with a batch-1 NCHW float32 input: servable without the network's Python code."""
     import mindspore as ms
-    path = Path(path)
-    tmp = _temporary(path)
     net.set_train(False)
     sample = ms.Tensor(np.zeros((1, 3, image_size, image_size), np.float32))
-    ms.export(net, sample, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        ms.export(net, sample, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
 
 
 def _save_figure(fig, path):
     import matplotlib.pyplot as plt
     path = Path(path)
-    tmp = _temporary(path)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with _atomic(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

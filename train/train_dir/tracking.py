@@ -17,12 +17,25 @@ Metric names and contexts:
 - `val_predictions`: captioned validation images ("true: a / predicted: b"), once per epoch, when given a preview.
 
 In a data-parallel job only rank 0 opens a run; on the other ranks the callback does nothing.
+
+A full, read-only or vanished disk under the Aim repo ends the job with one `errors.OutputError`, never a hang: Aim's
+databases are flushed when the callback closes, within a deadline, rather than at exit, where RocksDB waits for free
+space for ever (and Ctrl-C cannot stop it).
 """
+import contextlib
+import errno
+import os
+import signal
+import threading
+
 import numpy as np
 from mindspore.train import Callback
 
+from errors import WRITE_FAULTS, Interrupted, OutputError, child_stderr_held, folder_fault, write_fault
+
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
+CLOSE_TIMEOUT = 60.0  # seconds for Aim to flush its databases when the run closes
 
 
 def current_lr(optimizer, step):
@@ -51,6 +64,61 @@ def class_accuracy(confusion):
         return np.diag(confusion) / confusion.sum(axis=1)
 
 
+def _abandon_aim():
+    """Aim flushes a database when its object is freed, and all of them at exit, waiting for the flush without end
+    (and for ever if a clean-up fails); after a disk fault that is what happens, so Aim's clean-ups are dropped.
+    What was tracked stays in RocksDB's write-ahead logs."""
+    import atexit
+    from aim.ext.cleanup import AutoClean
+    for _, finalizer in list(AutoClean._finalizers.values()):
+        finalizer.detach()
+    atexit.unregister(AutoClean.cleanup)
+
+
+def _close_run(run):
+    """Close the run, then flush and close its repo's writable databases (what Aim would do at exit)."""
+    repo = run.repo
+    run.close()
+    for container in list(getattr(repo, "container_pool", {}).values()):
+        if not getattr(container, "read_only", True):
+            container.close()
+
+
+def _finish_within(work, timeout):
+    """`work()` in a thread, waited for at most `timeout` seconds: True if it finished (re-raising what it raised).
+    A stop signal ends the wait at once, as `Interrupted`."""
+    outcome = []
+
+    def target():
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append(exc)
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    thread = threading.Thread(target=target, name="aim-close", daemon=True)
+    try:
+        thread.start()
+        thread.join(timeout)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if outcome and isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return bool(outcome)
+
+
+def _identity(path):
+    with contextlib.suppress(OSError):
+        info = os.stat(path)
+        return info.st_dev, info.st_ino
+    return None
+
+
 class AimCallback(Callback):
     """Logs hyperparameters, per-step and per-epoch metrics, and pictures to one Aim run, and closes it at the end.
 
@@ -58,19 +126,29 @@ class AimCallback(Callback):
     `preview` is (HWC uint8 images, network inputs, labels) and `predict` maps network inputs to logits: with both,
     each epoch logs the preview images captioned with their true and predicted class. `run_hash` continues an
     existing run (a resumed job), whose fit starts counting steps after `step_offset`. `meter` is the
-    `callbacks.StepMeter` placed before this callback, whose measurements are logged.
+    `callbacks.StepMeter` placed before this callback, whose measurements are logged. Closing waits at most
+    `close_timeout` seconds for Aim to finish writing.
     """
 
     def __init__(self, repo, experiment, hparams, meter, log_every=1, system_tracking=True, class_names=None,
-                 preview=None, predict=None, close_at_end=True, run_hash=None, step_offset=0):
+                 preview=None, predict=None, close_at_end=True, run_hash=None, step_offset=0,
+                 close_timeout=CLOSE_TIMEOUT):
         super().__init__()
         self.run, self.meter = None, meter
+        self.location = str(repo)
+        self.folder = None if self.location.startswith("aim://") else self.location  # a local repo's disk can fail
         self.step_offset = step_offset  # a resumed fit counts its steps from 0 again
+        self.close_timeout = close_timeout
+        self._repo_id = None  # (.aim folder, its inode): a deleted one may be re-created by Aim's own threads
         if process_rank() == 0:
             from aim import Run
-            self.run = Run(run_hash or None, repo=str(repo), experiment=experiment,
-                           system_tracking_interval=10 if system_tracking else None)
-            self.run["hparams"] = hparams
+            if self.folder:
+                self._quiet_thread_faults()
+            with self._writing(), child_stderr_held():
+                self.run = Run(run_hash or None, repo=str(repo), experiment=experiment,
+                               system_tracking_interval=10 if system_tracking else None)
+                self._repo_id = self.run.repo.path, _identity(self.run.repo.path)
+                self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
         self.class_names = list(class_names) if class_names else None
         self.preview, self.predict = preview, predict
@@ -80,6 +158,48 @@ class AimCallback(Callback):
     @property
     def hash(self):
         return self.run.hash if self.run is not None else None
+
+    def _fault(self, exc):
+        """The OutputError for `exc` when a full, read-only or vanished disk under the repo caused it, else None."""
+        fault = write_fault(exc, self.folder, "the Aim repo") if self.folder else None
+        if fault is None and self._repo_id and _identity(self._repo_id[0]) != self._repo_id[1]:
+            fault = OutputError(f"cannot write the Aim repo in {self.folder}: {WRITE_FAULTS[errno.ENOENT]}")
+        return fault
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A write into the Aim repo that fails ends the job, as one OutputError when a disk fault caused it; the
+        run is abandoned, as closing it would wait on the same disk (or hang at exit on a failed clean-up)."""
+        try:
+            yield
+        except Exception as exc:
+            fault = self._fault(exc)
+            if fault is None and self.run is None:
+                raise  # the run could not be opened, e.g. a resumed run that is not in the repo
+            self.run = None
+            _abandon_aim()
+            if fault is None:
+                raise
+            raise fault from None
+
+    def _quiet_thread_faults(self):
+        """Aim's background threads (system metrics, terminal log capture, status check-ins) die with a traceback
+        when the disk fails under them; the job reports that fault itself, at its next write or at the close."""
+        import weakref
+        previous, callback = threading.excepthook, weakref.ref(self)  # the hook outlives us: no strong reference
+
+        def hook(args):
+            tb, in_aim = args.exc_traceback, False
+            while tb is not None and not in_aim:
+                in_aim, tb = tb.tb_frame.f_globals.get("__name__", "").startswith("aim."), tb.tb_next
+            if not (in_aim and isinstance(args.exc_value, Exception) and callback() is not None
+                    and callback()._fault(args.exc_value)):
+                previous(args)
+        threading.excepthook = hook
+
+    def _track(self, value, **kwargs):
+        with self._writing():
+            self.run.track(value, **kwargs)
 
     def _name(self, label):
         return self.class_names[label] if self.class_names and 0 <= label < len(self.class_names) else str(label)
@@ -92,7 +212,7 @@ class AimCallback(Callback):
         from PIL import Image as PILImage
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
             image = PILImage.open(image).convert("RGB")
-        self.run.track(Image(image, caption=caption), name=name, step=step, context=context or {})
+        self._track(Image(image, caption=caption), name=name, step=step, context=context or {})
 
     def on_train_step_end(self, run_context):
         if self.run is None:
@@ -102,14 +222,14 @@ class AimCallback(Callback):
         if step % self.log_every:
             return
         measured = self.meter.last
-        self.run.track(measured.loss, name="loss", step=step, epoch=epoch, context=TRAIN)
+        self._track(measured.loss, name="loss", step=step, epoch=epoch, context=TRAIN)
         optimizer = cb_params.get("optimizer") or getattr(cb_params.get("train_network"), "optimizer", None)
         lr = current_lr(optimizer, step - 1)  # a Model built from a train step cell knows no optimizer itself
         if lr is not None:
-            self.run.track(lr, name="lr", step=step, epoch=epoch, context=TRAIN)
+            self._track(lr, name="lr", step=step, epoch=epoch, context=TRAIN)
         if measured.seconds > 0:
-            self.run.track(measured.images / measured.seconds, name="images_per_second", step=step, epoch=epoch,
-                           context=TRAIN)
+            self._track(measured.images / measured.seconds, name="images_per_second", step=step, epoch=epoch,
+                        context=TRAIN)
 
     def on_train_epoch_end(self, run_context):
         if self.run is None:
@@ -117,14 +237,14 @@ class AimCallback(Callback):
         cb_params = run_context.original_args()
         epoch, totals = cb_params.cur_epoch_num, self.meter.epoch
         if totals.losses:
-            self.run.track(totals.loss, name="epoch_loss", step=epoch, epoch=epoch, context=TRAIN)
+            self._track(totals.loss, name="epoch_loss", step=epoch, epoch=epoch, context=TRAIN)
         if totals.counted:
-            self.run.track(totals.accuracy, name="accuracy", step=epoch, epoch=epoch, context=TRAIN)
-        self.run.track(self.meter.epoch_seconds(), name="epoch_seconds", step=epoch, epoch=epoch, context=TRAIN)
+            self._track(totals.accuracy, name="accuracy", step=epoch, epoch=epoch, context=TRAIN)
+        self._track(self.meter.epoch_seconds(), name="epoch_seconds", step=epoch, epoch=epoch, context=TRAIN)
         metrics = cb_params.get("metrics") or {}
         for name in ("loss", "accuracy", "top5_accuracy"):
             if name in metrics:
-                self.run.track(float(metrics[name]), name=name, step=epoch, epoch=epoch, context=VAL)
+                self._track(float(metrics[name]), name=name, step=epoch, epoch=epoch, context=VAL)
         if "confusion" in metrics:
             self._track_confusion(metrics["confusion"], epoch)
         if self.preview is not None and self.predict is not None:
@@ -135,8 +255,8 @@ class AimCallback(Callback):
         from export import plot_confusion
         for label, accuracy in enumerate(class_accuracy(confusion)):
             if np.isfinite(accuracy):
-                self.run.track(float(accuracy), name="class_accuracy", step=epoch, epoch=epoch,
-                               context={**VAL, "class": self._name(label)})
+                self._track(float(accuracy), name="class_accuracy", step=epoch, epoch=epoch,
+                            context={**VAL, "class": self._name(label)})
         names = [self._name(i) for i in range(len(confusion))]
         with tempfile.TemporaryDirectory() as folder:
             path = plot_confusion(confusion, names, f"{folder}/confusion.png")
@@ -148,15 +268,38 @@ class AimCallback(Callback):
         predicted = np.asarray(self.predict(inputs)).argmax(axis=1)
         captioned = [Image(image, caption=f"true: {self._name(int(t))} / predicted: {self._name(int(p))}")
                      for image, t, p in zip(images, labels, predicted)]
-        self.run.track(captioned, name="val_predictions", step=epoch, epoch=epoch, context=VAL)
+        self._track(captioned, name="val_predictions", step=epoch, epoch=epoch, context=VAL)
         self.last_predictions = predicted
 
     def on_train_end(self, run_context):
         if self.close_at_end:
             self.close()
 
-    def close(self):
-        """Idempotent; also called when training fails, so no run is left open or locked."""
-        if self.run is not None:
-            self.run.close()
-            self.run = None
+    def close(self, timeout=None, failing=False):
+        """Idempotent; also called when training fails (`failing`), so no run is left open or locked. Waits at most
+        `timeout` seconds (default: `close_timeout`) for Aim to finish writing; past that, or on a disk fault, the
+        run is abandoned and OutputError raised, unless `failing`: that failure is the one to report. A stop signal
+        ends the wait (`Interrupted`)."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        timeout = self.close_timeout if timeout is None else timeout
+        if failing and self.folder and folder_fault(self.folder):
+            return _abandon_aim()  # full, read-only or gone: closing could only wait
+        try:
+            if _finish_within(lambda: _close_run(run), timeout):
+                return
+            code = folder_fault(self.folder) if self.folder else None
+            error = OutputError(f"Aim did not finish writing its repo in {self.location} within {timeout:g} s"
+                                + (f": {WRITE_FAULTS[code]}" if code else ""))
+        except Interrupted:
+            _abandon_aim()
+            raise
+        except Exception as exc:
+            error = self._fault(exc)
+            if error is None and not failing:
+                _abandon_aim()
+                raise
+        _abandon_aim()
+        if not failing:
+            raise error

@@ -5,6 +5,7 @@
 The job, top to bottom: parse flags -> pick the device -> stage inputs -> find the data -> build the network
 (optionally from pretrained weights) -> fit with validation every epoch -> export -> report.
 """
+import errno
 import os
 import sys
 from typing import NamedTuple
@@ -23,7 +24,7 @@ import storage  # noqa: E402
 import train_step  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
-from errors import Diverged, Interrupted, UserError  # noqa: E402
+from errors import WRITE_FAULTS, Diverged, Interrupted, UserError  # noqa: E402
 from resnet import create_model  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
@@ -166,7 +167,8 @@ def start_tracking(args, outputs, source, hparams, meter, training, resumed, ste
         return AimCallback(outputs.aim_repo, args.experiment or source.name, hparams, meter,
                            log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
                            class_names=source.class_names, preview=training.preview, predict=training.predict,
-                           close_at_end=False, run_hash=run_hash, step_offset=resumed.epochs_done * steps_per_epoch)
+                           close_at_end=False, run_hash=run_hash, step_offset=resumed.epochs_done * steps_per_epoch,
+                           close_timeout=args.io_timeout)
     try:
         return aim_run(resumed.aim_run)
     except Exception as exc:  # aim's MissingRunError; aim is imported lazily, so matched by name
@@ -240,7 +242,7 @@ def main(args):
         if workers.writes_outputs:
             show_predictions(training.preview, tracker.last_predictions, source.class_names, files, tracker)
     finally:
-        tracker.close()
+        tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report
         outputs.push()  # also after a failure: keep what the finished epochs made
     finish(net, recorder.history, args, outputs)
 
@@ -259,6 +261,11 @@ def run(argv=None):
     except Interrupted as exc:  # 128 + the signal's number, as a shell reports a process the signal killed
         print(f"error: stopped by {exc} during training; the finished epochs' outputs are saved", file=sys.stderr)
         return 128 + exc.signum
+    except OSError as exc:  # a full or read-only disk under a write that export.py does not make
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"error: cannot write {exc.filename or 'to the disk'}: {WRITE_FAULTS[exc.errno]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
