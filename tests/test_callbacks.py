@@ -125,3 +125,39 @@ def test_a_short_last_batch_counts_the_images_it_has(tmp_path):
     trainer.fit(1, separable(BATCH * STEPS - 3, 0), callbacks=[meter, Spy()], dataset_sink_mode=False)
     assert seen == [BATCH] * (STEPS - 1) + [BATCH - 3]
     assert meter.epoch.counted == BATCH * STEPS - 3 and meter.epoch.images == BATCH * STEPS - 3
+
+
+def test_a_failed_fit_gives_the_stop_signals_back(tmp_path):
+    """A callback that raises (a full disk at a checkpoint, a diverged loss) skips `on_train_end`, which would leave
+    StopOnSignal's handler in place: a SIGTERM during the clean-up that follows would then only be noted, never
+    acted on. `signals_restored` puts the job's own handlers back."""
+    import signal
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    net = nn.Dense(4, 3)
+    optimizer = train_step.create_optimizer(net, train_step.cosine_lr(0.1, 1, STEPS), 0.9, 0.0)
+    trainer = train_step.create_trainer(net, optimizer, 3)
+
+    class FailsAtStep2(Callback):
+        def on_train_step_end(self, run_context):
+            if run_context.original_args().cur_step_num == 2:
+                raise OSError(28, "No space left on device")
+
+    def ours(signum, frame):
+        pass
+
+    def fit():
+        trainer.fit(1, separable(BATCH * STEPS, 0), callbacks=[callbacks.StopOnSignal(), FailsAtStep2()],
+                    dataset_sink_mode=False)
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(OSError):
+            fit()
+        left = signal.getsignal(signal.SIGTERM)
+        assert getattr(left, "__self__", None).__class__ is callbacks.StopOnSignal  # what the guard is for
+        signal.signal(signal.SIGTERM, ours)
+        with pytest.raises(OSError), callbacks.signals_restored():
+            fit()
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

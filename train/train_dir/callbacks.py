@@ -3,6 +3,7 @@ record epochs, print progress, stop on a bad loss or a signal, and keep data-par
 
 `create_callbacks` puts them in the order they depend on; MindSpore calls each hook in list order.
 """
+import contextlib
 import math
 import signal
 import sys
@@ -225,6 +226,19 @@ class StopOnSignal(Callback):
 
     def on_train_end(self, run_context):
         for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signals_restored():
+    """SIGINT's and SIGTERM's handlers are put back as they were after the block, however it ends: MindSpore does
+    not call `on_train_end` when a callback raises, and a `StopOnSignal` left installed would swallow a stop signal
+    during the clean-up (closing the Aim run, uploading outputs)."""
+    saved = {s: signal.getsignal(s) for s in StopOnSignal.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 

@@ -67,10 +67,14 @@ def class_accuracy(confusion):
 def _abandon_aim():
     """Aim flushes a database when its object is freed, and all of them at exit, waiting for the flush without end
     (and for ever if a clean-up fails); after a disk fault that is what happens, so Aim's clean-ups are dropped.
-    What was tracked stays in RocksDB's write-ahead logs."""
+    What was tracked stays in RocksDB's write-ahead logs. Best effort: `AutoClean` is Aim's private machinery."""
     import atexit
-    from aim.ext.cleanup import AutoClean
-    for _, finalizer in list(AutoClean._finalizers.values()):
+    try:
+        from aim.ext.cleanup import AutoClean
+        finalizers = list(AutoClean._finalizers.values())
+    except (ImportError, AttributeError):  # another aim version: exit may wait on the disk, as Aim itself would
+        return
+    for _, finalizer in finalizers:
         finalizer.detach()
     atexit.unregister(AutoClean.cleanup)
 

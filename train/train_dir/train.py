@@ -232,13 +232,14 @@ def main(args):
     print(f"train: {args.arch} on {device} ({plan.describe()}){workers.describe(args.batch_size, lr)}, "
           f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, {where}")
     try:
-        trainer.fit(args.epochs, training.train_data, valid_dataset=training.val_data,
-                    callbacks=callbacks.create_callbacks(
-                        meter, recorder, tracker, net, workers, args.epochs, steps_per_epoch, outputs.push,
-                        at_first_epoch_end=lambda: write_first_outputs(files, args, source, net, training.preview,
-                                                                       tracker)),
-                    dataset_sink_mode=plan.dataset_sink, valid_dataset_sink_mode=False,
-                    initial_epoch=resumed.epochs_done)
+        with callbacks.signals_restored():
+            trainer.fit(args.epochs, training.train_data, valid_dataset=training.val_data,
+                        callbacks=callbacks.create_callbacks(
+                            meter, recorder, tracker, net, workers, args.epochs, steps_per_epoch, outputs.push,
+                            at_first_epoch_end=lambda: write_first_outputs(files, args, source, net,
+                                                                           training.preview, tracker)),
+                        dataset_sink_mode=plan.dataset_sink, valid_dataset_sink_mode=False,
+                        initial_epoch=resumed.epochs_done)
         if workers.writes_outputs:
             show_predictions(training.preview, tracker.last_predictions, source.class_names, files, tracker)
     finally:
