@@ -20,7 +20,7 @@ def test_train_step_counts_right_predictions_and_updates_the_weights():
     predicted = net(ms.Tensor(images)).asnumpy().argmax(1)
     labels = np.where(np.arange(8) < 5, predicted, (predicted + 1) % 3).astype(np.int32)  # 5 right, 3 wrong
 
-    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    loss_fn = train_step.create_loss()
     optimizer = train_step.create_optimizer(net, train_step.cosine_lr(0.1, 1, 1), momentum=0.9, weight_decay=1e-4)
     before = net.fc.weight.asnumpy().copy()
     step = train_step.TrainStep(train_step.LossAndCorrect(net, loss_fn), optimizer)
@@ -39,7 +39,7 @@ def small_step(loss_scale=None):
     ms.set_seed(5)
     net = nn.SequentialCell([nn.Dense(6, 16), nn.ReLU(), nn.Dense(16, 3)])
     optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.1, momentum=0.9)
-    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    loss_fn = train_step.create_loss()
     step = train_step.TrainStep(train_step.LossAndCorrect(net, loss_fn), optimizer, loss_scale)
     step.set_train()
     return net, step
@@ -137,3 +137,33 @@ def test_mixed_precision_trainer_trains_in_fp16_with_fp32_weights_and_logits():
     assert np.isfinite(loss.asnumpy()).all()
     assert net.fc.weight.dtype == ms.float32 and not np.array_equal(before, net.fc.weight.asnumpy()), scales
     assert all(later <= earlier for earlier, later in zip(scales, scales[1:])), scales
+
+
+class FixedLogits(nn.Cell):
+    """Logits of a chosen margin whatever the input, plus a trainable bias so the optimiser has work."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = ms.Tensor(logits)
+        self.bias = ms.Parameter(ms.Tensor(np.zeros(logits.shape[1], np.float32)), name="fc.bias")
+
+    def construct(self, images):
+        return self.logits[:images.shape[0]] + self.bias
+
+
+@pytest.mark.parametrize("margin", [1.0, 100.0, 1000.0])
+def test_the_loss_is_exact_when_a_wrong_class_leads_by_far(margin):
+    """A confidently wrong prediction is a large finite loss, in training and in validation, never inf."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    logits = np.array([[margin / 2, -margin / 2, 0.0], [0.0, 3.0, -1.0]], np.float32)
+    labels = np.array([1, 1], np.int32)  # the first is wrong by `margin`, the second right
+    exact = np.mean([np.logaddexp.reduce(row.astype(np.float64)) - row[label] for row, label in zip(logits, labels)])
+    net = FixedLogits(logits)
+    optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.0, momentum=0.9)
+    trainer = train_step.create_trainer(net, optimizer, 3)
+    data = ms.dataset.NumpySlicesDataset({"image": np.zeros((2, 4), np.float32), "label": labels},
+                                         shuffle=False).batch(2)
+    trainer.train_network.set_train()
+    loss, correct = trainer.train_network(ms.Tensor(np.zeros((2, 4), np.float32)), ms.Tensor(labels))
+    assert float(loss.asnumpy()) == pytest.approx(exact, rel=1e-5) and float(correct.asnumpy()) == 1.0
+    assert trainer.eval(data)["loss"] == pytest.approx(exact, rel=1e-5)

@@ -140,9 +140,16 @@ class TrainStep(nn.TrainOneStepCell):
         return loss, correct
 
 
+def create_loss():
+    """Mean cross-entropy of logits against class indices, exact for any logits. (MindSpore 2.10's sparse
+    `SoftmaxCrossEntropyWithLogits` returns inf on CPU once a wrong class leads by more than about 88, which would
+    stop a job whose model is confidently wrong on one image as if it had diverged.)"""
+    return nn.CrossEntropyLoss(reduction="mean")
+
+
 def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False)):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
-    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    loss_fn = create_loss()
     metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
     if num_classes >= 5:
         metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
