@@ -49,6 +49,35 @@ def test_cifar_train_pipeline_shuffles_whole_batches_and_resizes(tmp_path, cifar
     assert sum(seen.values()) == 32 and set(seen) <= {0, 1, 2}
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_resumed_pipeline_shuffles_its_epochs_as_an_uninterrupted_one(tmp_path, cifar_split, exact):
+    """Resuming after N epochs gives the same data order; `exact` also the same random augmentations."""
+    import mindspore.dataset as ds
+    write_cifar(tmp_path, *cifar_split, NAMES)
+    source = datasets.find_data(tmp_path)
+
+    def epochs_seen(epochs_done, epochs=3):
+        """(labels, images) of each epoch after the first `epochs_done`."""
+        ds.config.set_seed(3)  # as train.py's ms.set_seed in a new process
+        pipeline = datasets.create_dataset(source, "train", image_size=32, batch_size=8)
+        datasets.skip_finished_epochs(pipeline, epochs_done, dataset_sink=False, exact=exact)
+        batches = pipeline.create_tuple_iterator(num_epochs=epochs, output_numpy=True)  # as Model.fit makes it
+        seen = []
+        for _ in range(epochs - epochs_done):
+            images, labels = zip(*batches)
+            seen.append((np.concatenate(labels).tolist(), np.concatenate(images)))
+        return seen
+
+    uninterrupted = epochs_seen(0)
+    assert len({str(labels) for labels, _ in uninterrupted}) == 3  # every epoch is shuffled anew
+    for epochs_done in (1, 2):
+        resumed = epochs_seen(epochs_done)
+        assert [labels for labels, _ in resumed] == [labels for labels, _ in uninterrupted[epochs_done:]]
+        if exact:
+            for (_, images), (_, expected) in zip(resumed, uninterrupted[epochs_done:]):
+                np.testing.assert_array_equal(images, expected)
+
+
 def test_cifar_without_meta_gets_numbered_classes(tmp_path, cifar_split):
     train, val = cifar_split
     write_cifar_file(tmp_path / "data_batch_1.bin", *train)

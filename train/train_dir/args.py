@@ -130,6 +130,10 @@ def get_args_parser():
                      help="'auto': continue from the last finished epoch saved in --output_url (start fresh when "
                           "there is none), or the path of a resume.ckpt; restores weights, optimizer, schedule, "
                           "best accuracy and the Aim run")
+    run.add_argument("--resume_exact", type=str2bool, nargs="?", const=True, default=False,
+                     help="a resumed job replays the finished epochs' data pipeline, so it goes on bit for bit as "
+                          "the uninterrupted job would (costs one pass over the data per finished epoch); without "
+                          "it the data order is the same but random augmentations are drawn anew")
     run.add_argument("--cache_dir", default=None,
                      help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
                           "on ModelArts, else ~/.cache/resnet-job")

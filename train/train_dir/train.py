@@ -222,6 +222,7 @@ def main(args):
     if resumed.epochs_done >= args.epochs:
         print(f"resume: all {args.epochs} epochs are done; nothing left to train")
         return finish(net, resumed.history, args, outputs, only_missing=True)
+    datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, plan.dataset_sink, args.resume_exact)
 
     meter = callbacks.StepMeter()
     hparams = hyperparameters(args, source, device, num_classes, workers, plan)
