@@ -5,7 +5,7 @@ import zipfile
 
 import mindspore as ms
 import pytest
-from conftest import S3_KEYS, run_train
+from conftest import S3_KEYS, assert_fails_cleanly, run_train
 
 import storage
 from make_demo_data import make_split, write_cifar, write_imagefolder
@@ -65,6 +65,15 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     assert {"resume.ckpt", "resnet18-best.ckpt", "resnet18-best.mindir"} <= {p.name for p in staged.iterdir()}
     store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
+
+    # A new run from a fresh machine into the same bucket folder, neither resuming nor --overwrite: refused, as for a
+    # local folder, with the bucket untouched.
+    before = (tmp_path / "metrics.json").read_bytes()  # copied from the bucket above
+    again = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "third-cache",
+                      "--output_path", f"{scheme}://{bucket}/output/", *QUICK)
+    assert_fails_cleanly(again, "holds another run's outputs (labels.json, metrics.json, resume.ckpt")
+    store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics-after.json")
+    assert (tmp_path / "metrics-after.json").read_bytes() == before
 
     # The bucket's copy of the Aim repo is a working repo: it lists the job's run.
     store.copy_parallel(f"{scheme}://{bucket}/aim", tmp_path / "aim-copy")

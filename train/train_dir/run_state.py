@@ -69,8 +69,7 @@ class Outputs:
                                         files.last_checkpoint, files.best_mindir)]
         found = [name for name in names if (files.folder / name).exists()]
         if self.mirror.remote is not None:
-            store = storage.backend()
-            found += [name for name in names if name not in found and store.exists(f"{self.mirror.remote}/{name}")]
+            found += [name for name in names if name not in found and self.mirror.remote_has(name)]
         return found
 
     def claim(self, args, resumed):

@@ -251,6 +251,14 @@ class OutputMirror:
         except Exception as exc:  # botocore/aiohttp raise their own types for unreachable endpoints
             raise UserError(f"{where} cannot be reached: {_reason(exc, self.io_timeout)}") from None
 
+    def remote_has(self, name):
+        """Whether the remote location holds a file `name`, asked within --io_timeout."""
+        try:
+            return self._store.exists(f"{self.remote}/{name}")
+        except Exception as exc:
+            raise UserError(f"{self.what} {storage.redact(self.remote)} cannot be read: "
+                            f"{_reason(exc, self.io_timeout)}") from None
+
     def _local_files(self):
         """relative path -> (size, mtime) of every finished file in the local folder."""
         files = {}
