@@ -31,6 +31,19 @@ def test_output_aliases(flag):
     assert parse("--data_url", "/d", f"{flag}=/out")[0].output_url == "/out"
 
 
+@pytest.mark.parametrize("other", ["--output_url", "--train_url"])
+def test_the_platforms_output_path_wins_with_a_warning(other):
+    args, warnings = parse("--data_url", "/d", other, "s3://b/mine?token=secret", "--output_path", "/platform/out")
+    assert args.output_url == "/platform/out"
+    assert warnings == [f"warning: writing the outputs to --output_path /platform/out, not to {other} s3://b/mine?..."]
+    args, warnings = parse("--data_url", "/d", other, "/same", "--output_path=/same")
+    assert args.output_url == "/same" and warnings == []
+    args, warnings = parse("--data_url", "/d", "--output_url", "/a", "--train_url", "/b")
+    assert args.output_url == "/a" and warnings == ["warning: writing the outputs to --output_url /a, not to "
+                                                    "--train_url /b"]
+    assert parse("--data_url", "/d")[0].output_url == "output" and not hasattr(args, "output_path")
+
+
 def test_equals_and_space_forms_give_typed_values():
     args, _ = parse("--data_url=/d", "--epochs=30", "--lr", "0.05", "--batch_size=64", "--warmup_epochs=0.5",
                     "--aim_repo=/aim", "--device_target=cpu", "--arch=ResNet18")

@@ -71,9 +71,14 @@ def get_args_parser():
     io.add_argument("--pretrain_url", "--pretrain_path", dest="pretrain_url", default=None,
                     help="a .ckpt to start from (e.g. ImageNet weights), local, obs://, s3:// or http(s)://; "
                          "a head of another size is re-initialised")
-    io.add_argument("--output_url", "--output_path", "--train_url", dest="output_url", default="output",
+    io.add_argument("--output_url", default=None,
                     help="where checkpoints, the MindIR export, labels.json, metrics.json and curves.png go: "
-                         "a local folder, or obs:// / s3:// (written locally, copied there after every epoch)")
+                         "a local folder, or obs:// / s3:// (written locally, copied there after every epoch); "
+                         "default: output")
+    io.add_argument("--output_path", default=None,
+                    help="Xihe's name for the output folder, the one it collects: wins over --output_url and "
+                         "--train_url")
+    io.add_argument("--train_url", default=None, help="ModelArts' older name for the output folder")
     io.add_argument("--aim_repo", default=None,
                     help="folder that holds the Aim repo (.aim is created inside), local, obs:// or s3://, or an "
                          "aim://host:port tracking server; default: the output folder")
@@ -165,10 +170,25 @@ def _shown(item):
     return flag + sep + redact(value)
 
 
+def _one_output(args, warn):
+    """One output folder from the three names it arrives under. The platform collects --output_path, so that one
+    wins; a different --output_url or --train_url beside it is named in a warning."""
+    given = {flag: value for flag, value in (("output_path", args.output_path), ("output_url", args.output_url),
+                                             ("train_url", args.train_url)) if value is not None}
+    chosen = next(iter(given.values()), "output")
+    others = [f"--{flag} {redact(value)}" for flag, value in given.items() if value != chosen]
+    if others:
+        warn(f"warning: writing the outputs to --{next(iter(given))} {redact(chosen)}, not to "
+             f"{' or '.join(others)}")
+    args.output_url = chosen
+    del args.output_path, args.train_url
+
+
 def parse_args(argv=None, warn=None):
     """Parse known flags; warn once about the rest and ignore them."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     args, unknown = get_args_parser().parse_known_args(argv)
     if unknown:
-        (warn or (lambda msg: print(msg, file=sys.stderr)))(
-            f"warning: ignoring unknown arguments: {' '.join(map(_shown, unknown))}")
+        warn(f"warning: ignoring unknown arguments: {' '.join(map(_shown, unknown))}")
+    _one_output(args, warn)
     return args
