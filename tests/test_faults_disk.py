@@ -126,13 +126,24 @@ def read_only_mid_run(tmpfs):
     disk, aim = tmpfs("disk", "300m"), tmpfs("aim", "50m")  # Aim's files open for writing would block the remount
     out = with_previous_run(disk)
     return Case(["--output_url", out, "--aim_repo", aim], out, (f"in {out}: read-only file system",), 120,
-                lambda job: subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True) and None)
+                lambda job: remount_read_only(disk))
+
+
+def remount_read_only(disk, tries=100):
+    """The remount is refused (EBUSY) while a file on the disk is open for writing, e.g. a checkpoint being saved:
+    try again until it is not."""
+    for _ in range(tries):
+        if subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0:
+            return None
+        time.sleep(0.1)
+    raise AssertionError(f"{disk} could not be made read-only")
 
 
 def deleted_mid_run(tmpfs):
     out = with_previous_run(tmpfs("disk", "300m"))
     return Case(["--output_url", out], out, (f"in {out}: the folder was deleted while the job ran",), 120,
-                lambda job: shutil.rmtree(out), kept=False)
+                lambda job: shutil.rmtree(out.rename(out.with_name("deleted")), ignore_errors=True), kept=False)
+    # renamed first: the folder is gone at once, whatever the job creates in it while it is being deleted
 
 
 CASES = {
@@ -230,3 +241,25 @@ def test_a_write_on_a_full_disk_keeps_the_complete_file_and_leaves_no_partial(wr
     assert sorted(p.name for p in disk.iterdir()) == sorted([name, "filler"])  # no partial file
     assert {path: data for path, data in snapshot(disk).items() if path.name != "filler"} == before
     assert "Failed to save" not in capfd.readouterr().err  # MindSpore's own line: the job's error says it
+
+
+@pytest.mark.parametrize("exc, folder_state, says", [
+    (OSError(28, "No space left on device"), "roomy", "no space left on device"),
+    (RuntimeError("IO error: No space left on device While appending to file"), "roomy", "no space left on device"),
+    (OSError(30, "Read-only file system"), "roomy", "read-only file system"),
+    (FileNotFoundError(2, "No such file or directory"), "gone", "the folder was deleted while the job ran"),
+    (FileNotFoundError(2, "No such file or directory"), "roomy", None),  # the folder is there: a bug elsewhere
+    (ValueError("a bug"), "roomy", None),
+    (KeyboardInterrupt(), "roomy", None),
+])
+def test_only_disk_faults_become_one_error_line(exc, folder_state, says, tmp_path):
+    """What is put down to the disk, and what keeps its traceback as the bug it is."""
+    from errors import write_fault
+    folder = tmp_path / "out"
+    if folder_state == "roomy":
+        folder.mkdir()
+    fault = write_fault(exc, folder, "metrics.json")
+    if says is None:
+        assert fault is None
+    else:
+        assert isinstance(fault, OutputError) and str(fault) == f"cannot write metrics.json in {folder}: {says}"

@@ -260,17 +260,17 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     return dataset.batch(batch_size, drop_remainder=drop_remainder)
 
 
-def skip_finished_epochs(dataset, epochs_done, dataset_sink, exact=False):
+def skip_finished_epochs(dataset, epochs_done, exact=False):
     """A resumed job's epochs get the shuffle order an uninterrupted job would have given them, so resuming does not
-    change what the model sees. This is MindSpore's own failover recovery (`set_init_step`, counted as `Model`
-    counts it: in steps without a dataset sink, in epochs with one). Its fast mode skips the finished epochs unread,
-    so random augmentations are drawn anew; `exact` replays them instead: the same images, bit for bit."""
+    change what the model sees. This is MindSpore's own failover recovery (`set_init_step`, in steps, with or
+    without a dataset sink). Its fast mode skips the finished epochs unread, so random augmentations are drawn
+    anew; `exact` replays them instead: the same images, bit for bit."""
     import mindspore.dataset as ds
     if not (epochs_done and hasattr(dataset, "set_init_step")):  # MindSpore before 2.0 cannot; it starts afresh
         return
     if hasattr(ds.config, "set_fast_recovery"):
         ds.config.set_fast_recovery(not exact)
-    dataset.set_init_step(epochs_done if dataset_sink else epochs_done * dataset.get_dataset_size())
+    dataset.set_init_step(epochs_done * dataset.get_dataset_size())
 
 
 def preview_batch(source, split, image_size, count=16):

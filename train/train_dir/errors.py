@@ -15,12 +15,18 @@ class OutputError(UserError):
 
 
 class Interrupted(Exception):
-    """Training was stopped by a signal (Ctrl-C, or the platform preempting the job) between two steps."""
+    """The job was stopped by a signal (Ctrl-C, or the platform preempting it): while training, between two steps."""
 
     def __init__(self, signum):
         import signal
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    @classmethod
+    def raise_for(cls, signum, frame=None):
+        """A signal handler: the signal becomes this exception wherever the main thread is, so the job still ends
+        with its clean-ups and its error line (SIGTERM's default would kill it mid-write)."""
+        raise cls(signum)
 
 
 class Diverged(Exception):

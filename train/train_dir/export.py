@@ -33,20 +33,21 @@ def _disk_faults(path):
 
 
 @contextlib.contextmanager
-def _atomic(path):
-    """Yields the temporary name to write `path` to, then renames it into place; on failure the temporary file (and
-    MindSpore's own `.tmp` beside it) is removed, so no partial file is left behind."""
+def atomic_write(path):
+    """Yields the temporary name to write `path` to, then renames it into place. On failure the temporary file (and
+    MindSpore's own `.tmp` beside it) is removed, so no partial file is left behind, and a full, read-only or
+    vanished disk raises one OutputError (found before the removal frees the space that tells it)."""
     path = Path(path)
     tmp = _temporary(path)
-    with _disk_faults(path):
-        try:
+    try:
+        with _disk_faults(path):
             yield tmp
             os.replace(tmp, path)
-        except BaseException:
-            for leftover in (tmp, tmp.with_suffix(".tmp")):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-            raise
+    except BaseException:
+        for leftover in (tmp, tmp.with_suffix(".tmp")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        raise
 
 
 class _NoSaveFailureLine(logging.Filter):
@@ -64,7 +65,7 @@ def _quiet_save_failures():
 
 
 def write_json(path, data):
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -75,7 +76,7 @@ def save_checkpoint(net, path, extra=None):
     _quiet_save_failures()
     padding = getattr(net, "padding", None)
     append = {**({"resnet_padding": padding} if padding else {}), **(extra or {})}
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         ms.save_checkpoint(net, str(tmp), append_dict=append or None)
 
 
@@ -95,7 +96,7 @@ def save_examples(images, labels, class_names, folder):
     for image, label in zip(images, labels):
         path = folder / f"{class_names[label]}.png"
         if not path.exists():
-            with _atomic(path) as tmp:
+            with atomic_write(path) as tmp:
                 Image.fromarray(image).save(tmp, format="PNG")
 
 
@@ -104,7 +105,7 @@ def export_mindir(net, image_size, path):
     import mindspore as ms
     net.set_train(False)
     sample = ms.Tensor(np.zeros((1, 3, image_size, image_size), np.float32))
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         ms.export(net, sample, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
 
 
@@ -112,7 +113,7 @@ def _save_figure(fig, path):
     import matplotlib.pyplot as plt
     path = Path(path)
     try:
-        with _atomic(path) as tmp:
+        with atomic_write(path) as tmp:
             fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)

@@ -8,7 +8,7 @@ network, usable by inference unchanged.
 """
 import hashlib
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import mindspore.nn as nn
 import numpy as np
 
 import datasets
+from errors import UserError
+from export import atomic_write
 
 
 class Backbone(nn.Cell):
@@ -83,10 +85,13 @@ def cached_features(net, source, args, pretrained, cache_dir, log=print):
     log(f"features: {len(train_x)} train ({args.feature_views} view(s) per image) and {len(val_x)} val vectors "
         f"of {train_x.shape[1]}, computed once by the frozen backbone in {time.perf_counter() - start:.1f} s")
     if args.feature_cache == "disk":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.partial.npz")
-        np.savez(tmp, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp:
+                np.savez(tmp, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+        except (OSError, UserError) as exc:  # a cache: training goes on without it
+            print(f"warning: the features are not kept in {path.parent} ({exc}); the next run computes them again",
+                  file=sys.stderr, flush=True)
     return (train_x, train_y), (val_x, val_y)
 
 

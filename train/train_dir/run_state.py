@@ -17,6 +17,7 @@ TRAIN_SAMPLES = "train_samples.png"
 VAL_PREDICTIONS = "val_predictions.png"
 EXAMPLES = "examples"  # one validation image per class, for the inference app
 AIM_FOLDER = ".aim"  # the Aim repo, when it lives in the output folder
+AIM_SERIES = "aim-series"  # what Aim would have tracked, where aim cannot be imported (series.py)
 
 
 def model_file(arch, which="best", suffix=".ckpt"):
@@ -92,8 +93,9 @@ class Outputs:
 
     def pull_for_resume(self):
         """A restarted cloud job has a fresh disk: fetch the resume state, the records, the best weights so far
-        (the final export needs them) and the Aim repo, so that the run continues in it."""
-        names = [self.files.resume.name, self.files.metrics.name, self.files.best_checkpoint.name]
+        (the final export needs them) and the Aim repo (or the series kept without Aim), so that the run continues
+        in it."""
+        names = [self.files.resume.name, self.files.metrics.name, self.files.best_checkpoint.name, AIM_SERIES]
         if self.aim_repo == self.mirror.local:
             names.append(AIM_FOLDER)
         self.mirror.pull(*names)

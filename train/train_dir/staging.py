@@ -255,6 +255,8 @@ class OutputMirror:
         """Whether the remote location holds a file `name`, asked within --io_timeout."""
         try:
             return self._store.exists(f"{self.remote}/{name}")
+        except UserError:
+            raise
         except Exception as exc:
             raise UserError(f"{self.what} {storage.redact(self.remote)} cannot be read: "
                             f"{_reason(exc, self.io_timeout)}") from None

@@ -24,18 +24,23 @@ space for ever (and Ctrl-C cannot stop it).
 """
 import contextlib
 import errno
+import functools
 import os
 import signal
+import sys
 import threading
+import weakref
 
 import numpy as np
 from mindspore.train import Callback
 
+import series
 from errors import WRITE_FAULTS, Interrupted, OutputError, child_stderr_held, folder_fault, write_fault
 
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
 CLOSE_TIMEOUT = 60.0  # seconds for Aim to flush its databases when the run closes
+_quieted = lambda: None  # noqa: E731  the callback whose disk faults Aim's threads may report (a weak reference)
 
 
 def current_lr(optimizer, step):
@@ -46,6 +51,15 @@ def current_lr(optimizer, step):
         return None  # no optimizer, or a computed LearningRateSchedule: nothing cheap to read
     values = np.asarray(lr.asnumpy()).reshape(-1)
     return float(values[min(step, len(values) - 1)])
+
+
+def aim_available():
+    """Whether `aim` can be imported here (aim 3.x has no aarch64 build: the Ascend images have none)."""
+    try:
+        import aim  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def process_rank():
@@ -99,11 +113,8 @@ def _finish_within(work, timeout):
         except BaseException as exc:  # handed to the waiting thread
             outcome.append(exc)
 
-    def stop(signum, frame):
-        raise Interrupted(signum)
-
     in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    previous = {s: signal.signal(s, Interrupted.raise_for) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     thread = threading.Thread(target=target, name="aim-close", daemon=True)
     try:
         thread.start()
@@ -131,12 +142,13 @@ class AimCallback(Callback):
     each epoch logs the preview images captioned with their true and predicted class. `run_hash` continues an
     existing run (a resumed job), whose fit starts counting steps after `step_offset`. `meter` is the
     `callbacks.StepMeter` placed before this callback, whose measurements are logged. Closing waits at most
-    `close_timeout` seconds for Aim to finish writing.
+    `close_timeout` seconds for Aim to finish writing. Where aim cannot be imported, the run's series are kept in
+    `series_folder` instead (`series.py`), when one is given.
     """
 
     def __init__(self, repo, experiment, hparams, meter, log_every=1, system_tracking=True, class_names=None,
                  preview=None, predict=None, close_at_end=True, run_hash=None, step_offset=0,
-                 close_timeout=CLOSE_TIMEOUT):
+                 close_timeout=CLOSE_TIMEOUT, series_folder=None):
         super().__init__()
         self.run, self.meter = None, meter
         self.location = str(repo)
@@ -144,20 +156,35 @@ class AimCallback(Callback):
         self.step_offset = step_offset  # a resumed fit counts its steps from 0 again
         self.close_timeout = close_timeout
         self._repo_id = None  # (.aim folder, its inode): a deleted one may be re-created by Aim's own threads
+        self.image_type = None
         if process_rank() == 0:
-            from aim import Run
+            Run, self.image_type = self._tracker(series_folder)
             if self.folder:
                 self._quiet_thread_faults()
             with self._writing(), child_stderr_held():
                 self.run = Run(run_hash or None, repo=str(repo), experiment=experiment,
                                system_tracking_interval=10 if system_tracking else None)
-                self._repo_id = self.run.repo.path, _identity(self.run.repo.path)
+                if self.run.repo is not None:
+                    self._repo_id = self.run.repo.path, _identity(self.run.repo.path)
                 self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
         self.class_names = list(class_names) if class_names else None
         self.preview, self.predict = preview, predict
         self.close_at_end = close_at_end
         self.last_predictions = None
+
+    def _tracker(self, series_folder):
+        """(run class, image class): Aim's, or where aim cannot be imported and `series_folder` is given, the
+        portable series kept there (`series.py`), written to that folder's disk."""
+        if aim_available() or series_folder is None:
+            from aim import Image, Run
+            return Run, Image
+        self.folder = self.location = str(series_folder)
+        return functools.partial(series.SeriesRun, series_folder), series.Image
+
+    @property
+    def tracks_series(self):
+        return self.image_type is series.Image
 
     @property
     def hash(self):
@@ -189,16 +216,25 @@ class AimCallback(Callback):
     def _quiet_thread_faults(self):
         """Aim's background threads (system metrics, terminal log capture, status check-ins) die with a traceback
         when the disk fails under them; the job reports that fault itself, at its next write or at the close."""
-        import weakref
-        previous, callback = threading.excepthook, weakref.ref(self)  # the hook outlives us: no strong reference
+        global _quieted
+        _quieted = weakref.ref(self)  # the newest callback; the hook outlives it, so no strong reference
+        if getattr(threading.excepthook, "quiets_aim", False):
+            return
+        previous = threading.excepthook
 
         def hook(args):
             tb, in_aim = args.exc_traceback, False
             while tb is not None and not in_aim:
                 in_aim, tb = tb.tb_frame.f_globals.get("__name__", "").startswith("aim."), tb.tb_next
-            if not (in_aim and isinstance(args.exc_value, Exception) and callback() is not None
-                    and callback()._fault(args.exc_value)):
+            callback = _quieted()
+            try:
+                said = in_aim and isinstance(args.exc_value, Exception) and callback is not None \
+                    and callback._fault(args.exc_value)
+            except Exception:  # the disk changed under the check: let the thread's own report through
+                said = False
+            if not said:
                 previous(args)
+        hook.quiets_aim = True
         threading.excepthook = hook
 
     def _track(self, value, **kwargs):
@@ -212,11 +248,10 @@ class AimCallback(Callback):
         """An image (PIL, HWC uint8 array, or a path to a PNG) under `name`."""
         if self.run is None:
             return
-        from aim import Image
         from PIL import Image as PILImage
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
             image = PILImage.open(image).convert("RGB")
-        self._track(Image(image, caption=caption), name=name, step=step, context=context or {})
+        self._track(self.image_type(image, caption=caption), name=name, step=step, context=context or {})
 
     def on_train_step_end(self, run_context):
         if self.run is None:
@@ -267,10 +302,9 @@ class AimCallback(Callback):
             self.track_image("confusion_matrix", path, step=epoch, caption=f"epoch {epoch}", context=VAL)
 
     def _track_predictions(self, epoch):
-        from aim import Image
         images, inputs, labels = self.preview
         predicted = np.asarray(self.predict(inputs)).argmax(axis=1)
-        captioned = [Image(image, caption=f"true: {self._name(int(t))} / predicted: {self._name(int(p))}")
+        captioned = [self.image_type(image, caption=f"true: {self._name(int(t))} / predicted: {self._name(int(p))}")
                      for image, t, p in zip(images, labels, predicted)]
         self._track(captioned, name="val_predictions", step=epoch, epoch=epoch, context=VAL)
         self.last_predictions = predicted
@@ -281,9 +315,9 @@ class AimCallback(Callback):
 
     def close(self, timeout=None, failing=False):
         """Idempotent; also called when training fails (`failing`), so no run is left open or locked. Waits at most
-        `timeout` seconds (default: `close_timeout`) for Aim to finish writing; past that, or on a disk fault, the
-        run is abandoned and OutputError raised, unless `failing`: that failure is the one to report. A stop signal
-        ends the wait (`Interrupted`)."""
+        `timeout` seconds (default: `close_timeout`) for Aim to finish writing; past that the run is abandoned, with
+        a warning, or on a disk fault with OutputError, unless `failing`: that failure is the one to report. A stop
+        signal ends the wait (`Interrupted`)."""
         run, self.run = self.run, None
         if run is None:
             return
@@ -294,8 +328,13 @@ class AimCallback(Callback):
             if _finish_within(lambda: _close_run(run), timeout):
                 return
             code = folder_fault(self.folder) if self.folder else None
-            error = OutputError(f"Aim did not finish writing its repo in {self.location} within {timeout:g} s"
-                                + (f": {WRITE_FAULTS[code]}" if code else ""))
+            if code is None:  # slow but healthy (an index lock, a tracking server's queue): not worth a failed job
+                _abandon_aim()
+                print(f"warning: Aim had not finished writing the run to {self.location} after {timeout:g} s; "
+                      f"left as it is, its last values may be missing", file=sys.stderr, flush=True)
+                return
+            error = OutputError(f"Aim did not finish writing its repo in {self.location} within {timeout:g} s: "
+                                f"{WRITE_FAULTS[code]}")
         except Interrupted:
             _abandon_aim()
             raise

@@ -7,6 +7,7 @@ The job, top to bottom: parse flags -> pick the device -> stage inputs -> find t
 """
 import errno
 import os
+import signal
 import sys
 from typing import NamedTuple
 
@@ -19,8 +20,10 @@ import export  # noqa: E402
 import features  # noqa: E402
 import run_state  # noqa: E402
 import runtime  # noqa: E402
+import series  # noqa: E402
 import staging  # noqa: E402
 import storage  # noqa: E402
+import tracking  # noqa: E402
 import train_step  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
@@ -163,15 +166,21 @@ def hyperparameters(args, source, device, num_classes, workers, plan):
 def start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch):
     """The Aim run: the resumed one when the Aim repo still holds it, else a new one (a state from another
     folder, or an Aim repo that was lost)."""
+    series_folder = outputs.files.folder / series.FOLDER
+    if not outputs.scratch and not tracking.aim_available():
+        print(f"warning: aim cannot be imported here, so the run is kept in {series_folder.name}/ of the outputs; "
+              f"replay it into an Aim repo with: python train/train_dir/series.py OUTPUT_FOLDER --repo runs",
+              file=sys.stderr, flush=True)
+
     def aim_run(run_hash):
         return AimCallback(outputs.aim_repo, args.experiment or source.name, hparams, meter,
                            log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
                            class_names=source.class_names, preview=training.preview, predict=training.predict,
                            close_at_end=False, run_hash=run_hash, step_offset=resumed.epochs_done * steps_per_epoch,
-                           close_timeout=args.io_timeout)
+                           close_timeout=args.io_timeout, series_folder=series_folder)
     try:
         return aim_run(resumed.aim_run)
-    except Exception as exc:  # aim's MissingRunError; aim is imported lazily, so matched by name
+    except Exception as exc:  # aim's (or series.py's) MissingRunError; aim is imported lazily, so matched by name
         if type(exc).__name__ != "MissingRunError":
             raise
     print(f"resume: Aim run {resumed.aim_run} is not in {storage.redact(outputs.aim_repo)}; the resumed epochs are "
@@ -193,7 +202,10 @@ def finish(net, history, args, outputs, only_missing=False):
     best = max(history, key=lambda r: r["val_accuracy"]) if history else None
     print((f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; " if best else "done: ")
           + f"outputs in {storage.redact(outputs.location)}")
-    if outputs.aim_repo and storage.scheme_of(outputs.aim_repo) != "aim":
+    if (files.folder / series.FOLDER).is_dir():  # kept without aim
+        print(f"see the run in Aim: python train/train_dir/series.py {storage.redact(outputs.location)} --repo runs, "
+              f"then aim up --repo runs")
+    elif outputs.aim_repo and storage.scheme_of(outputs.aim_repo) != "aim":
         print(f"see the run in Aim: aim up --repo {outputs.aim_repo}")
 
 
@@ -202,6 +214,7 @@ def main(args):
 
     runtime.tune_cpu_env()
     device = runtime.setup_device(args.device_target)
+    signal.signal(signal.SIGTERM, Interrupted.raise_for)  # preempted outside training too: end cleanly
     plan = runtime.plan_training(device, args.amp_level, args.dataset_sink)
     workers = runtime.join_data_parallel()
     data_dir, pretrained = stage_inputs(args, workers)  # inputs first: no output folder on a typo
@@ -222,14 +235,15 @@ def main(args):
     if resumed.epochs_done >= args.epochs:
         print(f"resume: all {args.epochs} epochs are done; nothing left to train")
         return finish(net, resumed.history, args, outputs, only_missing=True)
-    datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, plan.dataset_sink, args.resume_exact)
+    datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, args.resume_exact)
 
     meter = callbacks.StepMeter()
     hparams = hyperparameters(args, source, device, num_classes, workers, plan)
     tracker = start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch)
     recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, tracker.hash, resumed)
-    where = f"Aim run {tracker.hash} in {storage.redact(outputs.aim_repo)}" if workers.writes_outputs else \
-        f"outputs only on rank 0 (this worker's scratch: {files.folder})"
+    where = f"outputs only on rank 0 (this worker's scratch: {files.folder})" if not workers.writes_outputs else \
+        f"series {tracker.hash} in {tracker.location}" if tracker.tracks_series else \
+        f"Aim run {tracker.hash} in {storage.redact(outputs.aim_repo)}"
     print(f"train: {args.arch} on {device} ({plan.describe()}){workers.describe(args.batch_size, lr)}, "
           f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, {where}")
     try:
@@ -244,8 +258,10 @@ def main(args):
         if workers.writes_outputs:
             show_predictions(training.preview, tracker.last_predictions, source.class_names, files, tracker)
     finally:
-        tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report
-        outputs.push()  # also after a failure: keep what the finished epochs made
+        try:
+            tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report
+        finally:
+            outputs.push()  # also after a failure: keep what the finished epochs made
     finish(net, recorder.history, args, outputs)
 
 
@@ -261,7 +277,7 @@ def run(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except Interrupted as exc:  # 128 + the signal's number, as a shell reports a process the signal killed
-        print(f"error: stopped by {exc} during training; the finished epochs' outputs are saved", file=sys.stderr)
+        print(f"error: stopped by {exc}; the finished epochs' outputs are saved", file=sys.stderr)
         return 128 + exc.signum
     except OSError as exc:  # a full or read-only disk under a write that export.py does not make
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
