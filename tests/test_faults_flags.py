@@ -3,6 +3,7 @@ job configs that would run code or write files outside their folders, or print a
 `error:` line (or the named warning where the job goes on), leaves earlier outputs byte-identical and ends in time."""
 import json
 import os
+import zlib
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def train(*flags):
 
 def repo_scratch(t):
     """A folder inside the repository (git-ignored job-work/), for a code_dir; removed after each test."""
-    return ROOT / "job-work" / f"faults-{os.getpid()}-{t.name}"
+    return ROOT / "job-work" / f"f{os.getpid()}-{zlib.crc32(t.name.encode())}"  # a code_dir the platform accepts
 
 
 def job(check=True, extra=(), **changes):
@@ -72,12 +73,13 @@ CASES = {  # name: (runner and its arguments, needle: an error, or "warning: ...
     "platform flags and a misspelt signed URL": (
         train("--init_method=tcp://127.0.0.1:6666", "--num_gpus", "1", f"--data_ur={SIGNED}",
               "--aim_system_metrics=false"), "warning: ignoring unknown arguments: --init_method"),
-    "boot_file ../../x.py": (job(boot_file="../../x.py"), "boot_file '../../x.py' would leave code_dir"),
-    "boot_file absolute": (job(boot_file=outside_script), "would leave code_dir"),
+    "boot_file ../../x.py": (job(boot_file="../../x.py"), "boot_file '../../x.py': folders of letters, digits"),
+    "boot_file absolute": (job(boot_file=outside_script), "characters; the platform allows at most 50"),
+    "boot_file absolute and short": (job(boot_file="/tmp/x.py"), "boot_file '/tmp/x.py' would leave code_dir"),
     "boot_file linked outside": (job(code_dir=linked_boot_file), "boot_file 'train.py' would leave code_dir"),
-    "code_dir outside the repository": (job(code_dir="../"), "code_dir '../' would leave the repository"),
-    "job_name with ../": (job(job_name="../escape"), "job_name '../escape' must be a plain name"),
-    "job_name absolute": (job(job_name="/tmp/job"), "job_name '/tmp/job' must be a plain name"),
+    "code_dir outside the repository": (job(code_dir="../"), "code_dir '../': only letters, digits, '_', '-' and '/' (no '.')"),
+    "job_name with ../": (job(job_name="../escape"), "job_name '../escape': only letters, digits, '_' and '-'"),
+    "job_name absolute": (job(job_name="/tmp/job"), "job_name '/tmp/job': only letters, digits, '_' and '-'"),
     "log_url outside --work": (job(log_url="../../logs/"), "log_url '../../logs/' would leave --work"),
     "output_dir outside --work": (job(outputs=[{"name": "output_path", "output_dir": "/tmp/out"}]),
                                   "outputs[0].output_dir '/tmp/out' would leave --work"),
@@ -86,7 +88,7 @@ CASES = {  # name: (runner and its arguments, needle: an error, or "warning: ...
     "signed URL in a malformed entry": (job(inputs=[{"name": "data_url", "url": SIGNED}]),
                                         'inputs[0] must be {"name": ..., "input_url": ...}'),
     "PYTHONHOME from the image": (  # set, it would stop the local Python from starting
-        job(check=False, code_dir=ECHO_JOB, boot_file="echo.py", job_name="echo",
+        job(check=False, code_dir=ECHO_JOB, boot_file="echo.py", job_name="echo-job",
             env_variables={"PYTHONHOME": "/home/ma-user/anaconda3"}),
         "warning: env_variables.PYTHONHOME is not set"),
 }

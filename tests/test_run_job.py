@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, aim_process, get_json
 
 import run_job
+import xihe_form
 from make_demo_data import make_split, write_cifar
 from resnet import create_model
 
@@ -33,7 +34,27 @@ def test_shipped_configs_are_valid_xihe_jobs(name):
     assert config["code_dir"] == "train/train_dir/" and config["boot_file"] == "train.py"
     assert config["frameworks"]["framework_version"] == "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3"
     assert all(isinstance(h["value"], str) for h in config["hypeparameters"])
+    assert xihe_form.problems(config) == []  # the server's rules
+    assert all(xihe_form.hub_input(e["input_url"]) for e in config["inputs"])  # inputs from the hub, no downloads
     run_job.validate(config)  # names are flags train.py knows, code_dir and boot_file exist
+    result = run_runner(name, "--form")
+    assert result.returncode == 0 and not [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert f"name:         {config['job_name']}" in result.stdout
+
+
+def test_the_form_is_filled_in_field_by_field():
+    result = run_runner("configs/canidae_fixed_feature.json", "--form")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:4] == [
+        "name:         resnet50-canidae-fixed-feature",
+        "description:  Dogs vs wolves (Canidae, from ImageNet): train only the head on a frozen ImageNet ResNet50",
+        "code_dir:     train/train_dir/", "boot_file:    train.py"]
+    assert "    freeze = true" in result.stdout
+    assert "    key data_url: owner YOUR_NAME, name canidae, file Canidae_data.zip" in result.stdout
+    assert "    key pretrain_url: owner YOUR_NAME, name resnet50_imagenet, file resnet50_224_new.ckpt" in result.stdout
+    assert "output:       on" in result.stdout and "aim:          off" in result.stdout
+    # The placeholder is the user's to fill in: valid, with a warning for each input that names it.
+    assert result.stderr.count("names YOUR_NAME: upload it to your own Xihe account") == 2
 
 
 def test_aim_config_wires_an_aim_repo_output():
@@ -100,7 +121,8 @@ MISTAKES = {
                                  ["my_config.json:3:", "plain JSON"]),
     "missing boot_file": (lambda t: write_config(t, boot_file="main.py"), ["boot_file 'main.py' does not exist"]),
     "hyperparameters spelling": (renamed_hyperparameters, ['"hypeparameters" (sic)', "rename"]),
-    "unknown input name": (lambda t: write_config(t, inputs=[{"name": "dataset_url", "input_url": "/d"}]),
+    "unknown input name": (lambda t: write_config(t, inputs=[{"name": "dataset_url",
+                                                              "input_url": "datasets/drizzlezyk/cifar10/"}]),
                            ["input 'dataset_url'", "did you mean 'data_url'"]),
     "non-string value": (lambda t: write_config(t, hypeparameters=[{"name": "epochs", "value": 10}]),
                          ["hypeparameters[0].value must be a string", '"10"']),
@@ -125,7 +147,7 @@ DOCS_FORM = """{
 "log_url": "train/log/",
 "env_variables": {},
 "job_description": "a // inside a string is not a comment",
-"inputs": [{"input_url": "/data/", "name": "data_url"}],
+"inputs": [{"input_url": "datasets/drizzlezyk/cifar10/", "name": "data_url"}],
 "job_name": "docs-form"   // the job's name
 }
 """
@@ -142,18 +164,75 @@ def test_config_mistakes_give_one_line_with_a_hint(case, tmp_path):
 
 
 def test_docs_form_runs_with_strip_comments_and_a_warning(tmp_path):
-    result = run_runner(write_config(tmp_path, text=DOCS_FORM), "--check", "--strip-comments")
+    result = run_runner(write_config(tmp_path, text=DOCS_FORM), "--check", "--strip-comments", "--input",
+                        "data_url=/data/")
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "line(s) 2, 3, 14" in result.stderr
     assert "--data_url=/data/" in result.stdout
 
 
-def test_unknown_compute_is_only_a_warning(tmp_path):
-    path = write_config(tmp_path, train_instance_type="modelarts.vm.cpu.2u",
-                        frameworks={"framework_type": "Ascend-Powered-Engine", "framework_version": "mindspore_9.9"})
-    result = run_runner(path, "--check", "--input", "data_url=/d", "--input", "pretrain_url=/p")
-    assert result.returncode == 0
-    assert "framework_version 'mindspore_9.9'" in result.stderr and "modelarts.vm.cpu.2u" in result.stderr
+def changed(**hyper):
+    config = shipped("config.json")
+    config["hypeparameters"] = [{"name": k, "value": v} for k, v in hyper.items()]
+    return config
+
+
+def with_input(url):
+    config = shipped("config.json")
+    config["inputs"] = [{"name": "data_url", "input_url": url}]
+    return config
+
+
+SERVER_RULES = {  # name: (what to change in config.json, what the one error line must say)
+    "job name too short": ({"job_name": "cifa"}, "job_name 'cifa' is 4 characters; the platform allows 5-50"),
+    "job name with a dot": ({"job_name": "resnet.v2"}, "job_name 'resnet.v2': only letters, digits, '_' and '-'"),
+    "description over 100 bytes": ({"job_description": "é" * 51}, "job_description is 102 bytes"),
+    "description that grows when escaped": ({"job_description": "a & b " * 16}, "bytes once HTML-escaped"),
+    "code_dir with a dot": ({"code_dir": "train/train_dir.v2/"}, "code_dir 'train/train_dir.v2/': only letters"),
+    "code_dir over 50": ({"code_dir": "train/" + "d" * 45 + "/"}, "code_dir 'train/ddd"),
+    "boot_file outside code_dir": ({"boot_file": "../x.py"}, "boot_file '../x.py': folders of letters"),
+    "hyperparameter key over 20": (changed(a_very_long_hyperparameter="1"),
+                                   "hypeparameter key 'a_very_long_hyperparameter' is 26 characters"),
+    "hyperparameter value over 40": (changed(experiment="e" * 41), "the value of hypeparameter 'experiment'"),
+    "hyperparameter value the platform escapes": (changed(experiment="a&b"), "holds &, which the platform passes"),
+    "env value over 40": ({"env_variables": {"GLOG_v": "3" * 41}}, "the value of env_variables 'GLOG_v'"),
+    "input downloaded from the internet": (with_input("https://host/cifar.zip"), "is not a hub path"),
+    "input owned by root": (with_input("datasets/root/cifar10/"), "owner 'root' is not a Xihe user name"),
+    "input repository name too short": (with_input("datasets/drizzlezyk/c10/"), "dataset 'c10' is not a Xihe repo"),
+    "input file over 50": (with_input("datasets/drizzlezyk/cifar10/" + "f" * 51), "the file of input 'data_url'"),
+    "an output the form has no switch for": ({"outputs": [{"name": "train_url", "output_dir": "out/"}]},
+                                             "output 'train_url': the platform has two outputs"),
+    "a framework version not offered": ({"frameworks": {"framework_type": "Ascend-Powered-Engine",
+                                                        "framework_version": "mindspore_2.3.0"}},
+                                        "compute Ascend-Powered-Engine / modelarts.kat1.xlarge.public / mindspore_2.3"),
+    "GPU flavor with the Ascend engine": ({"train_instance_type": "modelarts.p3.large.public"},
+                                          "is not one the platform offers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERVER_RULES))
+def test_each_server_rule_is_checked_with_its_own_line_and_nothing_written(case, tmp_path):
+    change, needle = SERVER_RULES[case]
+    config = change if "SDK" in change else {**shipped("config.json"), **change}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    before = sorted(tmp_path.rglob("*"))
+    for mode in ("--check", "--form"):
+        result = subprocess.run([sys.executable, str(RUNNER), path, mode, "--input", "data_url=/d", "--input",
+                                 "pretrain_url=/p"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_every_broken_rule_gets_a_line(tmp_path):
+    config = {**shipped("config.json"), "job_name": "x.y", "job_description": "d" * 101}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = run_runner(path, "--form")
+    assert result.returncode == 2
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["error"] * 3  # short, a dot, too long
 
 
 def test_fetch_model_places_files_by_basename(tmp_path):
@@ -231,16 +310,16 @@ def test_aim_config_run_is_served_by_aim_up(job_inputs, tmp_path):
 
 def test_runner_sets_env_cwd_and_tees_the_log(tmp_path):
     config = {**shipped("config.json"), "code_dir": "tests/fixtures/echo_job/", "boot_file": "echo.py",
-              "job_name": "echo", "env_variables": {"JOB_FLAG": "on", "EXIT_WITH": "3", "PYTHONPATH": "/opt/libs"},
-              "inputs": [{"name": "data_url", "input_url": "/data/"}]}
+              "job_name": "echo-job", "env_variables": {"JOB_FLAG": "on", "EXIT_WITH": "3", "PYTHONPATH": "/opt/libs"},
+              "inputs": [{"name": "data_url", "input_url": "datasets/drizzlezyk/cifar10/"}]}
     path = tmp_path / "echo.json"
     path.write_text(json.dumps(config))
-    result = run_runner(path, "--work", tmp_path / "work", "--set", "epochs=2")
+    result = run_runner(path, "--work", tmp_path / "work", "--set", "epochs=2", "--input", "data_url=/data/")
     assert result.returncode == 3  # the boot file's exit code
     seen = json.loads(result.stdout.splitlines()[2])
     code_dir = str(ROOT / "tests" / "fixtures" / "echo_job")
     assert seen["JOB_FLAG"] == "on" and seen["cwd"] == code_dir
     assert seen["pythonpath"].split(os.pathsep)[:2] == [code_dir, "/opt/libs"]  # the config's after code_dir
     assert "--epochs=2" in seen["argv"] and "--data_url=/data/" in seen["argv"]
-    log = (tmp_path / "work" / "train" / "log" / "echo.log").read_text()
+    log = (tmp_path / "work" / "train" / "log" / "echo-job.log").read_text()
     assert '"JOB_FLAG": "on"' in log and "to stderr" in log

@@ -30,27 +30,23 @@ if __name__ == "__main__":  # --check writes nothing, not even bytecode caches i
 sys.path.insert(0, str(TRAIN_DIR))
 from storage import redact  # noqa: E402  the job's own rule for what a log may show of a URL
 sys.path.remove(str(TRAIN_DIR))
+import xihe_form  # noqa: E402
 
-HUB_PREFIXES = ("datasets/", "models/", "projects/")
-REQUIRED = {  # field: type, as in Xihe's job form
+REQUIRED = {  # field: type, as in the platform's job config
     "SDK": str, "job_name": str, "code_dir": str, "boot_file": str, "inputs": list, "outputs": list,
     "hypeparameters": list, "frameworks": dict, "train_instance_type": str, "log_url": str,
     "env_variables": dict, "job_description": str,
 }
 JSON_TYPES = {str: "string", list: "array", dict: "object"}
 NOT_HONOURED = {"PYTHONHOME": "it would point this machine's Python at the image's standard library"}
-KNOWN_COMPUTE = {  # framework_type -> instance types and framework versions Xihe offers (xihe-server dp_training.go)
-    "MPI": ({"modelarts.p3.large.public"}, {"mindspore_1.3.0-cuda_10.1-py_3.7-ubuntu_1804-x86_64"}),
-    "Ascend-Powered-Engine": ({"modelarts.kat1.xlarge.public"}, {
-        "mindspore_1.7.0-cann_5.1.0-py_3.7-euler_2.8.3-aarch64",
-        "mindspore_1.9.0-cann_6.0.RC1-py_3.7-ubuntu_18.04-amd64",
-        "mindspore_1.9.0-cann_6.0.RC1-py_3.9-ubuntu_18.04-amd64",
-        "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3"}),
-}
 
 
 class ConfigError(Exception):
-    """A mistake in the config: reported as one line with a hint."""
+    """Mistakes in the config: each reported as one line with a hint."""
+
+    def __init__(self, *lines):
+        super().__init__("\n".join(lines))
+        self.lines = lines
 
 
 URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s\"']+")
@@ -148,7 +144,8 @@ def _check_names(kind, names, flags):
 
 
 def validate(config):
-    """Check the config; returns (code_dir, boot_file) as paths. Unknown compute is only a warning."""
+    """Check the config as the platform would, and that its names are flags the boot file knows; returns
+    (code_dir, boot_file) as paths."""
     if "hyperparameters" in config and "hypeparameters" not in config:
         raise ConfigError("the field is spelled \"hypeparameters\" (sic) on the platform; rename \"hyperparameters\"")
     for field, kind in REQUIRED.items():
@@ -169,10 +166,11 @@ def validate(config):
             raise ConfigError(f"env_variables.{key} must be a string, got {json.dumps(value)}")
         if not key or "=" in key or "\0" in key + value:
             raise ConfigError(f"env_variables {key!r} cannot be set (an empty name, '=' in it or a NUL character)")
-    name = config["job_name"]
-    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-        raise ConfigError(f"job_name {name!r} must be a plain name (no '/', '\\' or '..'): it names the log file "
-                          f"and the default work folder job-work/<job_name>")
+    broken = xihe_form.problems(config)  # the server's own rules: every one that is broken, a line each
+    if broken:
+        raise ConfigError(*broken)
+    for placeholder in xihe_form.placeholders(config):
+        warn(placeholder)
 
     code_dir = inside(ROOT, config["code_dir"], "code_dir", "the repository").resolve()
     if not code_dir.is_dir():
@@ -185,16 +183,6 @@ def validate(config):
     for kind, entries in (("input", inputs), ("output", outputs), ("hypeparameter", hyper)):
         _check_names(kind, [e["name"] for e in entries], flags)
 
-    frameworks = config["frameworks"]
-    framework_type, version = frameworks.get("framework_type"), frameworks.get("framework_version")
-    instances, versions = KNOWN_COMPUTE.get(framework_type, (set(), set()))
-    if framework_type not in KNOWN_COMPUTE:
-        warn(f"framework_type {framework_type!r} is not one Xihe is known to offer ({', '.join(KNOWN_COMPUTE)})")
-    elif version not in versions:
-        warn(f"framework_version {version!r} is not known for {framework_type}; known: {', '.join(sorted(versions))}")
-    if config["train_instance_type"] not in instances and framework_type in KNOWN_COMPUTE:
-        warn(f"train_instance_type {config['train_instance_type']!r} is not known for {framework_type}; "
-             f"known: {', '.join(sorted(instances))}")
     return code_dir, boot_file
 
 
@@ -211,7 +199,7 @@ def _pairs(values, option):
 
 
 def resolve_input(name, url, hub):
-    if url.startswith(HUB_PREFIXES) and "://" not in url:
+    if xihe_form.hub_input(url):
         if hub is None:
             raise ConfigError(f"input {name!r} is the Xihe hub path {url!r}; pass --input {name}=PATH_OR_URL, "
                               f"or --hub DIR holding {url}")
@@ -291,6 +279,9 @@ def get_args_parser():
     parser.add_argument("--strip-comments", action="store_true",
                         help="accept the docs' annotated form (// comments, trailing commas), with a warning")
     parser.add_argument("--check", action="store_true", help="validate the config and print the command; do not run")
+    parser.add_argument("--form", action="store_true",
+                        help="validate the config and print what to enter in the platform's training form, field "
+                             "by field; do not run")
     return parser
 
 
@@ -299,12 +290,16 @@ def main(argv=None):
     try:
         config = read_config(args.config, args.strip_comments)
         code_dir, boot_file = validate(config)
+        if args.form:
+            print(xihe_form.form(config))
+            return 0
         work = Path(args.work or Path("job-work") / config["job_name"]).resolve()
         command, folders = build_command(config, code_dir, boot_file, work, _pairs(args.input, "--input"),
                                          _pairs(args.set, "--set"), args.hub)
         log_path = inside(work, config["log_url"], "log_url", "--work") / f"{config['job_name']}.log"
     except ConfigError as exc:
-        print(f"error: {scrubbed(exc)}", file=sys.stderr)
+        for line in exc.lines:
+            print(f"error: {scrubbed(line)}", file=sys.stderr)
         return 2
     requirements = code_dir / "pip-requirements.txt"
     print(f"job {config['job_name']}: the platform would first install {requirements.relative_to(ROOT)} "
