@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
 import storage  # noqa: E402
 from errors import UserError  # noqa: E402
+from predictor import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
 
 
 def model_paths(config_path):
@@ -25,6 +26,8 @@ def model_paths(config_path):
         raise UserError(f"{config_path}: needs {{\"model_path\": [\"owner/repo/path\", ...]}} ({exc})") from None
     if not isinstance(paths, list) or not all(isinstance(p, str) and p.count("/") >= 2 for p in paths):
         raise UserError(f"{config_path}: model_path must be a list of \"owner/repo/path\" strings")
+    if any(p.split("/")[0] == PLACEHOLDER for p in paths):
+        raise UserError(f"{config_path} still names {PLACEHOLDER}: {PLACEHOLDER_HINT}")
     return paths
 
 

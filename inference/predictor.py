@@ -52,12 +52,20 @@ def read_image(source):
     return to_rgb(image)
 
 
+PLACEHOLDER = "YOUR_NAME"  # inference/config.json as shipped: the model repository is the user's own
+PLACEHOLDER_HINT = ("put your Xihe user name and the model repository you uploaded the job's outputs to there "
+                    "(owner/repo/file), so the platform downloads your model")
+
+
 def find_model(folder=HERE):
     """The model file in `folder` (as the platform's pod places `model_path` files): a .ckpt, else a .mindir,
     preferring one named *best*."""
     found = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
     if not found:
-        raise UserError(f"no model (.ckpt or .mindir) in {folder}: pass --model PATH or set MODEL_PATH")
+        config = Path(folder) / "config.json"
+        unset = config.is_file() and PLACEHOLDER in config.read_text(errors="replace")
+        raise UserError(f"no model (.ckpt or .mindir) in {folder}: pass --model PATH or set MODEL_PATH"
+                        + (f"; {config} still names {PLACEHOLDER}: {PLACEHOLDER_HINT}" if unset else ""))
     return sorted(found, key=lambda p: (p.suffix.lower() != ".ckpt", "best" not in p.name))[0]
 
 

@@ -247,9 +247,27 @@ def test_fetch_model_places_files_by_basename(tmp_path):
     written = fetch_model.fetch(paths, source=out, target=tmp_path)
     assert sorted(p.name for p in written) == ["labels.json", "metrics.json", "resnet50-best.ckpt"]
     assert (tmp_path / "resnet50-best.ckpt").read_bytes() == b"weights"
-    result = subprocess.run([sys.executable, str(FETCH_MODEL), "--from", tmp_path / "empty"], capture_output=True,
-                            text=True)
+    mine = tmp_path / "config.json"
+    mine.write_text(json.dumps({"model_path": [p.replace("YOUR_NAME", "alice") for p in paths]}))
+    result = subprocess.run([sys.executable, str(FETCH_MODEL), "--from", tmp_path / "empty", "--config", mine],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: model file") and "Traceback" not in result.stderr
+
+
+def test_the_shipped_placeholder_is_named_by_the_fetcher_and_the_app(tmp_path):
+    """inference/config.json ships with YOUR_NAME: the pod would fail to download it; say what to change."""
+    fetched = subprocess.run([sys.executable, str(FETCH_MODEL), "--from", tmp_path], capture_output=True, text=True)
+    assert fetched.returncode == 2 and "Traceback" not in fetched.stderr
+    (line,) = fetched.stderr.splitlines()
+    assert line.startswith("error: ") and "still names YOUR_NAME: put your Xihe user name" in line
+    pod = tmp_path / "inference"  # the pod's clone, before (or after a failed) download: config.json, no model
+    pod.mkdir()
+    (pod / "config.json").write_text((ROOT / "inference" / "config.json").read_text())
+    sys.path.insert(0, str(ROOT / "inference"))
+    import predictor
+    from errors import UserError
+    with pytest.raises(UserError, match=r"no model .* still names YOUR_NAME: put your Xihe user name"):
+        predictor.find_model(pod)
 
 
 # ---------------------------------------------------------------- whole jobs through the runner
