@@ -28,10 +28,23 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# Needs the network: resolves the training job's and the inference pod's requirement files for Python 3.9, then runs
-# the job (with aim 3.8.1, read back by its own `aim up`) and the app in Python 3.9 venvs built from them.
-check-cloud: $(STAMP)
-	RUN_NETWORK_TESTS=1 $(PY) -m pytest tests/test_cloud_requirements.py
+# Needs the network: resolves the training job's and the inference pod's requirement files for Python 3.9 (x86_64
+# and aarch64, wheels only), runs the job and the app in Python 3.9 venvs built from them, and runs the job on an
+# emulated arm64 Debian with Python 3.9 (qemu user mode over a root extracted from Debian's packages), without aim,
+# then replays its series into a local Aim repo. Installs qemu-user-static and mmdebstrap with apt-get when missing.
+ARM64_ROOT := .cache/arm64-bullseye
+# This machine's own Debian mirror (bullseye, with Python 3.9, is no longer on its security mirror).
+DEBIAN_MIRROR ?= $(shell sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
+check-cloud: $(STAMP) $(ARM64_ROOT)/usr/bin/python3.9
+	RUN_NETWORK_TESTS=1 ARM64_ROOT=$(ARM64_ROOT) $(PY) -m pytest tests/test_cloud_requirements.py
+
+$(ARM64_ROOT)/usr/bin/python3.9:
+	command -v qemu-aarch64-static >/dev/null && command -v mmdebstrap >/dev/null || \
+		(apt-get update && apt-get install -y qemu-user-static mmdebstrap)
+	rm -rf $(ARM64_ROOT)
+	mmdebstrap --variant=extract --arch=arm64 \
+		--include=python3.9,libpython3.9-stdlib,python3-distutils,libgomp1,libstdc++6 bullseye $(ARM64_ROOT) \
+		$(DEBIAN_MIRROR)
 
 # Speed against the seed tutorial's loop and PyTorch (CPU wheel, installed here only for this), ~8 min on 2 cores.
 bench: $(STAMP)

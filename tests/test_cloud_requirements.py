@@ -160,3 +160,61 @@ def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
             junk.write_text("not an image")
             with pytest.raises(Exception, match="not an image"):
                 client.predict(handle_file(str(junk)), api_name="/predict")
+
+
+ARM64_ROOT = ROOT / os.environ.get("ARM64_ROOT", ".cache/arm64-bullseye")  # `make check-cloud` builds it
+
+
+@pytest.mark.network
+@network
+@pytest.mark.skipif(not (ARM64_ROOT / "usr" / "bin" / "python3.9").is_file(),
+                    reason="needs the emulated arm64 root that `make check-cloud` extracts from Debian's packages")
+def test_the_job_installs_from_wheels_and_runs_on_emulated_aarch64_without_aim(tmp_path):
+    """The Ascend images' machine: aarch64, Python 3.9, MindSpore (2.0.0, the oldest 2.x with an aarch64 wheel on
+    PyPI) and numpy. pip-requirements.txt installs there from wheels alone, aim is left out, and the job, run under
+    qemu, keeps its series, which replay into a local Aim repo that `aim up` serves with the run's metrics."""
+    import json
+    import shutil
+    site = tmp_path / "site-packages"
+    subprocess.run([sys.executable, "-m", "uv", "pip", "install", "--quiet", "--target", str(site),
+                    "--python-platform", "aarch64-manylinux_2_28", "--python-version", "3.9", "--only-binary", ":all:",
+                    "-r", str(REQUIREMENTS), "mindspore==2.0.0"], check=True, timeout=1800)
+    assert not (site / "aim").exists() and (site / "mindspore").is_dir()
+    data = write_cifar(tmp_path / "cifar", make_split(32, 2, 0), make_split(16, 2, 1), ["cat", "dog"])
+    out = tmp_path / "out"
+    started = time.monotonic()
+    job = subprocess.run([shutil.which("qemu-aarch64-static"), "-L", str(ARM64_ROOT),
+                          str(ARM64_ROOT / "usr" / "bin" / "python3.9"), str(TRAIN_PY), "--data_url", str(data),
+                          "--output_path", str(out), "--epochs", "1", "--arch", "resnet18", "--image_size", "32",
+                          "--batch_size", "16", "--aim_system_metrics", "false"],
+                         env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=3600,
+                         cwd=tmp_path)
+    print(f"emulated aarch64 job: {time.monotonic() - started:.0f} s")
+    assert job.returncode == 0, job.stderr[-3000:]
+    warnings = [line for line in job.stderr.splitlines() if line.startswith(("warning:", "error:"))]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: aim cannot be imported"), warnings
+    assert (out / "resnet18-best.mindir").is_file() and not (out / ".aim").exists()
+
+    replayed = subprocess.run([sys.executable, str(TRAIN_PY.parent / "series.py"), str(out), "--repo",
+                               str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0, replayed.stderr
+    (run_folder,) = (out / "aim-series").iterdir()
+    tracked = [json.loads(line) for line in (run_folder / "series.jsonl").read_text().splitlines()]
+    wanted = [{"name": "accuracy", "context": {"subset": "val"}}, {"name": "loss", "context": {"subset": "train"}}]
+    from aim import Repo
+    from conftest import aim_process, get_json
+    (run_hash,) = Repo(str(tmp_path / "runs")).list_all_runs()
+    with aim_process("up", "--repo", tmp_path / "runs") as port:
+        info = get_json(f"http://127.0.0.1:{port}/api/runs/{run_hash}/info/")
+        import urllib.request
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/runs/{run_hash}/metric/get-batch/",
+                                         data=json.dumps(wanted).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = json.loads(response.read())
+    assert info["params"]["hparams"]["arch"] == "resnet18"
+    for metric, series in zip(wanted, served):
+        expected = [(r["step"], r["value"]) for r in tracked if r["name"] == metric["name"]
+                    and r["context"] == metric["context"]]
+        assert series["iters"] == [step for step, _ in expected] and len(expected) >= 1, metric
+        assert series["values"] == pytest.approx([value for _, value in expected]), metric
