@@ -16,7 +16,10 @@ sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
 import storage  # noqa: E402
 from errors import UserError  # noqa: E402
-from predictor import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
+
+PLACEHOLDER = "YOUR_NAME"  # inference/config.json as shipped: the model repository is the user's own
+PLACEHOLDER_HINT = ("put your Xihe user name and the model repository you uploaded the job's outputs to there "
+                    "(owner/repo/file), so the platform downloads your model")
 
 
 def model_paths(config_path):

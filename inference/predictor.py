@@ -21,6 +21,7 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
 import run_state  # noqa: E402
+from fetch_model import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import MAX_PIXELS, to_rgb  # noqa: E402
 
@@ -50,11 +51,6 @@ def read_image(source):
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"the image is corrupt or truncated ({exc})") from None
     return to_rgb(image)
-
-
-PLACEHOLDER = "YOUR_NAME"  # inference/config.json as shipped: the model repository is the user's own
-PLACEHOLDER_HINT = ("put your Xihe user name and the model repository you uploaded the job's outputs to there "
-                    "(owner/repo/file), so the platform downloads your model")
 
 
 def find_model(folder=HERE):

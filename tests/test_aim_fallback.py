@@ -115,9 +115,15 @@ def test_the_replay_is_the_run_a_live_job_tracks(jobs, tmp_path):
                           ("train_samples", {})):
         assert image_steps(replayed, name, context) == image_steps(live, name, context) is not None, name
 
-    again = replay(jobs["out"], "--repo", repo)
+
+def test_a_second_replay_finds_the_first_without_an_index(jobs, tmp_path):
+    """Aim's index lags behind a run just closed: the replay reads each run, so twice in a row is still one run."""
+    repo = tmp_path / "runs"
+    first, again = replay(jobs["out"], "--repo", repo), replay(jobs["out"], "--repo", repo)
+    assert first.returncode == 0 and "replayed into" in first.stdout
     assert again.returncode == 0 and "already replayed" in again.stdout
-    assert len(read_runs(repo)) == 1
+    from aim import Repo
+    assert len(Repo(str(repo)).list_all_runs()) == 1
 
 
 def test_replaying_nothing_or_a_damaged_run_is_one_error_line(jobs, tmp_path):
@@ -131,6 +137,75 @@ def test_replaying_nothing_or_a_damaged_run_is_one_error_line(jobs, tmp_path):
     result = replay(damaged, "--repo", tmp_path / "runs")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and "damaged" in result.stderr
+
+
+def hostile_copy(jobs, tmp_path, damage):
+    """A copy of the job's run folder with `damage(run folder)` done: a downloaded archive anyone could have made."""
+    import shutil
+    (run_folder,) = (jobs["out"] / AIM_SERIES).iterdir()
+    copy = shutil.copytree(run_folder, tmp_path / "download" / AIM_SERIES / run_folder.name)
+    damage(copy)
+    return tmp_path / "download"
+
+
+def with_record(change):
+    """Damage: the first image record changed by `change(record)`."""
+    def damage(folder):
+        lines = (folder / series.SERIES).read_text().splitlines()
+        index = next(i for i, line in enumerate(lines) if '"images"' in line)
+        record = json.loads(lines[index])
+        lines[index] = json.dumps(change(record))
+        (folder / series.SERIES).write_text("\n".join(lines) + "\n")
+    return damage
+
+
+def image_at(path):
+    def change(record):
+        record["images"][0]["file"] = str(path)
+        return record
+    return change
+
+
+def linked_image(folder):
+    first = sorted((folder / series.IMAGES).iterdir())[0]
+    first.unlink()
+    first.symlink_to("/etc/passwd")
+
+
+HOSTILE = {  # name: (damage, what the one error line says)
+    "an image outside the folder, absolute": (with_record(image_at("/etc/passwd")), "is not a file of images/"),
+    "an image outside the folder, ../": (with_record(image_at("../../../../etc/passwd")), "is not a file of images/"),
+    "an image that is a link": (linked_image, "is not a file of images/"),
+    "a record of the wrong shape": (with_record(lambda r: [1, 2]), "is not a tracked record"),
+    "a step that is not a number": (with_record(lambda r: {**r, "step": "1"}), "is not a tracked record"),
+    "an id of the wrong type": (lambda f: (f / series.RUN).write_text('{"id": ["x"], "hparams": {}}'), "damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_download_is_refused_with_one_line_and_no_half_run(case, jobs, tmp_path):
+    damage, needle = HOSTILE[case]
+    download = hostile_copy(jobs, tmp_path, damage)
+    result = replay(download, "--repo", tmp_path / "runs")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and needle in line, line
+    from aim import Repo
+    assert not Repo.exists(str(tmp_path / "runs")) or Repo(str(tmp_path / "runs")).list_all_runs() == []
+
+
+def test_a_resumed_run_starts_a_line_of_its_own_after_a_torn_one(tmp_path):
+    run = series.SeriesRun(tmp_path, experiment="torn")
+    run.track(1.0, name="loss", step=1)
+    run.close()
+    lines = tmp_path / run.hash / series.SERIES
+    lines.write_text(lines.read_text() + '{"name": "loss", "cont')  # killed mid-write, or the disk filled
+    resumed = series.SeriesRun(tmp_path, run_hash=run.hash)
+    resumed.track(2.0, name="loss", step=2)
+    resumed.track(3.0, name="loss", step=3)
+    resumed.close()
+    _, records, torn = series.read_series(tmp_path / run.hash)
+    assert [(r["step"], r["value"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0)] and torn == 0
 
 
 def test_a_line_cut_short_by_a_kill_is_skipped_and_counted(jobs, tmp_path):

@@ -42,6 +42,10 @@ def test_the_platforms_output_path_wins_with_a_warning(other):
     assert args.output_url == "/a" and warnings == ["warning: writing the outputs to --output_url /a, not to "
                                                     "--train_url /b"]
     assert parse("--data_url", "/d")[0].output_url == "output" and not hasattr(args, "output_path")
+    args, warnings = parse("--data_url", "/d", "--output_url", "/good", "--output_path=")  # empty: names nothing
+    assert args.output_url == "/good" and warnings == []
+    args, warnings = parse("--data_url", "/d", "--output_url", "obs://b/out", "--output_path", "obs://b/out/")
+    assert args.output_url == "obs://b/out/" and warnings == []  # the same folder
 
 
 def test_equals_and_space_forms_give_typed_values():

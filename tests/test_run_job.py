@@ -40,6 +40,10 @@ def test_shipped_configs_are_valid_xihe_jobs(name):
     result = run_runner(name, "--form")
     assert result.returncode == 0 and not [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert f"name:         {config['job_name']}" in result.stdout
+    checked = run_runner(name, "--check", "--input", "data_url=/d", "--input", "pretrain_url=/p")
+    assert checked.returncode == 0, checked.stderr
+    assert [line for line in checked.stderr.splitlines() if line.strip()] == \
+        [f"warning: {warning}" for warning in xihe_form.warnings(config)]  # Canidae's YOUR_NAME only
 
 
 def test_the_form_is_filled_in_field_by_field():
@@ -194,7 +198,11 @@ SERVER_RULES = {  # name: (what to change in config.json, what the one error lin
     "hyperparameter key over 20": (changed(a_very_long_hyperparameter="1"),
                                    "hypeparameter key 'a_very_long_hyperparameter' is 26 characters"),
     "hyperparameter value over 40": (changed(experiment="e" * 41), "the value of hypeparameter 'experiment'"),
-    "hyperparameter value the platform escapes": (changed(experiment="a&b"), "holds &, which the platform passes"),
+    "job name with a final newline": ({"job_name": "resnet50-cifar10\n"}, "only letters, digits, '_' and '-'"),
+    "description with NUL characters": ({"job_description": "d" * 98 + "\0"}, "is 101 bytes once HTML-escaped"),
+    "boot_file over 50 with a leading /": ({"boot_file": "/" + "a" * 47 + ".py"}, "is 51 characters"),
+    "an input without a key": ({"inputs": [{"name": "", "input_url": "datasets/drizzlezyk/cifar10/"}]},
+                               "the key of input '' is 0 characters; the platform allows 1-20"),
     "env value over 40": ({"env_variables": {"GLOG_v": "3" * 41}}, "the value of env_variables 'GLOG_v'"),
     "input downloaded from the internet": (with_input("https://host/cifar.zip"), "is not a hub path"),
     "input owned by root": (with_input("datasets/root/cifar10/"), "owner 'root' is not a Xihe user name"),
@@ -224,6 +232,19 @@ def test_each_server_rule_is_checked_with_its_own_line_and_nothing_written(case,
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_what_the_platform_accepts_but_mangles_is_a_warning(tmp_path):
+    config = {**shipped("config.json"), "boot_file": "a/../train.py"}  # cleaned by the server, as here
+    config["hypeparameters"] = [{"name": "experiment", "value": "cats&dogs"}]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = run_runner(path, "--check", "--input", "data_url=/d", "--input", "pretrain_url=/p")
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line == ("warning: the value of hypeparameter 'experiment' holds '&', which the platform passes on "
+                    "HTML-escaped (&amp;): the job will not get what you wrote")
+    assert "train/train_dir/train.py --experiment=cats&dogs" in result.stdout
 
 
 def test_every_broken_rule_gets_a_line(tmp_path):

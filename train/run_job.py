@@ -169,13 +169,14 @@ def validate(config):
     broken = xihe_form.problems(config)  # the server's own rules: every one that is broken, a line each
     if broken:
         raise ConfigError(*broken)
-    for placeholder in xihe_form.placeholders(config):
-        warn(placeholder)
+    for warning in xihe_form.warnings(config):
+        warn(warning)
 
-    code_dir = inside(ROOT, config["code_dir"], "code_dir", "the repository").resolve()
+    # The platform joins both onto the repository's own folder, so a leading '/' stays inside it.
+    code_dir = inside(ROOT, config["code_dir"].lstrip("/"), "code_dir", "the repository").resolve()
     if not code_dir.is_dir():
         raise ConfigError(f"code_dir {config['code_dir']!r} does not exist in the repository ({ROOT})")
-    boot_file = inside(code_dir, config["boot_file"], "boot_file", "code_dir")
+    boot_file = inside(code_dir, xihe_form.go_clean(config["boot_file"]).lstrip("/"), "boot_file", "code_dir")
     if not boot_file.is_file():
         raise ConfigError(f"boot_file {config['boot_file']!r} does not exist in code_dir {config['code_dir']!r}")
 

@@ -7,12 +7,14 @@ The rules below are the server's (opensourceways/xihe-server: `domain/dp_trainin
 `domain/config.go`, `controller/training_request.go`; xihe-training-center re-checks name and description in bytes).
 Values are HTML-escaped before their length is checked, and reach the job escaped.
 """
+import posixpath
 import re
 
-NAME = re.compile(r"^[a-zA-Z0-9_-]+$")  # job names, users, repositories
-DIRECTORY = re.compile(r"^[a-zA-Z0-9_/-]+$")
-FILE_NAME = re.compile(r"^[a-zA-Z0-9_.-]+$")
-HUB_INPUT = re.compile(r"^(datasets|models)/([^/]*)/([^/]*)/?(.*)$")
+# Used with fullmatch: Go's `$` does not match before a final newline, as Python's does.
+NAME = re.compile(r"[a-zA-Z0-9_-]+")  # job names, users, repositories
+DIRECTORY = re.compile(r"[a-zA-Z0-9_/-]+")
+FILE_NAME = re.compile(r"[a-zA-Z0-9_.-]+")
+HUB_INPUT = re.compile(r"(datasets|models)/([^/]*)/([^/]*)/?(.*)", re.S)  # used with fullmatch, as Go's ^...$
 PLACEHOLDER = "YOUR_NAME"  # in a shipped config: the user's own hub account, which only they can fill in
 
 ASCEND, ASCEND_FLAVOR = "Ascend-Powered-Engine", "modelarts.kat1.xlarge.public"
@@ -31,7 +33,7 @@ KEY, VALUE = 20, 40  # hyperparameters, env and input keys; their values
 OWNER = (3, 20)
 REPOSITORY = (5, 35)  # the server's default 5-50, within the docs' 3-35 for hub repository names
 
-_ESCAPES = {"&": "&amp;", "'": "&#39;", "<": "&lt;", ">": "&gt;", '"': "&#34;"}  # Go's template.HTMLEscapeString
+_ESCAPES = {"&": "&amp;", "'": "&#39;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "\0": "\ufffd"}  # Go's HTMLEscapeString
 
 
 def escaped(text):
@@ -39,7 +41,7 @@ def escaped(text):
 
 
 def _length(text, what, maximum, minimum=0, unit="characters"):
-    size = len(escaped(text).encode()) if unit == "bytes" else len(escaped(text))
+    size = len(escaped(text).encode(errors="surrogatepass")) if unit == "bytes" else len(escaped(text))
     if not minimum <= size <= maximum:
         bounds = f"{minimum}-{maximum}" if minimum else f"at most {maximum}"
         grown = " once HTML-escaped" if escaped(text) != text else ""
@@ -50,8 +52,8 @@ def _length(text, what, maximum, minimum=0, unit="characters"):
 def _escaped_characters(text, what):
     found = sorted({c for c in text if c in _ESCAPES})
     if found:
-        return [f"{what} holds {' '.join(found)}, which the platform passes on HTML-escaped "
-                f"({' '.join(_ESCAPES[c] for c in found)}): the job would not get what you wrote"]
+        return [f"{what} holds {' '.join(map(repr, found))}, which the platform passes on HTML-escaped "
+                f"({' '.join(_ESCAPES[c] for c in found)}): the job will not get what you wrote"]
     return []
 
 
@@ -63,41 +65,64 @@ def _key_values(pairs, what):
             continue
         problems += _length(key, f"{what} key {key!r}", KEY)
         problems += _length(value, f"the value of {what} {key!r} ({value!r})", VALUE)
-        problems += _escaped_characters(value, f"the value of {what} {key!r}")
     return problems
+
+
+def warnings(config):
+    """What the platform accepts but the job will not get as written (HTML-escaped characters), and inputs that
+    still name the shipped placeholder `YOUR_NAME`."""
+    found = []
+    for what, pairs in (("hypeparameter", [(h["name"], h["value"]) for h in config["hypeparameters"]]),
+                        ("env_variables", list(config["env_variables"].items()))):
+        for key, value in pairs:
+            found += _escaped_characters(key, f"the {what} key {key!r}")
+            found += _escaped_characters(value, f"the value of {what} {key!r}")
+    for entry in config["inputs"]:
+        parts = hub_input(entry["input_url"])
+        if parts and parts[1] == PLACEHOLDER:
+            found.append(f"input {entry['name']!r} ({entry['input_url']}) names {PLACEHOLDER}: upload it to your own "
+                         f"Xihe account and put your user name there")
+    return found
 
 
 def hub_input(url):
     """(kind, owner, repository, file) of a hub path `datasets|models/OWNER/NAME[/FILE]`, else None."""
-    match = HUB_INPUT.match(url)
+    match = HUB_INPUT.fullmatch(url)
     return match.groups() if match else None
 
 
 def _input(name, url):
     where = f"input {name!r}"
-    problems = _length(name, f"the key of {where}", KEY)
+    problems = _length(name, f"the key of {where}", KEY, 1)
     parts = hub_input(url)
     if parts is None:
         return problems + [f"{where}: {url!r} is not a hub path (datasets/OWNER/NAME/FILE or models/OWNER/NAME/FILE):"
                            f" a platform job reads inputs only from Xihe's dataset and model repositories, and its "
                            f"code may not download files"]
     kind, owner, repository, file = parts
-    if not (OWNER[0] <= len(owner) <= OWNER[1] and NAME.match(owner)) or owner.lower() == "root":
+    if not (OWNER[0] <= len(owner) <= OWNER[1] and NAME.fullmatch(owner)) or owner.lower() == "root":
         problems.append(f"{where}: owner {owner!r} is not a Xihe user name ({OWNER[0]}-{OWNER[1]} letters, digits, "
                         f"'_' or '-', not root)")
-    if not (REPOSITORY[0] <= len(repository) <= REPOSITORY[1] and NAME.match(repository)):
+    if not (REPOSITORY[0] <= len(repository) <= REPOSITORY[1] and NAME.fullmatch(repository)):
         problems.append(f"{where}: {kind[:-1]} {repository!r} is not a Xihe repository name ({REPOSITORY[0]}-"
-                        f"{REPOSITORY[1]} letters, digits, '_' or '-')")
+                        f"{REPOSITORY[1]} letters, digits, '_' or '-': the server's least length, the docs' most)")
     return problems + _length(file, f"the file of {where} ({file!r})", PATH_LENGTH)
 
 
+def go_clean(path):
+    """Go's filepath.Clean: the server cleans a boot_file before it checks it."""
+    cleaned = posixpath.normpath(path) if path else "."
+    return "/" + cleaned.lstrip("/") if cleaned.startswith("//") else cleaned
+
+
 def _boot_file(path):
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if not parts:
+    if not path:
         return ["boot_file is empty"]
-    problems = _length("/".join(parts), f"boot_file {path!r}", PATH_LENGTH)
-    folder, name = "/".join(parts[:-1]), parts[-1]
-    if (folder and not DIRECTORY.match(folder)) or not FILE_NAME.match(name) or name == "..":
+    cleaned = go_clean(path)
+    problems = _length(cleaned, f"boot_file {path!r}", PATH_LENGTH)
+    folder, name = posixpath.dirname(cleaned), posixpath.basename(cleaned)
+    if (folder not in ("", ".") and not DIRECTORY.fullmatch(folder)) or not FILE_NAME.fullmatch(name) \
+            or name in (".", ".."):
         problems.append(f"boot_file {path!r}: folders of letters, digits, '_', '-' and '/', and a file name that "
                         f"adds '.', is what the platform accepts")
     return problems
@@ -108,12 +133,12 @@ def problems(config):
     found = []
     name = config["job_name"]
     found += _length(name, f"job_name {name!r}", JOB_NAME[1], JOB_NAME[0])
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         found.append(f"job_name {name!r}: only letters, digits, '_' and '-'")
     found += _length(config["job_description"], "job_description", DESCRIPTION, unit="bytes")
     code_dir = config["code_dir"]
     found += _length(code_dir, f"code_dir {code_dir!r}", PATH_LENGTH)
-    if code_dir and not DIRECTORY.match(code_dir):
+    if code_dir and not DIRECTORY.fullmatch(code_dir):
         found.append(f"code_dir {code_dir!r}: only letters, digits, '_', '-' and '/' (no '.')")
     found += _boot_file(config["boot_file"])
     found += _key_values([(h["name"], h["value"]) for h in config["hypeparameters"]], "hypeparameter")
@@ -130,12 +155,6 @@ def problems(config):
         offered = "; ".join(" / ".join(c) for c in COMPUTE)
         found.append(f"compute {' / '.join(map(str, compute))} is not one the platform offers: {offered}")
     return found
-
-
-def placeholders(config):
-    """Inputs that still name `YOUR_NAME`: valid, but only their owner can fill them in."""
-    return [f"input {e['name']!r} ({e['input_url']}) names {PLACEHOLDER}: upload it to your own Xihe account and put "
-            f"your user name there" for e in config["inputs"] if f"/{PLACEHOLDER}/" in f"/{e['input_url']}"]
 
 
 def form(config):

@@ -174,9 +174,9 @@ def _one_output(args, warn):
     """One output folder from the three names it arrives under. The platform collects --output_path, so that one
     wins; a different --output_url or --train_url beside it is named in a warning."""
     given = {flag: value for flag, value in (("output_path", args.output_path), ("output_url", args.output_url),
-                                             ("train_url", args.train_url)) if value is not None}
+                                             ("train_url", args.train_url)) if value}  # an empty one names nothing
     chosen = next(iter(given.values()), "output")
-    others = [f"--{flag} {redact(value)}" for flag, value in given.items() if value != chosen]
+    others = [f"--{flag} {redact(value)}" for flag, value in given.items() if value.rstrip("/") != chosen.rstrip("/")]
     if others:
         warn(f"warning: writing the outputs to --{next(iter(given))} {redact(chosen)}, not to "
              f"{' or '.join(others)}")

@@ -192,9 +192,10 @@ class AimCallback(Callback):
 
     def _fault(self, exc):
         """The OutputError for `exc` when a full, read-only or vanished disk under the repo caused it, else None."""
-        fault = write_fault(exc, self.folder, "the Aim repo") if self.folder else None
+        what = "the run's series" if self.tracks_series else "the Aim repo"
+        fault = write_fault(exc, self.folder, what) if self.folder else None
         if fault is None and self._repo_id and _identity(self._repo_id[0]) != self._repo_id[1]:
-            fault = OutputError(f"cannot write the Aim repo in {self.folder}: {WRITE_FAULTS[errno.ENOENT]}")
+            fault = OutputError(f"cannot write {what} in {self.folder}: {WRITE_FAULTS[errno.ENOENT]}")
         return fault
 
     @contextlib.contextmanager

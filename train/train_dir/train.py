@@ -202,7 +202,7 @@ def finish(net, history, args, outputs, only_missing=False):
     best = max(history, key=lambda r: r["val_accuracy"]) if history else None
     print((f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; " if best else "done: ")
           + f"outputs in {storage.redact(outputs.location)}")
-    if (files.folder / series.FOLDER).is_dir():  # kept without aim
+    if (files.folder / series.FOLDER).is_dir() and not tracking.aim_available():  # kept without aim
         print(f"see the run in Aim: python train/train_dir/series.py {storage.redact(outputs.location)} --repo runs, "
               f"then aim up --repo runs")
     elif outputs.aim_repo and storage.scheme_of(outputs.aim_repo) != "aim":
