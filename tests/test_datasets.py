@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import datasets
 from errors import UserError
@@ -306,3 +307,48 @@ def test_training_reads_every_mode_as_the_app_does(tmp_path):
     served = Predictor(None, {"class_names": ["a"], "image_size": 32, "data_format": "imagefolder"}, "m.ckpt")
     expected = [served.preprocess(read_image(path)) for path, _ in source.val]
     np.testing.assert_allclose(inputs, np.stack(expected), atol=1e-5)
+
+
+def class_folders(root, count=60, classes=3, seed=3):
+    """One folder of images per class, no split: what a user most often brings."""
+    return write_imagefolder(root, {"": make_split(count, classes, seed)}, NAMES[:classes])
+
+
+def test_class_folders_are_split_stratified_and_seeded(tmp_path):
+    class_folders(tmp_path / "photos")
+    source = datasets.find_data(tmp_path)
+    assert source.kind == "imagefolder" and source.root == tmp_path / "photos" and source.class_names == NAMES
+    train, val = source.split["train"], source.split["val"]
+    assert not set(train) & set(val) and len(train) + len(val) == 60
+    for label, name in enumerate(NAMES):  # every class in both splits, about a fifth held out
+        in_class = [path for path, l in source.train + source.val if l == label]
+        held = [path for path, l in source.val if l == label]
+        assert len(held) == round(0.2 * len(in_class)) >= 1, name
+        assert all(path.parent.name == name for path in in_class)
+    assert datasets.find_data(tmp_path).split == source.split  # the same files and seed: the same split
+    other = datasets.find_data(tmp_path, split=datasets.SplitPlan(0.2, seed=2)).split
+    assert other["val"] != source.split["val"] and len(other["val"]) == len(source.split["val"])
+    assert source.class_counts() == [sum(1 for _, l in source.train + source.val if l == k) for k in range(3)]
+
+
+def test_a_saved_split_is_kept_when_images_are_added(tmp_path):
+    class_folders(tmp_path)
+    saved = datasets.find_data(tmp_path).split
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "bird" / "new.png")
+    said = []
+    again = datasets.find_data(tmp_path, log=said.append, split=datasets.SplitPlan(saved=saved))
+    assert again.split["train"] == saved["train"] and again.split["val"] == saved["val"]
+    assert [p.name for p, _ in again.train + again.val].count("new.png") == 0
+    assert len(said) == 1 and "leaving out 1 image(s)" in said[0] and "bird/new.png" in said[0]
+    fresh = datasets.find_data(tmp_path).split  # without it, the new image is split like the others
+    assert "bird/new.png" in fresh["train"] + fresh["val"]
+
+
+def test_a_saved_split_of_other_classes_or_damaged_is_refused(tmp_path):
+    class_folders(tmp_path)
+    saved = datasets.find_data(tmp_path).split
+    with pytest.raises(UserError, match="the saved split's classes"):
+        datasets.find_data(tmp_path, split=datasets.SplitPlan(saved={**saved, "classes": ["x", "y", "z"]}))
+    (tmp_path / "split.json").write_text('{"classes": ["a"], "train": 3}')
+    with pytest.raises(UserError, match="split .*split.json is damaged"):
+        datasets.read_split(tmp_path / "split.json")

@@ -186,3 +186,33 @@ def test_aim_run_has_captioned_predictions_confusion_matrix_and_class_accuracy(t
     assert steps == [0] and "labels" in samples[0].caption
     for name in ("images_per_second", "epoch_seconds"):
         assert len(run.get_metric(name, Context({"subset": "train"})).dataframe()) > 0
+
+
+def test_class_folders_train_on_a_saved_split_that_resume_and_later_runs_keep(tmp_path):
+    """A user's photos, one folder per class and no val/: split once, kept in split.json; images added before the
+    job is resumed are left out, so none of its validation images is ever trained on; --split reuses it."""
+    from PIL import Image
+
+    from make_demo_data import make_split, write_imagefolder
+    photos = write_imagefolder(tmp_path / "photos", {"": make_split(80, 2, 0)}, ["circle", "square"])
+    out = tmp_path / "out"
+    flags = ["--arch", "resnet18", "--image_size", 32, "--batch_size", 16, "--aim_system_metrics", "false"]
+    first = run_train("--data_url", photos, "--output_url", out, "--epochs", 1, *flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "64 train / 16 val images (class folders split now)" in first.stdout
+    assert "classes: circle 40, square 40" in first.stdout
+    split = read_json(out / "split.json")
+    assert len(split["val"]) == 16 and not set(split["train"]) & set(split["val"])
+    assert {path.split("/")[0] for path in split["val"]} == {"circle", "square"}
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(photos / "circle" / "added.png")
+    resumed = run_train("--data_url", photos, "--output_url", out, "--epochs", 2, "--resume", "auto", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: continuing after epoch 1 of 2" in resumed.stdout
+    assert "leaving out 1 image(s)" in resumed.stderr and "circle/added.png" in resumed.stderr
+    assert read_json(out / "split.json") == split
+
+    later = run_train("--data_url", photos, "--output_url", tmp_path / "later", "--epochs", 1,
+                      "--split", out / "split.json", *flags)
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert read_json(tmp_path / "later" / "split.json") == split

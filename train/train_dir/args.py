@@ -116,7 +116,13 @@ def get_args_parser():
     hp.add_argument("--backbone_lr_scale", type=_bounded(float, 0.0), default=1.0,
                     help="learning rate of the backbone (everything but fc) as a fraction of --lr")
     hp.add_argument("--seed", type=_bounded(int, 0, high=2**32 - 1, why="MindSpore's seed range"), default=1,
-                    help="seeds weights, shuffling and augmentation")
+                    help="seeds weights, shuffling, augmentation and the split of class folders")
+    hp.add_argument("--val_split", type=_bounded(float, 0.0, inclusive=False, high=0.9, why="some must be trained on"),
+                    default=0.2,
+                    help="class folders without train/ and val/: the fraction of each class held out for validation")
+    hp.add_argument("--split", default=None,
+                    help="a split.json from an earlier run's outputs: validate on the same images (a resumed run "
+                         "reuses its own)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")

@@ -1,10 +1,12 @@
 """Find the data below `data_url`, read it, and build the mindspore.dataset pipelines.
 
-Two layouts are recognised anywhere below the data folder:
+Three layouts are recognised anywhere below the data folder:
 - CIFAR-10 binary: `data_batch_*.bin` (train) and `test_batch.bin` (val), records of 1 label byte + 3072 CHW bytes.
   Any whole number of records is accepted (mindspore's Cifar10Dataset insists on exactly 10000).
-- ImageFolder: `train/` and `val/` folders of class subfolders (e.g. Canidae: `train|val/dogs|wolves`). Every image
-  is checked before training; those that cannot be read are skipped with one warning.
+- ImageFolder: `train/` and `val/` folders of class subfolders (e.g. Canidae: `train|val/dogs|wolves`).
+- Class folders alone (one folder of images per class, no split): split into train and val stratified by class and
+  seeded; the split is kept (split.json) so that a resumed or later run validates on the same images.
+Every image file is checked before training; those that cannot be read are skipped with one warning.
 Symlinked folders are followed once each, never round a loop; a folder holding a training job's outputs is no data.
 """
 import os
@@ -42,6 +44,13 @@ class DataSource:
     val: object
     sizes: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # [(path, why)] of the image files that cannot be read
+    split: dict = None              # class folders: how they were split (split.json), to be kept with the outputs
+
+    def class_counts(self):
+        """Images per class, training and validation together."""
+        labels = [label for part in (self.train, self.val)
+                  for label in (part[1] if self.kind == "cifar10-bin" else [label for _, label in part])]
+        return np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(self.class_names)).tolist()
 
     @property
     def name(self):
@@ -51,9 +60,19 @@ class DataSource:
         return self.root.name if self.root.name not in ("data", "") else self.root.parent.name
 
 
-def find_data(data_url, exclude=(), log=warn):
+@dataclass
+class SplitPlan:
+    """How class folders without a split are split: `fraction` of each class to validation, shuffled by `seed`,
+    unless `saved` (the split.json of an earlier run) says which file goes where."""
+    fraction: float = 0.2
+    seed: int = 1
+    saved: dict = None
+
+
+def find_data(data_url, exclude=(), log=warn, split=SplitPlan()):
     """Detect the layout anywhere below `data_url` and read its metadata. `exclude`: folders that are not data
-    (the job's own output folder); what was skipped is reported through `log` once the data is found."""
+    (the job's own output folder); what was skipped is reported through `log` once the data is found. `split`:
+    how class folders without a split are split."""
     root = Path(data_url)
     if not root.exists():
         raise UserError(f"data folder {root} does not exist")
@@ -67,10 +86,14 @@ def find_data(data_url, exclude=(), log=warn):
         if TRAIN_DIR in dirs:
             source = _load_imagefolder(folder, walker)
             break
+        classes = [name for name in dirs if _holds_images(folder / name)]
+        if len(classes) >= 2:
+            source = _load_class_folders(folder, classes, walker, split, log)
+            break
     else:
         raise UserError(f"no dataset found below {root}: expected CIFAR-10 binary files "
-                        f"({CIFAR_TRAIN_GLOB}, {CIFAR_VAL_FILE}) or an ImageFolder with train/ and val/ class "
-                        f"folders")
+                        f"({CIFAR_TRAIN_GLOB}, {CIFAR_VAL_FILE}), an ImageFolder with train/ and val/ class "
+                        f"folders, or two or more class folders of images")
     walker.report(log)
     if source.skipped:
         log(f"skipping {len(source.skipped)} image file(s) in {source.root} that cannot be read: "
@@ -169,6 +192,81 @@ def _load_imagefolder(folder, walker):
                                          "val": _image_files(val, names, walker)})
     return DataSource("imagefolder", folder, names, splits["train"], splits["val"],
                       sizes={split: len(items) for split, items in splits.items()}, skipped=skipped)
+
+
+# ---------------------------------------------------------------- class folders without a split
+
+def _holds_images(folder):
+    """Whether `folder` holds an image file itself (a cheap look: the first one found is enough)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") and e.is_file()
+                       for e in entries)
+    except OSError:
+        return False
+
+
+def stratified_split(items, num_classes, fraction, seed):
+    """(train, val) of [(path, label)]: `fraction` of each class (at least one image, and never all of them) to
+    val, chosen by a generator seeded with `seed`, so the same files and seed always give the same split."""
+    rng = np.random.default_rng(seed)
+    groups = [[] for _ in range(num_classes)]
+    for item in items:
+        groups[item[1]].append(item)
+    train, val = [], []
+    for group in groups:
+        held = min(len(group) - 1, max(1, round(len(group) * fraction))) if len(group) > 1 else 0
+        chosen = set(rng.permutation(len(group))[:held].tolist())
+        for i, item in enumerate(group):
+            (val if i in chosen else train).append(item)
+    return train, val
+
+
+def read_split(path):
+    """A split.json written by an earlier run, checked."""
+    import json
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not (isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("classes", "train", "val"))
+                and all(isinstance(f, str) for k in ("classes", "train", "val") for f in saved[k])):
+            raise ValueError("it needs lists of classes, train and val files")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"split {path} is damaged or unreadable ({exc})") from None
+    return saved
+
+
+def _apply_saved(folder, names, items, saved, log):
+    """(train, val) as the saved split has them. Files it lists that are gone are dropped; files it does not list
+    (added since) are left out rather than guessed at, so no validation image of that run is ever trained on."""
+    if saved["classes"] != names:
+        raise UserError(f"the saved split's classes {saved['classes']} differ from the class folders of {folder}: "
+                        f"{names}")
+    by_name = {path.relative_to(folder).as_posix(): (path, label) for path, label in items}
+    listed = {name for part in ("train", "val") for name in saved[part]}
+    train, val = ([by_name[name] for name in saved[part] if name in by_name] for part in ("train", "val"))
+    gone, new = len(listed - by_name.keys()), len(by_name.keys() - listed)
+    if gone:
+        log(f"{gone} image(s) of the saved split are no longer in {folder}")
+    if new:
+        log(f"leaving out {new} image(s) of {folder} that the saved split does not list (added since it was made): "
+            f"{named(sorted(by_name.keys() - listed))}")
+    return train, val
+
+
+def _load_class_folders(folder, names, walker, plan, log):
+    items = _image_files(folder, names, walker)
+    if plan.saved:
+        train, val = _apply_saved(folder, names, items, plan.saved, log)
+        fraction, seed = plan.saved.get("val_split"), plan.saved.get("seed")
+    else:
+        train, val = stratified_split(items, len(names), plan.fraction, plan.seed)
+        fraction, seed = plan.fraction, plan.seed
+    record = {"layout": "class folders", "val_split": fraction, "seed": seed, "classes": names,
+              "train": [path.relative_to(folder).as_posix() for path, _ in train],
+              "val": [path.relative_to(folder).as_posix() for path, _ in val]}
+    splits, skipped = _readable(folder, {"train": train, "val": val})
+    return DataSource("imagefolder", folder, names, splits["train"], splits["val"],
+                      sizes={split: len(items) for split, items in splits.items()}, skipped=skipped, split=record)
 
 
 # ---------------------------------------------------------------- pipelines

@@ -16,6 +16,7 @@ CURVES = "curves.png"
 TRAIN_SAMPLES = "train_samples.png"
 VAL_PREDICTIONS = "val_predictions.png"
 EXAMPLES = "examples"  # one validation image per class, for the inference app
+SPLIT = "split.json"  # which images of class folders were trained on and which validated on
 AIM_FOLDER = ".aim"  # the Aim repo, when it lives in the output folder
 AIM_SERIES = "aim-series"  # what Aim would have tracked, where aim cannot be imported (series.py)
 
@@ -31,7 +32,7 @@ class RunFiles:
     def __init__(self, folder, arch):
         self.folder = Path(folder)
         self.labels, self.metrics, self.resume = (self.folder / name for name in (LABELS, METRICS, RESUME))
-        self.curves, self.examples = self.folder / CURVES, self.folder / EXAMPLES
+        self.curves, self.examples, self.split = self.folder / CURVES, self.folder / EXAMPLES, self.folder / SPLIT
         self.train_samples, self.val_predictions = self.folder / TRAIN_SAMPLES, self.folder / VAL_PREDICTIONS
         self.best_checkpoint = self.folder / model_file(arch, "best")
         self.last_checkpoint = self.folder / model_file(arch, "last")
@@ -90,6 +91,11 @@ class Outputs:
             copied = mirror.push()
             if copied:
                 print(f"synced {copied} file(s) to {storage.redact(mirror.remote)}", flush=True)
+
+    def saved_split(self):
+        """The split.json of the run that --resume auto continues (fetched first on a fresh disk), or None."""
+        self.mirror.pull(SPLIT)
+        return self.files.split if self.files.split.is_file() else None
 
     def pull_for_resume(self):
         """A restarted cloud job has a fresh disk: fetch the resume state, the records, the best weights so far

@@ -31,7 +31,7 @@ from errors import WRITE_FAULTS, Diverged, Interrupted, UserError  # noqa: E402
 from resnet import create_model  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
-URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo", "resume")
+URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo", "resume", "split")
 PREVIEW_IMAGES = 16  # validation images shown in Aim each epoch, and in the picture files
 MAX_SCHEDULE_STEPS = 10_000_000  # per-step learning rates, 40 MB of float32
 
@@ -57,9 +57,19 @@ def stage_inputs(args, workers):
 def load_data(args, data_dir, outputs):
     """The dataset found under `data_dir` (never the job's own outputs), and its class count (--num_classes may
     leave room for more)."""
-    source = datasets.find_data(data_dir, exclude=[outputs.files.folder, outputs.aim_repo])
-    print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val images, "
-          f"{len(source.class_names)} classes")
+    saved = args.split and staging.stage_in(args.split, "split", args.cache_dir, io_timeout=args.io_timeout)
+    saved = saved or (outputs.saved_split() if args.resume == "auto" else None)
+    plan = datasets.SplitPlan(args.val_split, args.seed, datasets.read_split(saved) if saved else None)
+    source = datasets.find_data(data_dir, exclude=[outputs.files.folder, outputs.aim_repo], split=plan)
+    how = "" if not source.split else f" (class folders split {'as ' + str(saved) if saved else 'now'})"
+    print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val "
+          f"images{how}, {len(source.class_names)} classes")
+    counts = source.class_counts()
+    print("classes: " + ", ".join(f"{name} {count}" for name, count in zip(source.class_names[:10], counts))
+          + (f" and {len(counts) - 10} more" if len(counts) > 10 else ""))
+    if min(counts) * 10 < max(counts):
+        print(f"warning: the classes are imbalanced: {max(counts)} images in the largest, {min(counts)} in the "
+              f"smallest", file=sys.stderr)
     num_classes = args.num_classes or len(source.class_names)
     if num_classes < len(source.class_names):
         raise UserError(f"--num_classes {num_classes} is smaller than the {len(source.class_names)} classes "
@@ -123,10 +133,12 @@ def learning_rates(args, workers, steps_per_epoch):
 
 
 def write_first_outputs(files, args, source, net, preview, tracker):
-    """labels.json, examples/ and train_samples.png: written once the first epoch has finished (just before its
-    checkpoints), so a run that fails earlier leaves the last good run's files alone."""
+    """labels.json, split.json (class folders), examples/ and train_samples.png: written once the first epoch has
+    finished (just before its checkpoints), so a run that fails earlier leaves the last good run's files alone."""
     export.write_labels(files.labels, source.class_names, args.image_size, datasets.IMAGENET_MEAN,
                         datasets.IMAGENET_STD, args.arch, source.name, source.kind, net.padding)
+    if source.split:
+        export.write_json(files.split, source.split)
     export.save_examples(preview[0], preview[2], source.class_names, files.examples)
     images, _, labels = datasets.preview_batch(source, "train", args.image_size, PREVIEW_IMAGES)
     path = export.plot_image_grid(images, [source.class_names[i] for i in labels], files.train_samples)
