@@ -81,6 +81,31 @@ def test_best_checkpoint_scores_what_metrics_json_says(trained):
     assert evaluate(net, val) == pytest.approx(max(r["val_accuracy"] for r in history), abs=1e-6)
 
 
+def test_macro_f1_is_that_of_the_last_weights_on_the_val_split(trained, aim_run):
+    """Recomputed here from the last checkpoint's predictions, with F1 = 2PR / (P + R) per class."""
+    from aim.storage.context import Context
+    net = create_model("resnet50", TRAINED["classes"])
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].last_checkpoint)))
+    net.set_train(False)
+    truth, predicted = [], []
+    for images, labels in datasets.create_dataset(datasets.find_data(trained["data"]), "val", 32,
+                                                  batch_size=50).create_tuple_iterator(output_numpy=True):
+        truth += labels.tolist()
+        predicted += net(ms.Tensor(images)).asnumpy().argmax(1).tolist()
+    truth, predicted = np.array(truth), np.array(predicted)
+    scores = []
+    for label in set(truth) | set(predicted):
+        right = ((truth == label) & (predicted == label)).sum()
+        precision = right / max(1, (predicted == label).sum())
+        recall = right / max(1, (truth == label).sum())
+        scores.append(0.0 if right == 0 else 2 * precision * recall / (precision + recall))
+    history = read_json(trained["files"].metrics)
+    assert history[-1]["val_macro_f1"] == pytest.approx(np.mean(scores), abs=1e-6)
+    _, run = aim_run
+    tracked = run.get_metric("macro_f1", Context({"subset": "val"})).dataframe()
+    assert tracked["value"].tolist() == pytest.approx([r["val_macro_f1"] for r in history])
+
+
 def test_mindir_export_predicts_like_the_checkpoint(trained):
     net = create_model("resnet50", TRAINED["classes"])
     ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].best_checkpoint)))
@@ -212,7 +237,16 @@ def test_class_folders_train_on_a_saved_split_that_resume_and_later_runs_keep(tm
     assert "leaving out 1 image(s)" in resumed.stderr and "circle/added.png" in resumed.stderr
     assert read_json(out / "split.json") == split
 
+    (photos / "circle" / "added.png").unlink()
+    for extra in range(24):  # 40 circles, 64 squares: split anew, 32 and 51 to train, weighted for it
+        Image.fromarray(np.full((32, 32, 3), extra, np.uint8)).save(photos / "square" / f"extra{extra}.png")
     later = run_train("--data_url", photos, "--output_url", tmp_path / "later", "--epochs", 1,
-                      "--split", out / "split.json", *flags)
+                      "--class_weights", "auto", *flags)
     assert later.returncode == 0, later.stderr[-3000:]
-    assert read_json(tmp_path / "later" / "split.json") == split
+    assert f"class weights: circle {83 / (2 * 32):.3f}, square {83 / (2 * 51):.3f}" in later.stdout
+    assert "val_macro_f1" in read_json(tmp_path / "later" / "metrics.json")[0]
+
+    again = run_train("--data_url", photos, "--output_url", tmp_path / "again", "--epochs", 1,
+                      "--split", out / "split.json", *flags)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_json(tmp_path / "again" / "split.json") == split

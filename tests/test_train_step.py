@@ -167,3 +167,33 @@ def test_the_loss_is_exact_when_a_wrong_class_leads_by_far(margin):
     loss, correct = trainer.train_network(ms.Tensor(np.zeros((2, 4), np.float32)), ms.Tensor(labels))
     assert float(loss.asnumpy()) == pytest.approx(exact, rel=1e-5) and float(correct.asnumpy()) == 1.0
     assert trainer.eval(data)["loss"] == pytest.approx(exact, rel=1e-5)
+
+
+def test_class_weights_auto_weigh_the_loss_as_the_formula_says():
+    """N / (C x n_c) per class, and the weighted mean sum(w[y] * loss) / sum(w[y]), in training and validation."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    weights = train_step.class_weights([30, 10, 20], num_classes=4)
+    np.testing.assert_allclose(weights, [60 / 90, 60 / 30, 60 / 60, 1.0], rtol=1e-6)  # room for a 4th class: 1
+    logits = np.array([[2.0, -1.0, 0.5, 0.0], [0.3, 0.2, -2.0, 0.0], [-1.0, 1.0, 3.0, 0.0]], np.float32)
+    labels = np.array([0, 1, 2], np.int32)
+    each = np.array([np.logaddexp.reduce(row.astype(np.float64)) - row[label] for row, label in zip(logits, labels)])
+    expected = (weights[labels] * each).sum() / weights[labels].sum()
+    net = FixedLogits(logits)
+    optimizer = nn.Momentum(net.trainable_params(), learning_rate=0.0, momentum=0.9)
+    trainer = train_step.create_trainer(net, optimizer, 4, weights=weights)
+    trainer.train_network.set_train()
+    loss, _ = trainer.train_network(ms.Tensor(np.zeros((3, 4), np.float32)), ms.Tensor(labels))
+    assert float(loss.asnumpy()) == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - each.mean()) > 0.1  # the weights do change it
+    data = ms.dataset.NumpySlicesDataset({"image": np.zeros((3, 4), np.float32), "label": labels},
+                                         shuffle=False).batch(3)
+    assert trainer.eval(data)["loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(UserError, match="needs images of every class"):
+        train_step.class_weights([5, 0])
+
+
+def test_macro_f1_from_a_confusion_matrix():
+    confusion = [[5, 1, 0], [2, 3, 0], [0, 0, 0]]  # class 2: no images and never predicted, so left out
+    precision, recall = np.array([5 / 7, 3 / 4]), np.array([5 / 6, 3 / 5])
+    assert train_step.macro_f1(confusion) == pytest.approx(np.mean(2 * precision * recall / (precision + recall)))
+    assert train_step.macro_f1([[0, 4], [0, 4]]) == pytest.approx((0 + 2 * 0.5 * 1 / 1.5) / 2)  # never right: 0

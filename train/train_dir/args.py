@@ -117,6 +117,9 @@ def get_args_parser():
                     help="learning rate of the backbone (everything but fc) as a fraction of --lr")
     hp.add_argument("--seed", type=_bounded(int, 0, high=2**32 - 1, why="MindSpore's seed range"), default=1,
                     help="seeds weights, shuffling, augmentation and the split of class folders")
+    hp.add_argument("--class_weights", choices=("none", "auto"), default="none",
+                    help="auto: weight the loss by inverse class frequency in the training split, N / (C x n_c), "
+                         "for imbalanced data")
     hp.add_argument("--val_split", type=_bounded(float, 0.0, inclusive=False, high=0.9, why="some must be trained on"),
                     default=0.2,
                     help="class folders without train/ and val/: the fraction of each class held out for validation")

@@ -19,6 +19,7 @@ from mindspore.train import Callback
 import run_state
 from errors import Diverged, Interrupted
 from export import save_checkpoint, write_json
+from train_step import macro_f1
 
 
 class StepMeasurement(NamedTuple):
@@ -128,6 +129,8 @@ class EpochRecorder(Callback):
                   "val_accuracy": float(val.get("accuracy", float("nan")))}
         if "top5_accuracy" in val:
             record["val_top5_accuracy"] = float(val["top5_accuracy"])
+        if "confusion" in val:
+            record["val_macro_f1"] = macro_f1(val["confusion"])
         save_checkpoint(self.net, self.files.last_checkpoint)
         record["best"] = record["val_accuracy"] > self.best_accuracy
         if record["best"]:

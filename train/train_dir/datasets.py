@@ -46,9 +46,10 @@ class DataSource:
     skipped: list = field(default_factory=list)  # [(path, why)] of the image files that cannot be read
     split: dict = None              # class folders: how they were split (split.json), to be kept with the outputs
 
-    def class_counts(self):
-        """Images per class, training and validation together."""
-        labels = [label for part in (self.train, self.val)
+    def class_counts(self, splits=("train", "val")):
+        """Images per class in `splits` (both by default)."""
+        parts = [getattr(self, split) for split in splits]
+        labels = [label for part in parts
                   for label in (part[1] if self.kind == "cifar10-bin" else [label for _, label in part])]
         return np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(self.class_names)).tolist()
 

@@ -12,7 +12,7 @@ Metric names and contexts:
   accuracy is the running one over the epoch's steps, when the train step reports right predictions
   (`train_step.TrainStep` does);
 - `loss`, `accuracy` and (5 classes or more) `top5_accuracy` with {"subset": "val"}, once per epoch, with a
-  validation set; `class_accuracy` with {"subset": "val", "class": NAME} when the fit's metrics include a
+  validation set; `macro_f1` and `class_accuracy` with {"subset": "val", "class": NAME} when the fit's metrics include a
   `confusion` matrix, which is also logged as the image `confusion_matrix`;
 - `val_predictions`: captioned validation images ("true: a / predicted: b"), once per epoch, when given a preview.
 
@@ -35,6 +35,7 @@ import numpy as np
 from mindspore.train import Callback
 
 import series
+from train_step import class_accuracy, macro_f1
 from errors import WRITE_FAULTS, Interrupted, OutputError, child_stderr_held, folder_fault, write_fault
 
 TRAIN = {"subset": "train"}
@@ -69,13 +70,6 @@ def process_rank():
         return get_rank()
     except (ImportError, RuntimeError, ValueError):
         return 0
-
-
-def class_accuracy(confusion):
-    """Per-class recall from a confusion matrix (rows: true class); NaN for a class with no images."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.diag(confusion) / confusion.sum(axis=1)
 
 
 def _abandon_aim():
@@ -293,6 +287,7 @@ class AimCallback(Callback):
     def _track_confusion(self, confusion, epoch):
         import tempfile
         from export import plot_confusion
+        self._track(macro_f1(confusion), name="macro_f1", step=epoch, epoch=epoch, context=VAL)
         for label, accuracy in enumerate(class_accuracy(confusion)):
             if np.isfinite(accuracy):
                 self._track(float(accuracy), name="class_accuracy", step=epoch, epoch=epoch,

@@ -241,7 +241,11 @@ def main(args):
     lr, lr_schedule = learning_rates(args, workers, steps_per_epoch)
     optimizer = train_step.create_optimizer(training.cell, lr_schedule, args.momentum, args.weight_decay,
                                             args.backbone_lr_scale)
-    trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan)
+    weights = None
+    if args.class_weights == "auto":
+        weights = train_step.class_weights(source.class_counts(["train"]), num_classes)
+        print("class weights: " + ", ".join(f"{name} {w:.3f}" for name, w in zip(source.class_names, weights)))
+    trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights)
     resumed = run_state.load_resume(args, outputs, trainer.train_network)
     outputs.claim(args, resumed)  # every input is checked: from here on the job writes
     if resumed.epochs_done >= args.epochs:

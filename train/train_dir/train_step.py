@@ -8,6 +8,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Model
 
+from errors import UserError
 from resnet import HEAD_PREFIX
 from runtime import TrainingPlan
 
@@ -47,6 +48,34 @@ class ConfusionMatrix(nn.ConfusionMatrix):
     def eval(self):
         with np.errstate(invalid="ignore", divide="ignore"):
             return super().eval()
+
+
+def class_accuracy(confusion):
+    """Per-class recall from a confusion matrix (rows: true class); NaN for a class with no images."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diag(confusion) / confusion.sum(axis=1)
+
+
+def macro_f1(confusion):
+    """The mean over classes of F1 = 2PR / (P + R), each class's precision and recall from a confusion matrix
+    (rows: true class); 0 for a class never predicted or never right, and classes absent from both left out."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    right, truth, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    present = (truth + predicted) > 0
+    f1 = np.divide(2 * right, truth + predicted, out=np.zeros_like(right), where=present)  # = 2PR / (P + R)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def class_weights(counts, num_classes=None):
+    """Inverse-frequency weights, N / (C x n_c), from the training split's images per class: every class then
+    weighs as much in the loss. Classes beyond the data's (room left by --num_classes) get 1."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if (counts == 0).any():
+        raise UserError(f"--class_weights auto needs images of every class in the training split; counts: "
+                        f"{counts.astype(int).tolist()}")
+    weights = counts.sum() / (len(counts) * counts)
+    return np.concatenate([weights, np.ones((num_classes or len(counts)) - len(counts))]).astype(np.float32)
 
 
 class LossAndCorrect(nn.Cell):
@@ -140,16 +169,20 @@ class TrainStep(nn.TrainOneStepCell):
         return loss, correct
 
 
-def create_loss():
-    """Mean cross-entropy of logits against class indices, exact for any logits. (MindSpore 2.10's sparse
-    `SoftmaxCrossEntropyWithLogits` returns inf on CPU once a wrong class leads by more than about 88, which would
-    stop a job whose model is confidently wrong on one image as if it had diverged.)"""
-    return nn.CrossEntropyLoss(reduction="mean")
+def create_loss(weights=None):
+    """Mean cross-entropy of logits against class indices, exact for any logits; with per-class `weights`, the
+    weighted mean sum(w[y] * loss) / sum(w[y]). (MindSpore 2.10's sparse `SoftmaxCrossEntropyWithLogits` returns inf
+    on CPU once a wrong class leads by more than about 88, which would stop a job whose model is confidently wrong on
+    one image as if it had diverged.)"""
+    if weights is None:
+        return nn.CrossEntropyLoss(reduction="mean")
+    return nn.CrossEntropyLoss(weight=ms.Tensor(np.asarray(weights, np.float32)), reduction="mean")
 
 
-def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False)):
-    """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
-    loss_fn = create_loss()
+def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False), weights=None):
+    """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes.
+    Per-class `weights` weight the loss, in training and validation alike."""
+    loss_fn = create_loss(weights)
     metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
     if num_classes >= 5:
         metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
