@@ -352,3 +352,10 @@ def test_a_saved_split_of_other_classes_or_damaged_is_refused(tmp_path):
     (tmp_path / "split.json").write_text('{"classes": ["a"], "train": 3}')
     with pytest.raises(UserError, match="split .*split.json is damaged"):
         datasets.read_split(tmp_path / "split.json")
+
+
+def test_test_alone_is_validated_on_and_said_so(tmp_path):
+    data = write_imagefolder(tmp_path / "shapes", {"train": make_split(32, 2, 0), "test": make_split(16, 2, 1)},
+                             ["circle", "square"])
+    source = datasets.find_data(data)
+    assert source.val_name == "test" and source.test is None and source.sizes == {"train": 32, "val": 16}

@@ -250,3 +250,32 @@ def test_class_folders_train_on_a_saved_split_that_resume_and_later_runs_keep(tm
                       "--split", out / "split.json", *flags)
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_json(tmp_path / "again" / "split.json") == split
+
+
+def test_a_test_split_beside_val_is_evaluated_once_at_the_end_with_the_best_weights(tmp_path):
+    from aim.storage.context import Context
+
+    from make_demo_data import make_split, write_imagefolder
+    from test_aim_runs import read_runs
+    data = write_imagefolder(tmp_path / "shapes", {"train": make_split(96, 2, 0), "val": make_split(24, 2, 1),
+                                                   "test": make_split(30, 2, 2)}, ["circle", "square"])
+    out = tmp_path / "out"
+    result = run_train("--data_url", data, "--output_url", out, "--epochs", 2, "--arch", "resnet18", "--image_size",
+                       32, "--batch_size", 16, "--aim_system_metrics", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "96 train / 24 val images, 30 test images kept for the end" in result.stdout
+    history, report = read_json(out / "metrics.json"), read_json(out / "test.json")
+    best = max(history, key=lambda r: r["val_accuracy"])["epoch"]
+    assert report["images"] == 30 and report["best_epoch"] == best and sum(map(sum, report["confusion"])) == 30
+
+    net = create_model("resnet18", 2)  # recomputed here: the best checkpoint on test/, through the val transform
+    ms.load_param_into_net(net, ms.load_checkpoint(str(out / "resnet18-best.ckpt")))
+    source = datasets.find_data(data)
+    assert evaluate(net, datasets.create_dataset(source, "test", 32, batch_size=10)) == \
+        pytest.approx(report["accuracy"], abs=1e-6)
+    assert result.stdout.count("test: accuracy") == 1
+
+    (run,) = read_runs(out).values()
+    tracked = run.get_metric("accuracy", Context({"subset": "test"})).dataframe()
+    assert tracked["step"].tolist() == [best] and tracked["value"].tolist() == pytest.approx([report["accuracy"]])
+

@@ -30,7 +30,8 @@ CIFAR_VAL_FILE = "test_batch.bin"
 CIFAR_META_FILE = "batches.meta.txt"
 
 TRAIN_DIR = "train"
-VAL_DIRS = ("val", "validation", "test")
+VAL_DIRS = ("val", "validation")
+TEST_DIR = "test"  # kept apart for one evaluation at the end; the validation split when there is no val/
 IMAGE_EXTENSIONS = images.EXTENSIONS
 
 
@@ -45,6 +46,8 @@ class DataSource:
     sizes: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # [(path, why)] of the image files that cannot be read
     split: dict = None              # class folders: how they were split (split.json), to be kept with the outputs
+    test: object = None             # imagefolder: [(image path, label)] of test/, when val/ is there too
+    val_name: str = "val"           # the folder validated on ("test" when there is no val/)
 
     def class_counts(self, splits=("train", "val")):
         """Images per class in `splits` (both by default)."""
@@ -181,18 +184,25 @@ def _readable(folder, splits):
 def _load_imagefolder(folder, walker):
     train = folder / TRAIN_DIR
     val = next((folder / d for d in VAL_DIRS if (folder / d).is_dir()), None)
+    test = folder / TEST_DIR if (folder / TEST_DIR).is_dir() else None
     if val is None:
-        raise UserError(f"ImageFolder {folder} has train/ but no validation split ({'/, '.join(VAL_DIRS)}/)")
+        val, test = test, None  # test/ alone is validated on (and said so)
+    if val is None:
+        raise UserError(f"ImageFolder {folder} has train/ but no validation split ({'/, '.join(VAL_DIRS)}/ or "
+                        f"{TEST_DIR}/)")
     names = sorted(next(walker.walk(train))[1])
     if not names:
         raise UserError(f"{train} has no class folders")
-    val_names = sorted(next(walker.walk(val))[1])
-    if val_names != names:
-        raise UserError(f"train and val classes differ in {folder}: train has {names}, {val.name} has {val_names}")
-    splits, skipped = _readable(folder, {"train": _image_files(train, names, walker),
-                                         "val": _image_files(val, names, walker)})
+    for other in filter(None, (val, test)):
+        other_names = sorted(next(walker.walk(other))[1])
+        if other_names != names:
+            raise UserError(f"train and {other.name} classes differ in {folder}: train has {names}, {other.name} "
+                            f"has {other_names}")
+    parts = {"train": train, "val": val, **({"test": test} if test else {})}
+    splits, skipped = _readable(folder, {split: _image_files(path, names, walker) for split, path in parts.items()})
     return DataSource("imagefolder", folder, names, splits["train"], splits["val"],
-                      sizes={split: len(items) for split, items in splits.items()}, skipped=skipped)
+                      sizes={split: len(items) for split, items in splits.items()}, skipped=skipped,
+                      test=splits.get("test"), val_name=val.name)
 
 
 # ---------------------------------------------------------------- class folders without a split
@@ -341,7 +351,7 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     augment = training if augment is None else augment
     workers = worker_count(workers)
     sharding = {"num_shards": shard[0], "shard_id": shard[1]} if shard else {}
-    data = source.train if training else source.val
+    data = {"train": source.train, "val": source.val, "test": source.test}[split]
     if source.kind == "imagefolder":  # threads: PIL decodes without the GIL
         dataset = ds.GeneratorDataset(_ImageFiles(data), ["image", "label"], shuffle=shuffle,
                                       num_parallel_workers=workers, python_multiprocessing=False, **sharding)

@@ -17,6 +17,7 @@ TRAIN_SAMPLES = "train_samples.png"
 VAL_PREDICTIONS = "val_predictions.png"
 EXAMPLES = "examples"  # one validation image per class, for the inference app
 SPLIT = "split.json"  # which images of class folders were trained on and which validated on
+TEST = "test.json"  # the held-out test/ split, evaluated once at the end with the best weights
 AIM_FOLDER = ".aim"  # the Aim repo, when it lives in the output folder
 AIM_SERIES = "aim-series"  # what Aim would have tracked, where aim cannot be imported (series.py)
 
@@ -33,6 +34,7 @@ class RunFiles:
         self.folder = Path(folder)
         self.labels, self.metrics, self.resume = (self.folder / name for name in (LABELS, METRICS, RESUME))
         self.curves, self.examples, self.split = self.folder / CURVES, self.folder / EXAMPLES, self.folder / SPLIT
+        self.test = self.folder / TEST
         self.train_samples, self.val_predictions = self.folder / TRAIN_SAMPLES, self.folder / VAL_PREDICTIONS
         self.best_checkpoint = self.folder / model_file(arch, "best")
         self.last_checkpoint = self.folder / model_file(arch, "last")

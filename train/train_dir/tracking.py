@@ -248,6 +248,13 @@ class AimCallback(Callback):
             image = PILImage.open(image).convert("RGB")
         self._track(self.image_type(image, caption=caption), name=name, step=step, context=context or {})
 
+    def track_scores(self, scores, context, step):
+        """Summary numbers (e.g. the test split's accuracy, loss, macro_f1) under `context`, at `step`."""
+        if self.run is None:
+            return
+        for name, value in scores.items():
+            self._track(float(value), name=name, step=step, epoch=step, context=context)
+
     def on_train_step_end(self, run_context):
         if self.run is None:
             return

@@ -14,6 +14,8 @@ from typing import NamedTuple
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only, so the job's own lines stay readable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules, from any working directory
 
+import numpy as np  # noqa: E402
+
 import callbacks  # noqa: E402
 import datasets  # noqa: E402
 import export  # noqa: E402
@@ -62,6 +64,8 @@ def load_data(args, data_dir, outputs):
     plan = datasets.SplitPlan(args.val_split, args.seed, datasets.read_split(saved) if saved else None)
     source = datasets.find_data(data_dir, exclude=[outputs.files.folder, outputs.aim_repo], split=plan)
     how = "" if not source.split else f" (class folders split {'as ' + str(saved) if saved else 'now'})"
+    how += f" (validating on {source.val_name}/: there is no val/)" if source.val_name == datasets.TEST_DIR else ""
+    how += f", {source.sizes['test']} test images kept for the end" if source.test else ""
     print(f"data: {source.kind} at {source.root}: {source.sizes['train']} train / {source.sizes['val']} val "
           f"images{how}, {len(source.class_names)} classes")
     counts = source.class_counts()
@@ -143,6 +147,23 @@ def write_first_outputs(files, args, source, net, preview, tracker):
     images, _, labels = datasets.preview_batch(source, "train", args.image_size, PREVIEW_IMAGES)
     path = export.plot_image_grid(images, [source.class_names[i] for i in labels], files.train_samples)
     tracker.track_image("train_samples", path, caption="training images with their labels")
+
+
+def evaluate_test(net, source, args, num_classes, weights, files, tracker, epoch):
+    """The held-out test/ split, once, with the best epoch's weights: test.json, Aim's {"subset": "test"} metrics
+    and a line. It took no part in choosing them."""
+    import mindspore as ms
+    ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
+    data = datasets.create_dataset(source, "test", args.image_size, args.batch_size)
+    scores = train_step.create_evaluator(net, num_classes, weights).eval(data, dataset_sink_mode=False)
+    confusion = scores.pop("confusion")
+    scores = {name: float(value) for name, value in scores.items()}
+    scores["macro_f1"] = train_step.macro_f1(confusion)
+    export.write_json(files.test, {"images": source.sizes["test"], "best_epoch": epoch, **scores,
+                                   "confusion": np.asarray(confusion).astype(int).tolist()})
+    tracker.track_scores(scores, {"subset": "test"}, epoch)
+    print(f"test: accuracy {scores['accuracy']:.4f}  macro_f1 {scores['macro_f1']:.4f}  loss {scores['loss']:.4f} on "
+          f"{source.sizes['test']} images of {datasets.TEST_DIR}/, with the weights of epoch {epoch}")
 
 
 def show_predictions(preview, predicted, class_names, files, tracker):
@@ -273,6 +294,9 @@ def main(args):
                         initial_epoch=resumed.epochs_done)
         if workers.writes_outputs:
             show_predictions(training.preview, tracker.last_predictions, source.class_names, files, tracker)
+            if source.test:
+                best = max(recorder.history, key=lambda r: r["val_accuracy"])["epoch"]
+                evaluate_test(net, source, args, num_classes, weights, files, tracker, best)
     finally:
         try:
             tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report

@@ -179,13 +179,24 @@ def create_loss(weights=None):
     return nn.CrossEntropyLoss(weight=ms.Tensor(np.asarray(weights, np.float32)), reduction="mean")
 
 
+def create_metrics(num_classes):
+    """Accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
+    metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
+    if num_classes >= 5:
+        metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
+    return metrics
+
+
+def create_evaluator(net, num_classes, weights=None):
+    """A Model that only evaluates `net` (whole, whatever was trained of it), with the trainer's metrics."""
+    return Model(net, create_loss(weights), metrics=create_metrics(num_classes))
+
+
 def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False), weights=None):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes.
     Per-class `weights` weight the loss, in training and validation alike."""
     loss_fn = create_loss(weights)
-    metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
-    if num_classes >= 5:
-        metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
+    metrics = create_metrics(num_classes)
     if plan.amp_level != "O0":  # casts the cells in place (evaluation runs in fp16 too); logits come back fp32
         net = ms.amp.auto_mixed_precision(net, plan.amp_level)
     train_step = TrainStep(LossAndCorrect(net, loss_fn), optimizer, DynamicLossScale() if plan.loss_scale else None)
