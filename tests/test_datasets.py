@@ -359,3 +359,24 @@ def test_test_alone_is_validated_on_and_said_so(tmp_path):
                              ["circle", "square"])
     source = datasets.find_data(data)
     assert source.val_name == "test" and source.test is None and source.sizes == {"train": 32, "val": 16}
+
+
+def test_a_flat_folder_with_a_csv_of_labels_is_split_like_class_folders(tmp_path):
+    """Kaggle's form: images in one folder and `id,label` rows; an id may leave out the extension."""
+    images, labels = make_split(40, 2, 4)
+    rows = ["id,breed"]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(tmp_path / f"img{i:03d}.png")
+        rows.append(f"img{i:03d}{'.png' if i % 2 else ''},{['husky', 'wolf'][label]}")
+    rows += ["gone.png,wolf", "../outside.png,husky"]  # no such image; a path out of the folder
+    (tmp_path.parent / "outside.png").write_bytes((tmp_path / "img000.png").read_bytes())
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    said = []
+    source = datasets.find_data(tmp_path, log=said.append)
+    assert source.class_names == ["husky", "wolf"] and source.sizes == {"train": 32, "val": 8}
+    assert source.split["layout"] == "images labelled by labels.csv"
+    labelled = {path.name: label for path, label in source.train + source.val}
+    assert labelled == {f"img{i:03d}.png": int(label) for i, label in enumerate(labels)}
+    for label in (0, 1):
+        assert any(l == label for _, l in source.val) and any(l == label for _, l in source.train)
+    assert len(said) == 1 and "skipping 2 row(s) of labels.csv" in said[0] and "../outside.png" in said[0]

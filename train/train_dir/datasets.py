@@ -1,11 +1,12 @@
 """Find the data below `data_url`, read it, and build the mindspore.dataset pipelines.
 
-Three layouts are recognised anywhere below the data folder:
+Four layouts are recognised anywhere below the data folder:
 - CIFAR-10 binary: `data_batch_*.bin` (train) and `test_batch.bin` (val), records of 1 label byte + 3072 CHW bytes.
   Any whole number of records is accepted (mindspore's Cifar10Dataset insists on exactly 10000).
 - ImageFolder: `train/` and `val/` folders of class subfolders (e.g. Canidae: `train|val/dogs|wolves`).
-- Class folders alone (one folder of images per class, no split): split into train and val stratified by class and
-  seeded; the split is kept (split.json) so that a resumed or later run validates on the same images.
+- Class folders alone (one folder of images per class, no split), or a flat folder of images with a CSV of file
+  name and label (Kaggle's form): split into train and val stratified by class and seeded; the split is kept
+  (split.json) so that a resumed or later run validates on the same images.
 Every image file is checked before training; those that cannot be read are skipped with one warning.
 Symlinked folders are followed once each, never round a loop; a folder holding a training job's outputs is no data.
 """
@@ -90,6 +91,10 @@ def find_data(data_url, exclude=(), log=warn, split=SplitPlan()):
         if TRAIN_DIR in dirs:
             source = _load_imagefolder(folder, walker)
             break
+        table = _labels_csv(folder, files)
+        if table is not None:
+            source = _load_labelled_images(folder, table, split, log)
+            break
         classes = [name for name in dirs if _holds_images(folder / name)]
         if len(classes) >= 2:
             source = _load_class_folders(folder, classes, walker, split, log)
@@ -97,7 +102,8 @@ def find_data(data_url, exclude=(), log=warn, split=SplitPlan()):
     else:
         raise UserError(f"no dataset found below {root}: expected CIFAR-10 binary files "
                         f"({CIFAR_TRAIN_GLOB}, {CIFAR_VAL_FILE}), an ImageFolder with train/ and val/ class "
-                        f"folders, or two or more class folders of images")
+                        f"folders, two or more class folders of images, or images with a CSV of file name and "
+                        f"label")
     walker.report(log)
     if source.skipped:
         log(f"skipping {len(source.skipped)} image file(s) in {source.root} that cannot be read: "
@@ -265,19 +271,72 @@ def _apply_saved(folder, names, items, saved, log):
 
 
 def _load_class_folders(folder, names, walker, plan, log):
-    items = _image_files(folder, names, walker)
+    return _split_and_load(folder, names, _image_files(folder, names, walker), plan, log, "class folders")
+
+
+def _split_and_load(folder, names, items, plan, log, layout):
+    """Labelled images without a split, split as `plan` says (and recorded for split.json)."""
     if plan.saved:
         train, val = _apply_saved(folder, names, items, plan.saved, log)
         fraction, seed = plan.saved.get("val_split"), plan.saved.get("seed")
     else:
         train, val = stratified_split(items, len(names), plan.fraction, plan.seed)
         fraction, seed = plan.fraction, plan.seed
-    record = {"layout": "class folders", "val_split": fraction, "seed": seed, "classes": names,
+    record = {"layout": layout, "val_split": fraction, "seed": seed, "classes": names,
               "train": [path.relative_to(folder).as_posix() for path, _ in train],
               "val": [path.relative_to(folder).as_posix() for path, _ in val]}
     splits, skipped = _readable(folder, {"train": train, "val": val})
     return DataSource("imagefolder", folder, names, splits["train"], splits["val"],
                       sizes={split: len(items) for split, items in splits.items()}, skipped=skipped, split=record)
+
+
+# ---------------------------------------------------------------- a flat folder of images and a CSV of labels
+
+FILE_COLUMNS = ("filename", "file", "image", "image_id", "id", "path")
+LABEL_COLUMNS = ("label", "class", "category", "breed", "species")
+
+
+def _labels_csv(folder, files):
+    """The CSV in `folder` that labels its images (a header naming a file column and a label column), or None."""
+    import csv
+    for name in sorted(f for f in files if f.lower().endswith(".csv")):
+        try:
+            with open(folder / name, newline="", encoding="utf-8-sig") as table:
+                header = [column.strip().lower() for column in next(csv.reader(table), [])]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        if any(c in header for c in FILE_COLUMNS) and any(c in header for c in LABEL_COLUMNS):
+            return folder / name
+    return None
+
+
+def _load_labelled_images(folder, table, plan, log):
+    """Kaggle's form: images beside (or below) a CSV of file name and label. A name may leave out its extension;
+    rows whose image is missing, or that point outside the folder, are skipped and counted."""
+    import csv
+    with open(table, newline="", encoding="utf-8-sig") as rows:
+        reader = csv.DictReader(rows)
+        columns = {column.strip().lower(): column for column in reader.fieldnames}
+        file_column = columns[next(c for c in FILE_COLUMNS if c in columns)]
+        label_column = columns[next(c for c in LABEL_COLUMNS if c in columns)]
+        pairs = [((row.get(file_column) or "").strip(), (row.get(label_column) or "").strip()) for row in reader]
+    names = sorted({label for _, label in pairs if label})
+    if len(names) < 2:
+        raise UserError(f"{table} labels fewer than two classes")
+    index, items, missing, root = {name: i for i, name in enumerate(names)}, [], [], folder.resolve()
+    for file, label in pairs:
+        path = next((folder / candidate for candidate in (file, *(file + ext for ext in IMAGE_EXTENSIONS))
+                     if candidate and (folder / candidate).is_file()), None)
+        if path is None or not label or not path.resolve().is_relative_to(root):
+            missing.append(file or "(empty)")
+            continue
+        items.append((path, index[label]))
+    if 2 * len(missing) > len(pairs):
+        raise UserError(f"{len(missing)} of the {len(pairs)} rows of {table} name no image in {folder}, "
+                        f"e.g. {missing[0]}")
+    if missing:
+        log(f"skipping {len(missing)} row(s) of {table.name} that name no image in {folder}: {named(missing)}")
+    return _split_and_load(folder, names, items, plan, log, f"images labelled by {table.name}")
 
 
 # ---------------------------------------------------------------- pipelines
