@@ -7,7 +7,6 @@
 A `.ckpt` is loaded into the network of train/train_dir/resnet.py (the one definition); a `.mindir` runs as a graph
 with no network code. Images are prepared by the validation transform of train/train_dir/datasets.py.
 """
-import json
 import os
 import sys
 import warnings
@@ -20,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
-import run_state  # noqa: E402
+import trained_model  # noqa: E402
 from fetch_model import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import MAX_PIXELS, to_rgb  # noqa: E402
@@ -82,18 +81,9 @@ class Predictor:
     @classmethod
     def load(cls, model_path, labels_path=None):
         import mindspore as ms
-        model_path = Path(model_path)
-        if not model_path.is_file():
-            raise UserError(f"model file {model_path} does not exist")
-        labels = read_labels(Path(labels_path) if labels_path else model_path.parent / run_state.LABELS)
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-        if model_path.suffix.lower() == ".mindir":
-            try:
-                graph = ms.nn.GraphCell(ms.load(str(model_path)))
-            except (RuntimeError, ValueError) as exc:
-                raise UserError(f"{model_path} is not a MindIR model ({str(exc).splitlines()[0]})") from None
-            return cls(graph, labels, model_path)
-        return cls(load_network(model_path, labels), labels, model_path)
+        labels, forward = trained_model.load(model_path, labels_path)
+        return cls(forward, labels, model_path)
 
     def preprocess(self, image):
         """One RGB PIL image to the network's CHW float32 input."""
@@ -101,15 +91,8 @@ class Predictor:
 
     def probabilities(self, images):
         """(N, classes) softmax probabilities for a list of images (paths, files or PIL images)."""
-        import mindspore as ms
         batch = np.stack([self.preprocess(read_image(image)) for image in images]).astype(np.float32)
-        if isinstance(self.forward, ms.nn.GraphCell):  # a MindIR graph takes the batch-1 shape it was exported with
-            logits = np.concatenate([self.forward(ms.Tensor(x[None])).asnumpy() for x in batch])
-        else:
-            logits = self.forward(ms.Tensor(batch)).asnumpy()
-        logits = logits[:, :len(self.class_names)].astype(np.float64)
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+        return trained_model.softmax(self.forward(batch)[:, :len(self.class_names)])
 
     def predict(self, images, top_k=5):
         """For each image, the `top_k` (class name, probability) pairs, most probable first."""
@@ -118,41 +101,3 @@ class Predictor:
             order = np.argsort(-row)[:top_k]
             results.append([(self.class_names[i], float(row[i])) for i in order])
         return results
-
-
-def read_labels(path):
-    try:
-        labels = json.loads(Path(path).read_text())
-        names, size = labels["class_names"], int(labels["image_size"])
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: training writes labels.json next to the model; copy it there") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a labels.json written by train.py ({exc})") from None
-    if not names or size < 8:
-        raise UserError(f"{path} has no class names or a bad image_size")
-    return labels
-
-
-def load_network(model_path, labels):
-    """The ResNet of train/train_dir with the checkpoint's weights (of any family train.py reads), in inference
-    mode, padded as the weights were trained."""
-    import mindspore as ms
-    from checkpoints import read_pretrained
-    from resnet import create_model
-    checkpoint = read_pretrained(model_path)
-    padding, params = checkpoint.padding, checkpoint.weights
-    head = params.get("fc.weight")
-    if head is None:
-        raise UserError(f"{model_path} has no classifier (fc) weights to predict with")
-    arch = labels.get("arch", "resnet50")
-    num_classes = head.shape[0]
-    if num_classes < len(labels["class_names"]):
-        raise UserError(f"{model_path} has {num_classes} outputs but labels.json names "
-                        f"{len(labels['class_names'])} classes")
-    net = create_model(arch, num_classes, padding)
-    not_loaded, _ = ms.load_param_into_net(net, params)
-    if not_loaded:
-        raise UserError(f"{model_path} does not fit {arch}: {len(not_loaded)} parameters missing, "
-                        f"e.g. {not_loaded[0]}")
-    net.set_train(False)
-    return net

@@ -1,0 +1,77 @@
+"""A model train.py produced, loaded for use: its labels.json, and its weights as a forward function.
+
+A `.ckpt` is loaded into the network of resnet.py (the one definition), padded as it was trained; a `.mindir` runs
+as a graph with no network code. Inference (inference/predictor.py) and evaluation (eval.py) load models here.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+import run_state
+from errors import UserError
+
+
+def read_labels(path):
+    try:
+        labels = json.loads(Path(path).read_text())
+        names, size = labels["class_names"], int(labels["image_size"])
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: training writes labels.json next to the model; copy it there") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a labels.json written by train.py ({exc})") from None
+    if not names or size < 8:
+        raise UserError(f"{path} has no class names or a bad image_size")
+    return labels
+
+
+def load_network(model_path, labels):
+    """The ResNet of resnet.py with the checkpoint's weights (of any family train.py reads), in inference mode,
+    padded as the weights were trained."""
+    import mindspore as ms
+    from checkpoints import read_pretrained
+    from resnet import create_model
+    checkpoint = read_pretrained(model_path)
+    padding, params = checkpoint.padding, checkpoint.weights
+    head = params.get("fc.weight")
+    if head is None:
+        raise UserError(f"{model_path} has no classifier (fc) weights to predict with")
+    arch = labels.get("arch", "resnet50")
+    num_classes = head.shape[0]
+    if num_classes < len(labels["class_names"]):
+        raise UserError(f"{model_path} has {num_classes} outputs but labels.json names "
+                        f"{len(labels['class_names'])} classes")
+    net = create_model(arch, num_classes, padding)
+    not_loaded, _ = ms.load_param_into_net(net, params)
+    if not_loaded:
+        raise UserError(f"{model_path} does not fit {arch}: {len(not_loaded)} parameters missing, "
+                        f"e.g. {not_loaded[0]}")
+    net.set_train(False)
+    return net
+
+
+def load(model_path, labels_path=None):
+    """(labels, forward): `forward` maps an (N, 3, H, W) float32 batch to (N, outputs) logits as numpy. labels.json
+    is read beside the model unless `labels_path` names it."""
+    import mindspore as ms
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise UserError(f"model file {model_path} does not exist")
+    labels = read_labels(Path(labels_path) if labels_path else model_path.parent / run_state.LABELS)
+    if model_path.suffix.lower() == ".mindir":
+        try:
+            graph = ms.nn.GraphCell(ms.load(str(model_path)))
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{model_path} is not a MindIR model ({str(exc).splitlines()[0]})") from None
+
+        def forward(batch):  # the graph takes the batch-1 shape it was exported with
+            return np.concatenate([graph(ms.Tensor(x[None])).asnumpy() for x in batch]).astype(np.float64)
+        return labels, forward
+    net = load_network(model_path, labels)
+    return labels, lambda batch: net(ms.Tensor(np.asarray(batch, np.float32))).asnumpy().astype(np.float64)
+
+
+def softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
