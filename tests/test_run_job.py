@@ -14,7 +14,7 @@ from make_demo_data import make_split, write_cifar
 from resnet import create_model
 
 RUNNER = ROOT / "train" / "run_job.py"
-SHIPPED = ["config.json", "config_aim.json", "configs/canidae_fixed_feature.json"]
+SHIPPED = ["config.json", "config_aim.json", "configs/canidae_fixed_feature.json", "configs/eval.json"]
 FETCH_MODEL = ROOT / "inference" / "fetch_model.py"
 
 
@@ -31,7 +31,7 @@ def shipped(name):
 def test_shipped_configs_are_valid_xihe_jobs(name):
     config = shipped(name)
     assert set(run_job.REQUIRED) <= set(config) and "hyperparameters" not in config
-    assert config["code_dir"] == "train/train_dir/" and config["boot_file"] == "train.py"
+    assert config["code_dir"] == "train/train_dir/" and config["boot_file"] in ("train.py", "eval.py")
     assert config["frameworks"]["framework_version"] == "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3"
     assert all(isinstance(h["value"], str) for h in config["hypeparameters"])
     assert xihe_form.problems(config) == []  # the server's rules
@@ -40,7 +40,8 @@ def test_shipped_configs_are_valid_xihe_jobs(name):
     result = run_runner(name, "--form")
     assert result.returncode == 0 and not [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert f"name:         {config['job_name']}" in result.stdout
-    checked = run_runner(name, "--check", "--input", "data_url=/d", "--input", "pretrain_url=/p")
+    inputs = [arg for entry in config["inputs"] for arg in ("--input", f"{entry['name']}=/{entry['name']}")]
+    checked = run_runner(name, "--check", *inputs)
     assert checked.returncode == 0, checked.stderr
     assert [line for line in checked.stderr.splitlines() if line.strip()] == \
         [f"warning: {warning}" for warning in xihe_form.warnings(config)]  # Canidae's YOUR_NAME only

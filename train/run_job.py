@@ -119,28 +119,32 @@ def _entries(config, field, value_key):
     return entries
 
 
+PARSERS = {"train.py": "get_args_parser", "eval.py": "get_eval_args_parser"}  # boot file -> its flags in args.py
+
+
 @functools.lru_cache(maxsize=None)
-def known_flags(code_dir):
+def known_flags(code_dir, boot_file):
     """The flag names the boot file's parser accepts (train/train_dir/args.py), or None for another boot file."""
-    if not (code_dir / "args.py").exists():
+    if boot_file.name not in PARSERS or not (code_dir / "args.py").exists():
         return None
     sys.path.insert(0, str(code_dir))
     os.environ.setdefault("GLOG_v", "3")
     try:
-        from args import get_args_parser
+        import args
+        parser = getattr(args, PARSERS[boot_file.name])()
     except Exception:  # a foreign args.py: no name checks, the boot file will complain itself
         return None
     finally:
         sys.path.remove(str(code_dir))
-    return {opt.lstrip("-") for action in get_args_parser()._actions for opt in action.option_strings}
+    return {opt.lstrip("-") for action in parser._actions for opt in action.option_strings}
 
 
 def _check_names(kind, names, flags):
     for name in names:
         if flags is not None and name not in flags:
             close = difflib.get_close_matches(name, sorted(flags), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "see `python train.py --help`"
-            raise ConfigError(f"{kind} {name!r} is not a flag train.py understands; {hint}")
+            hint = f"did you mean {close[0]!r}?" if close else "see the boot file's --help"
+            raise ConfigError(f"{kind} {name!r} is not a flag the boot file understands; {hint}")
 
 
 def validate(config):
@@ -180,7 +184,7 @@ def validate(config):
     if not boot_file.is_file():
         raise ConfigError(f"boot_file {config['boot_file']!r} does not exist in code_dir {config['code_dir']!r}")
 
-    flags = known_flags(code_dir)
+    flags = known_flags(code_dir, boot_file)
     for kind, entries in (("input", inputs), ("output", outputs), ("hypeparameter", hyper)):
         _check_names(kind, [e["name"] for e in entries], flags)
 
@@ -214,7 +218,7 @@ def resolve_input(name, url, hub):
 def build_command(config, code_dir, boot_file, work, inputs, overrides, hub):
     hyper = {e["name"]: e["value"] for e in config["hypeparameters"]}
     hyper.update(overrides)
-    _check_names("--set", list(overrides), known_flags(code_dir))
+    _check_names("--set", list(overrides), known_flags(code_dir, boot_file))
     unknown_inputs = sorted(set(inputs) - {e["name"] for e in config["inputs"]})
     if unknown_inputs:
         raise ConfigError(f"--input {unknown_inputs[0]!r} is not an input of this config "

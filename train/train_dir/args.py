@@ -71,14 +71,7 @@ def get_args_parser():
     io.add_argument("--pretrain_url", "--pretrain_path", dest="pretrain_url", default=None,
                     help="a .ckpt to start from (e.g. ImageNet weights), local, obs://, s3:// or http(s)://; "
                          "a head of another size is re-initialised")
-    io.add_argument("--output_url", default=None,
-                    help="where checkpoints, the MindIR export, labels.json, metrics.json and curves.png go: "
-                         "a local folder, or obs:// / s3:// (written locally, copied there after every epoch); "
-                         "default: output")
-    io.add_argument("--output_path", default=None,
-                    help="Xihe's name for the output folder, the one it collects: wins over --output_url and "
-                         "--train_url")
-    io.add_argument("--train_url", default=None, help="ModelArts' older name for the output folder")
+    _add_output_folder(io, "checkpoints, the MindIR export, labels.json, metrics.json and curves.png")
     io.add_argument("--aim_repo", default=None,
                     help="folder that holds the Aim repo (.aim is created inside), local, obs:// or s3://, or an "
                          "aim://host:port tracking server; default: the output folder")
@@ -148,17 +141,62 @@ def get_args_parser():
                      help="a resumed job replays the finished epochs' data pipeline, so it goes on bit for bit as "
                           "the uninterrupted job would (costs one pass over the data per finished epoch); without "
                           "it the data order is the same but random augmentations are drawn anew")
-    run.add_argument("--cache_dir", default=None,
-                     help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
-                          "on ModelArts, else ~/.cache/resnet-job")
-    run.add_argument("--io_timeout", type=_bounded(float, 0.0, inclusive=False, high=86400, why="a day"),
-                     default=60.0,
-                     help="seconds a download or upload may make no progress (or crawl below 1 KiB/s) before the "
-                          "job stops with an error naming the location")
+    _add_staging(run)
     run.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                      help="allow a new run into an output folder that holds another run's outputs (they are "
                           "replaced once the new run has finished an epoch); without it such a folder is refused "
                           "unless --resume continues that run")
+    return parser
+
+
+def _add_output_folder(group, what):
+    group.add_argument("--output_url", default=None,
+                       help=f"where {what} go: a local folder, or obs:// / s3:// (written locally, copied there); "
+                            f"default: output")
+    group.add_argument("--output_path", default=None,
+                       help="Xihe's name for the output folder, the one it collects: wins over --output_url and "
+                            "--train_url")
+    group.add_argument("--train_url", default=None, help="ModelArts' older name for the output folder")
+
+
+def _add_staging(group):
+    group.add_argument("--cache_dir", default=None,
+                       help="where remote inputs are fetched and remote outputs staged; default: /cache/resnet-job "
+                            "on ModelArts, else ~/.cache/resnet-job")
+    group.add_argument("--io_timeout", type=_bounded(float, 0.0, inclusive=False, high=86400, why="a day"),
+                       default=60.0,
+                       help="seconds a download or upload may make no progress (or crawl below 1 KiB/s) before the "
+                            "job stops with an error naming the location")
+
+
+def get_eval_args_parser():
+    """eval.py's flags: the trained model, the data (any layout train.py reads), where the report goes."""
+    parser = _OneLineErrors(
+        description="Evaluate a model that train.py produced on a split of a dataset: top-1 and top-5 accuracy, "
+                    "per-class precision, recall and F1, their macro and weighted averages, the confusion matrix "
+                    "and the most confident mistakes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--model_url", "--model", "--ckpt_url", dest="model_url", required=True,
+                    help="a .ckpt or .mindir written by train.py, or a folder of its outputs (the best model in it); "
+                         "local, obs://, s3:// or http(s)://; labels.json is read beside it")
+    io.add_argument("--labels", default=None, help="labels.json, when it is not beside the model")
+    io.add_argument("--data_url", "--data_path", dest="data_url", required=True,
+                    help="the data, in any layout train.py reads")
+    io.add_argument("--split", default=None,
+                    help="the split.json of the training run, for class folders or labelled images: evaluate on "
+                         "the images it validated on")
+    io.add_argument("--subset", choices=("auto", "train", "val", "test"), default="auto",
+                    help="which split to evaluate; auto: test/ when the data has one beside val/, else val")
+    _add_output_folder(io, "eval.json, confusion_matrix.png and worst_mistakes.png")
+    io.add_argument("--aim_repo", default=None, help="an Aim repo to log the scores to (local folder)")
+    io.add_argument("--aim_run", default=None,
+                    help="the training run's hash in --aim_repo: the scores are attached to it (default: a new run)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch_size", type=_bounded(int, 1), default=64)
+    run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")
+    run.add_argument("--experiment", default="eval", help="Aim experiment of a new run")
+    _add_staging(run)
     return parser
 
 
@@ -193,10 +231,10 @@ def _one_output(args, warn):
     del args.output_path, args.train_url
 
 
-def parse_args(argv=None, warn=None):
-    """Parse known flags; warn once about the rest and ignore them."""
+def parse_args(argv=None, warn=None, parser=None):
+    """Parse known flags (train.py's, or `parser`'s); warn once about the rest and ignore them."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    args, unknown = get_args_parser().parse_known_args(argv)
+    args, unknown = (parser or get_args_parser()).parse_known_args(argv)
     if unknown:
         warn(f"warning: ignoring unknown arguments: {' '.join(map(_shown, unknown))}")
     _one_output(args, warn)

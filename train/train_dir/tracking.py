@@ -160,7 +160,8 @@ class AimCallback(Callback):
                                system_tracking_interval=10 if system_tracking else None)
                 if self.run.repo is not None:
                     self._repo_id = self.run.repo.path, _identity(self.run.repo.path)
-                self.run["hparams"] = hparams
+                if hparams is not None:  # None: a run continued by another job keeps its own
+                    self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
         self.class_names = list(class_names) if class_names else None
         self.preview, self.predict = preview, predict
