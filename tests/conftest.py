@@ -28,6 +28,24 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def predictions(checkpoint, data, classes=TRAINED["classes"], arch="resnet50", image_size=32, split="val"):
+    """(true labels, predicted labels) of a checkpoint on a split, computed here rather than by the code tested."""
+    import mindspore as ms
+    import numpy as np
+
+    import datasets
+    from resnet import create_model
+    net = create_model(arch, classes)
+    ms.load_param_into_net(net, ms.load_checkpoint(str(checkpoint)))
+    net.set_train(False)
+    truth, predicted = [], []
+    for images, labels in datasets.create_dataset(datasets.find_data(data), split, image_size,
+                                                  batch_size=50).create_tuple_iterator(output_numpy=True):
+        truth += labels.tolist()
+        predicted += net(ms.Tensor(images)).asnumpy().argmax(1).tolist()
+    return np.array(truth), np.array(predicted)
+
+
 def run_train(*args, timeout=900, cwd=None, env=None):
     """train.py in a fresh interpreter, as a user or the platform runs it."""
     return subprocess.run([sys.executable, str(TRAIN_PY), *map(str, args)], capture_output=True, text=True,

@@ -2,13 +2,9 @@
 import subprocess
 import sys
 
-import mindspore as ms
 import numpy as np
 import pytest
-from conftest import TRAIN_DIR, TRAINED, read_json, stderr_lines
-
-import datasets
-from resnet import create_model
+from conftest import TRAIN_DIR, TRAINED, predictions, read_json, stderr_lines
 
 EVAL_PY = TRAIN_DIR / "eval.py"
 
@@ -30,15 +26,7 @@ def test_eval_reproduces_the_best_validation_accuracy_and_its_per_class_numbers(
     assert report["accuracy"] == pytest.approx(max(r["val_accuracy"] for r in history), abs=1e-9)
 
     # An independent confusion matrix, from the best checkpoint's predictions computed here.
-    net = create_model("resnet50", TRAINED["classes"])
-    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].best_checkpoint)))
-    net.set_train(False)
-    truth, predicted = [], []
-    for images, labels in datasets.create_dataset(datasets.find_data(trained["data"]), "val", 32,
-                                                  batch_size=50).create_tuple_iterator(output_numpy=True):
-        truth += labels.tolist()
-        predicted += net(ms.Tensor(images)).asnumpy().argmax(1).tolist()
-    truth, predicted = np.array(truth), np.array(predicted)
+    truth, predicted = predictions(trained["files"].best_checkpoint, trained["data"])
     names = read_json(trained["files"].labels)["class_names"]
     for label, name in enumerate(names):
         right = ((truth == label) & (predicted == label)).sum()

@@ -4,7 +4,7 @@ import subprocess
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import ROOT, TRAINED, read_json, run_train
+from conftest import ROOT, TRAINED, predictions, read_json, run_train
 
 import datasets
 import train_step
@@ -84,15 +84,7 @@ def test_best_checkpoint_scores_what_metrics_json_says(trained):
 def test_macro_f1_is_that_of_the_last_weights_on_the_val_split(trained, aim_run):
     """Recomputed here from the last checkpoint's predictions, with F1 = 2PR / (P + R) per class."""
     from aim.storage.context import Context
-    net = create_model("resnet50", TRAINED["classes"])
-    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].last_checkpoint)))
-    net.set_train(False)
-    truth, predicted = [], []
-    for images, labels in datasets.create_dataset(datasets.find_data(trained["data"]), "val", 32,
-                                                  batch_size=50).create_tuple_iterator(output_numpy=True):
-        truth += labels.tolist()
-        predicted += net(ms.Tensor(images)).asnumpy().argmax(1).tolist()
-    truth, predicted = np.array(truth), np.array(predicted)
+    truth, predicted = predictions(trained["files"].last_checkpoint, trained["data"])
     scores = []
     for label in set(truth) | set(predicted):
         right = ((truth == label) & (predicted == label)).sum()
