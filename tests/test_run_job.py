@@ -14,7 +14,8 @@ from make_demo_data import make_split, write_cifar
 from resnet import create_model
 
 RUNNER = ROOT / "train" / "run_job.py"
-SHIPPED = ["config.json", "config_aim.json", "configs/canidae_fixed_feature.json", "configs/eval.json"]
+SHIPPED = ["config.json", "config_aim.json", "configs/canidae_fixed_feature.json", "configs/eval.json",
+           "configs/predict.json"]
 FETCH_MODEL = ROOT / "inference" / "fetch_model.py"
 
 
@@ -31,7 +32,7 @@ def shipped(name):
 def test_shipped_configs_are_valid_xihe_jobs(name):
     config = shipped(name)
     assert set(run_job.REQUIRED) <= set(config) and "hyperparameters" not in config
-    assert config["code_dir"] == "train/train_dir/" and config["boot_file"] in ("train.py", "eval.py")
+    assert config["code_dir"] == "train/train_dir/" and config["boot_file"] in ("train.py", "eval.py", "predict.py")
     assert config["frameworks"]["framework_version"] == "mindspore_2.2.10-cann_7.0.RC1-py_3.9-euler_2.8.3"
     assert all(isinstance(h["value"], str) for h in config["hypeparameters"])
     assert xihe_form.problems(config) == []  # the server's rules

@@ -119,7 +119,8 @@ def _entries(config, field, value_key):
     return entries
 
 
-PARSERS = {"train.py": "get_args_parser", "eval.py": "get_eval_args_parser"}  # boot file -> its flags in args.py
+PARSERS = {"train.py": "get_args_parser", "eval.py": "get_eval_args_parser",  # boot file -> its flags in args.py
+           "predict.py": "get_predict_args_parser"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -200,6 +200,28 @@ def get_eval_args_parser():
     return parser
 
 
+def get_predict_args_parser():
+    """predict.py's flags: the trained model, the images, where the predictions go."""
+    parser = _OneLineErrors(
+        description="Label images with a model that train.py produced: predictions.csv and predictions.jsonl with "
+                    "the top-k classes and probabilities of every image.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--model_url", "--model", "--ckpt_url", dest="model_url", required=True,
+                    help="a .ckpt or .mindir written by train.py, or a folder of its outputs (the best model in it); "
+                         "labels.json is read beside it")
+    io.add_argument("--labels", default=None, help="labels.json, when it is not beside the model")
+    io.add_argument("--data_url", "--data_path", dest="data_url", required=True,
+                    help="images: a folder (searched recursively), an archive, or an obs:// / s3:// / http(s) URL")
+    _add_output_folder(io, "predictions.csv, predictions.jsonl and unreadable.txt")
+    run = parser.add_argument_group("run")
+    run.add_argument("--top_k", type=_bounded(int, 1), default=5, help="classes per image")
+    run.add_argument("--batch_size", type=_bounded(int, 1), default=64)
+    run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")
+    _add_staging(run)
+    return parser
+
+
 LAYERS = ("conv1", "norm", "layer1", "layer2", "layer3", "layer4", "fc")
 
 

@@ -30,21 +30,6 @@ WORST = 16  # mistakes shown
 REPORT, CONFUSION_PNG, MISTAKES_PNG = "eval.json", "confusion_matrix.png", "worst_mistakes.png"
 
 
-def stage_model(args):
-    """Local paths of the model and its labels.json (a folder of train.py's outputs gives its best model)."""
-    model = staging.stage_in(args.model_url, "model_url", args.cache_dir, io_timeout=args.io_timeout)
-    if model.is_dir():
-        found = sorted(model.glob("*-best.ckpt")) or sorted(model.glob("*.ckpt")) or sorted(model.glob("*.mindir"))
-        if not found:
-            raise UserError(f"model_url {storage.redact(args.model_url)} holds no .ckpt or .mindir")
-        model = found[0]
-    labels = args.labels and staging.stage_in(args.labels, "labels", args.cache_dir, io_timeout=args.io_timeout)
-    if labels is None and not storage.is_local(args.model_url) and not (model.parent / run_state.LABELS).exists():
-        beside = f"{str(args.model_url).rsplit('/', 1)[0]}/{run_state.LABELS}"  # a remote file's neighbour
-        labels = staging.stage_in(beside, "labels", args.cache_dir, io_timeout=args.io_timeout)
-    return model, labels
-
-
 def load_split(args, labels):
     """The split to evaluate, from the data (as train.py finds it) and the training run's split.json."""
     data_dir = staging.stage_in(args.data_url, "data_url", args.cache_dir, io_timeout=args.io_timeout)
@@ -129,8 +114,7 @@ def track(args, report, subset, folder, files, class_names):
 def main(args):
     runtime.tune_cpu_env()
     runtime.setup_device(args.device_target)
-    model, labels_path = stage_model(args)
-    labels, forward = trained_model.load(model, labels_path)
+    labels, forward = trained_model.load(*trained_model.stage(args))
     source, subset = load_split(args, labels)
     mirror = staging.OutputMirror(args.output_url, "output_url", args.cache_dir, io_timeout=args.io_timeout)
     names = labels["class_names"]

@@ -28,8 +28,11 @@ def to_rgb(image):
 
 
 def read_rgb(path):
-    """The HWC uint8 RGB pixels of an image file (the first frame of an animation), EXIF rotation applied."""
+    """The HWC uint8 RGB pixels of an image file (the first frame of an animation), EXIF rotation applied. One above
+    MAX_PIXELS is refused before any pixel is decoded (ValueError)."""
     with Image.open(path) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} pixels, above the limit of {MAX_PIXELS} pixels")
         return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
 
 

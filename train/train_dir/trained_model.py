@@ -50,6 +50,24 @@ def load_network(model_path, labels):
     return net
 
 
+def stage(args):
+    """Local paths of `args.model_url` (a .ckpt, a .mindir, or a folder of train.py's outputs: its best model) and
+    of its labels.json when that is not beside it (`args.labels`, or beside a remote model)."""
+    import staging
+    import storage
+    model = staging.stage_in(args.model_url, "model_url", args.cache_dir, io_timeout=args.io_timeout)
+    if model.is_dir():
+        found = sorted(model.glob("*-best.ckpt")) or sorted(model.glob("*.ckpt")) or sorted(model.glob("*.mindir"))
+        if not found:
+            raise UserError(f"model_url {storage.redact(args.model_url)} holds no .ckpt or .mindir")
+        model = found[0]
+    labels = args.labels and staging.stage_in(args.labels, "labels", args.cache_dir, io_timeout=args.io_timeout)
+    if not labels and not storage.is_local(args.model_url) and not (model.parent / run_state.LABELS).exists():
+        beside = f"{str(args.model_url).rsplit('/', 1)[0]}/{run_state.LABELS}"  # a remote file's neighbour
+        labels = staging.stage_in(beside, "labels", args.cache_dir, io_timeout=args.io_timeout)
+    return model, labels or None
+
+
 def load(model_path, labels_path=None):
     """(labels, forward): `forward` maps an (N, 3, H, W) float32 batch to (N, outputs) logits as numpy. labels.json
     is read beside the model unless `labels_path` names it."""
