@@ -46,10 +46,15 @@ def predictions(checkpoint, data, classes=TRAINED["classes"], arch="resnet50", i
     return np.array(truth), np.array(predicted)
 
 
+def run_script(script, *args, timeout=900, cwd=None, env=None):
+    """A job script in a fresh interpreter, as a user or the platform runs it."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
 def run_train(*args, timeout=900, cwd=None, env=None):
     """train.py in a fresh interpreter, as a user or the platform runs it."""
-    return subprocess.run([sys.executable, str(TRAIN_PY), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+    return run_script(TRAIN_PY, *args, timeout=timeout, cwd=cwd, env=env)
 
 
 # ---------------------------------------------------------------- the bad-input and fault catalogue's checks

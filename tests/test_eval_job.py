@@ -1,17 +1,14 @@
 """eval.py: the trained model judged per class, on the split it validated on, as a job of its own."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import TRAIN_DIR, TRAINED, predictions, read_json, stderr_lines
+from conftest import TRAIN_DIR, TRAINED, predictions, read_json, run_script, stderr_lines
 
 EVAL_PY = TRAIN_DIR / "eval.py"
 
 
-def run_eval(*args, timeout=900):
-    return subprocess.run([sys.executable, str(EVAL_PY), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+def run_eval(*args):
+    return run_script(EVAL_PY, *args)
 
 
 @pytest.mark.slow

@@ -1,20 +1,18 @@
 """predict.py: a folder of new images labelled in batches, as the app's Predictor labels them one by one."""
 import csv
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAIN_DIR, stderr_lines
+from conftest import ROOT, TRAIN_DIR, run_script, stderr_lines
 from PIL import Image
 
 PREDICT_PY = TRAIN_DIR / "predict.py"
 
 
-def run_predict(*args, timeout=900):
-    return subprocess.run([sys.executable, str(PREDICT_PY), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+def run_predict(*args):
+    return run_script(PREDICT_PY, *args)
 
 
 @pytest.mark.slow

@@ -169,6 +169,13 @@ def _add_staging(group):
                             "job stops with an error naming the location")
 
 
+def _add_model(group):
+    group.add_argument("--model_url", "--model", "--ckpt_url", dest="model_url", required=True,
+                       help="a .ckpt or .mindir written by train.py, or a folder of its outputs (the best model in "
+                            "it); local, obs://, s3:// or http(s)://; labels.json is read beside it")
+    group.add_argument("--labels", default=None, help="labels.json, when it is not beside the model")
+
+
 def get_eval_args_parser():
     """eval.py's flags: the trained model, the data (any layout train.py reads), where the report goes."""
     parser = _OneLineErrors(
@@ -177,10 +184,7 @@ def get_eval_args_parser():
                     "and the most confident mistakes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--model_url", "--model", "--ckpt_url", dest="model_url", required=True,
-                    help="a .ckpt or .mindir written by train.py, or a folder of its outputs (the best model in it); "
-                         "local, obs://, s3:// or http(s)://; labels.json is read beside it")
-    io.add_argument("--labels", default=None, help="labels.json, when it is not beside the model")
+    _add_model(io)
     io.add_argument("--data_url", "--data_path", dest="data_url", required=True,
                     help="the data, in any layout train.py reads")
     io.add_argument("--split", default=None,
@@ -207,10 +211,7 @@ def get_predict_args_parser():
                     "the top-k classes and probabilities of every image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--model_url", "--model", "--ckpt_url", dest="model_url", required=True,
-                    help="a .ckpt or .mindir written by train.py, or a folder of its outputs (the best model in it); "
-                         "labels.json is read beside it")
-    io.add_argument("--labels", default=None, help="labels.json, when it is not beside the model")
+    _add_model(io)
     io.add_argument("--data_url", "--data_path", dest="data_url", required=True,
                     help="images: a folder (searched recursively), an archive, or an obs:// / s3:// / http(s) URL")
     _add_output_folder(io, "predictions.csv, predictions.jsonl and unreadable.txt")

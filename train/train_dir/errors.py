@@ -106,3 +106,14 @@ def child_stderr_held():
         os.close(saved)
         held.close()
     sys.stderr.write(shown)
+
+
+def run_main(main, parse):
+    """A job script's entry point: `main(parse())`, with one `error:` line and exit 2 for a user mistake, never a
+    traceback. (train.py's own adds the exit codes of training: divergence and stop signals.)"""
+    try:
+        main(parse())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -24,7 +24,7 @@ import staging  # noqa: E402
 import storage  # noqa: E402
 import trained_model  # noqa: E402
 from args import get_eval_args_parser, parse_args  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
 
 WORST = 16  # mistakes shown
 REPORT, CONFUSION_PNG, MISTAKES_PNG = "eval.json", "confusion_matrix.png", "worst_mistakes.png"
@@ -136,14 +136,5 @@ def main(args):
           f"macro F1 {report['macro']['f1']:.4f}; report in {storage.redact(mirror.url)}")
 
 
-def run(argv=None):
-    try:
-        main(parse_args(argv, parser=get_eval_args_parser()))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_main(main, lambda: parse_args(parser=get_eval_args_parser())))

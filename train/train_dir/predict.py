@@ -26,7 +26,7 @@ import staging  # noqa: E402
 import storage  # noqa: E402
 import trained_model  # noqa: E402
 from args import get_predict_args_parser, parse_args  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
 from folders import Walker, named, warn  # noqa: E402
 
 CSV, JSONL, UNREADABLE = "predictions.csv", "predictions.jsonl", "unreadable.txt"
@@ -104,14 +104,5 @@ def main(args):
     print(f"predict: {len(paths) - len(unreadable)} images labelled into {storage.redact(mirror.url)}/{CSV}")
 
 
-def run(argv=None):
-    try:
-        main(parse_args(argv, parser=get_predict_args_parser()))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_main(main, lambda: parse_args(parser=get_predict_args_parser())))
