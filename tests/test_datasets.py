@@ -1,4 +1,6 @@
 """Format detection, the CIFAR-10 binary reader, ImageFolder, and the pipelines' labels and pixels."""
+import json
+import re
 import shutil
 from collections import Counter
 
@@ -354,7 +356,7 @@ def test_a_saved_split_of_other_classes_or_damaged_is_refused(tmp_path):
         datasets.read_split(tmp_path / "split.json")
 
 
-def test_test_alone_is_validated_on_and_said_so(tmp_path):
+def test_test_alone_is_the_validation_split(tmp_path):
     data = write_imagefolder(tmp_path / "shapes", {"train": make_split(32, 2, 0), "test": make_split(16, 2, 1)},
                              ["circle", "square"])
     source = datasets.find_data(data)
@@ -380,3 +382,68 @@ def test_a_flat_folder_with_a_csv_of_labels_is_split_like_class_folders(tmp_path
     for label in (0, 1):
         assert any(l == label for _, l in source.val) and any(l == label for _, l in source.train)
     assert len(said) == 1 and "skipping 2 row(s) of labels.csv" in said[0] and "../outside.png" in said[0]
+
+
+def labelled_folder(root, rows, images=6):
+    """`images` PNGs img0.png.. (half of them dark) and labels.csv holding `rows` after its header."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        Image.fromarray(np.full((8, 8, 3), 40 * (i % 2), np.uint8)).save(root / f"img{i}.png")
+    (root / "labels.csv").write_text("file,label\n" + "".join(f"{row}\n" for row in rows))
+    return root
+
+
+@pytest.mark.parametrize("rows, needle", [
+    (["img0.png,../../escaped", "img1.png,b"], "label '../../escaped' cannot name a class"),
+    (["img0.png,/tmp/abs", "img1.png,b"], "label '/tmp/abs' cannot name a class"),
+    (["img0.png,a", "img1.png,b", "img0,b"], "img0 is labelled both 'a' and 'b'"),
+    (['img0.png,"' + "x" * 200_000 + '"'], "cannot be read as a CSV|cannot name a class"),  # by the csv limit
+])
+def test_a_hostile_csv_is_refused_with_one_line(rows, needle, tmp_path):
+    folder = labelled_folder(tmp_path / "data", rows)
+    with pytest.raises(UserError, match=needle if "|" in needle else re.escape(needle)):
+        datasets.find_data(folder)
+
+
+def test_csv_rows_that_repeat_or_name_impossible_files_are_skipped_and_counted(tmp_path):
+    rows = ["img0.png,a", "img0,a", "./img0.png,a", "img1.png,b", "img2.png,a", "img3.png,b", "img4.png,a",
+            "img5.png,b", "x" * 300 + ".png,a"]
+    said = []
+    source = datasets.find_data(labelled_folder(tmp_path / "data", rows), log=said.append)
+    assert source.sizes["train"] + source.sizes["val"] == 6  # img0 once
+    assert not set(source.split["train"]) & set(source.split["val"])
+    assert len(said) == 1 and "skipping 3 row(s)" in said[0] and "1 that name no image" in said[0]
+
+
+def test_bad_bytes_in_a_csv_are_one_line(tmp_path):
+    folder = labelled_folder(tmp_path / "data", ["img0.png,a", "img1.png,b"])
+    (folder / "labels.csv").write_bytes((folder / "labels.csv").read_bytes() + b"img2.png,\xff\xfe\n" * 5000)
+    with pytest.raises(UserError, match="cannot be read as a CSV"):
+        datasets.find_data(folder)
+
+
+def test_a_link_from_one_class_folder_into_another_counts_its_images_once(tmp_path):
+    class_folders(tmp_path / "photos")
+    (tmp_path / "photos" / "airplane" / "more").symlink_to(tmp_path / "photos" / "bird")
+    source = datasets.find_data(tmp_path)
+    paths = [str(path.resolve()) for path, _ in source.train + source.val]
+    assert len(paths) == len(set(paths)) == 60
+
+
+def test_a_saved_split_that_lists_a_file_twice_is_refused(tmp_path):
+    class_folders(tmp_path)
+    saved = datasets.find_data(tmp_path).split
+    (tmp_path / "split.json").write_text(json.dumps({**saved, "train": saved["train"] + saved["val"][:1]}))
+    with pytest.raises(UserError, match="listed twice, or in both train and val"):
+        datasets.read_split(tmp_path / "split.json")
+    (tmp_path / "split.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="damaged"):
+        datasets.read_split(tmp_path / "split.json")
+
+
+def test_a_labels_json_of_an_unknown_network_is_one_line(tmp_path):
+    import trained_model
+    (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b"], "image_size": 32,
+                                                      "arch": "resnet999"}))
+    with pytest.raises(UserError, match="names the network 'resnet999', which is none of"):
+        trained_model.read_labels(tmp_path / "labels.json")

@@ -243,6 +243,13 @@ def test_class_folders_train_on_a_saved_split_that_resume_and_later_runs_keep(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_json(tmp_path / "again" / "split.json") == split
 
+    # --resume PATH (a state from elsewhere) takes the split beside it, too.
+    moved = run_train("--data_url", photos, "--output_url", tmp_path / "moved", "--epochs", 3,
+                      "--resume", out / "resume.ckpt", *flags)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "resume: continuing after epoch 2 of 3" in moved.stdout
+    assert read_json(tmp_path / "moved" / "split.json") == split
+
 
 def test_a_test_split_beside_val_is_evaluated_once_at_the_end_with_the_best_weights(tmp_path):
     from aim.storage.context import Context
@@ -270,4 +277,11 @@ def test_a_test_split_beside_val_is_evaluated_once_at_the_end_with_the_best_weig
     (run,) = read_runs(out).values()
     tracked = run.get_metric("accuracy", Context({"subset": "test"})).dataframe()
     assert tracked["step"].tolist() == [best] and tracked["value"].tolist() == pytest.approx([report["accuracy"]])
+
+    # Stopped after the last epoch, before the test: the restart has nothing to train, but tests.
+    (out / "test.json").unlink()
+    restarted = run_train("--data_url", data, "--output_url", out, "--epochs", 2, "--resume", "auto", "--arch",
+                          "resnet18", "--image_size", 32, "--batch_size", 16, "--aim_system_metrics", "false")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "nothing left to train" in restarted.stdout and read_json(out / "test.json") == report
 

@@ -165,9 +165,16 @@ def _load_cifar(folder):
 # ---------------------------------------------------------------- ImageFolder
 
 def _image_files(split, names, walker):
-    """[(path, label)] of every image below each class folder of `split`, in class order."""
-    return [(path, label) for label, name in enumerate(names)
-            for path in walker.files(split / name, IMAGE_EXTENSIONS)]
+    """[(path, label)] of every image below each class folder of `split`, in class order; a file reached twice
+    (a link from one class folder into another) counts once, in the first class that holds it."""
+    seen, items = set(), []
+    for label, name in enumerate(names):
+        for path in walker.files(split / name, IMAGE_EXTENSIONS):
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                items.append((path, label))
+    return items
 
 
 def _readable(folder, splits):
@@ -247,7 +254,10 @@ def read_split(path):
         if not (isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("classes", "train", "val"))
                 and all(isinstance(f, str) for k in ("classes", "train", "val") for f in saved[k])):
             raise ValueError("it needs lists of classes, train and val files")
-    except (OSError, ValueError) as exc:
+        listed = saved["train"] + saved["val"]
+        if len(set(listed)) != len(listed):
+            raise ValueError("a file is listed twice, or in both train and val")
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"split {path} is damaged or unreadable ({exc})") from None
     return saved
 
@@ -301,41 +311,78 @@ def _labels_csv(folder, files):
     import csv
     for name in sorted(f for f in files if f.lower().endswith(".csv")):
         try:
-            with open(folder / name, newline="", encoding="utf-8-sig") as table:
-                header = [column.strip().lower() for column in next(csv.reader(table), [])]
-        except (OSError, UnicodeDecodeError, csv.Error):
+            with open(folder / name, "rb") as table:  # the header alone: the rest is read (and judged) later
+                first = table.readline(1 << 16).decode("utf-8-sig", errors="replace")
+            header = [column.strip().lower() for column in next(csv.reader([first]), [])]
+        except (OSError, csv.Error):
             continue
         if any(c in header for c in FILE_COLUMNS) and any(c in header for c in LABEL_COLUMNS):
             return folder / name
     return None
 
 
+MAX_LABEL = 100  # characters: a class name also names a file (examples/<class>.png) and an Aim context
+
+
+def _read_rows(table):
+    """(file, label) of every row of the CSV, refused with one line when it cannot be parsed."""
+    import csv
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as rows:
+            reader = csv.DictReader(rows)
+            columns = {column.strip().lower(): column for column in reader.fieldnames}
+            file_column = columns[next(c for c in FILE_COLUMNS if c in columns)]
+            label_column = columns[next(c for c in LABEL_COLUMNS if c in columns)]
+            return [((row.get(file_column) or "").strip(), (row.get(label_column) or "").strip()) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise UserError(f"{table} cannot be read as a CSV of file names and labels ({exc})") from None
+
+
+def _image_named(folder, file):
+    """The image file `file` names in `folder` (its extension may be left out), or None; never outside it."""
+    if not file or "\0" in file or any(len(part.encode()) > 255 for part in file.split("/")):
+        return None
+    for candidate in (file, *(file + ext for ext in IMAGE_EXTENSIONS)):
+        path = folder / candidate
+        try:
+            if path.is_file() and path.resolve().is_relative_to(folder.resolve()):
+                return path
+        except OSError:
+            return None
+    return None
+
+
 def _load_labelled_images(folder, table, plan, log):
     """Kaggle's form: images beside (or below) a CSV of file name and label. A name may leave out its extension;
-    rows whose image is missing, or that point outside the folder, are skipped and counted."""
-    import csv
-    with open(table, newline="", encoding="utf-8-sig") as rows:
-        reader = csv.DictReader(rows)
-        columns = {column.strip().lower(): column for column in reader.fieldnames}
-        file_column = columns[next(c for c in FILE_COLUMNS if c in columns)]
-        label_column = columns[next(c for c in LABEL_COLUMNS if c in columns)]
-        pairs = [((row.get(file_column) or "").strip(), (row.get(label_column) or "").strip()) for row in reader]
-    names = sorted({label for _, label in pairs if label})
-    if len(names) < 2:
-        raise UserError(f"{table} labels fewer than two classes")
-    index, items, missing, root = {name: i for i, name in enumerate(names)}, [], [], folder.resolve()
-    for file, label in pairs:
-        path = next((folder / candidate for candidate in (file, *(file + ext for ext in IMAGE_EXTENSIONS))
-                     if candidate and (folder / candidate).is_file()), None)
-        if path is None or not label or not path.resolve().is_relative_to(root):
+    rows whose image is missing, or that point outside the folder, are skipped and counted; an image listed twice
+    counts once, and one given two labels is refused."""
+    pairs = _read_rows(table)
+    labelled, missing, repeated = {}, [], 0
+    for number, (file, label) in enumerate(pairs, 2):
+        if label and (any(c in label for c in "/\\\0") or label.startswith(".") or len(label) > MAX_LABEL):
+            raise UserError(f"{table.name} line {number}: label {label[:MAX_LABEL]!r} cannot name a class (no '/', "
+                            f"'\\', leading '.', or more than {MAX_LABEL} characters)")
+        path = _image_named(folder, file)
+        if path is None or not label:
             missing.append(file or "(empty)")
             continue
-        items.append((path, index[label]))
+        real = os.path.realpath(path)
+        if real in labelled and labelled[real][1] != label:
+            raise UserError(f"{table.name} line {number}: {file} is labelled both {labelled[real][1]!r} and "
+                            f"{label!r}")
+        repeated += real in labelled
+        labelled.setdefault(real, (path, label))
     if 2 * len(missing) > len(pairs):
         raise UserError(f"{len(missing)} of the {len(pairs)} rows of {table} name no image in {folder}, "
                         f"e.g. {missing[0]}")
-    if missing:
-        log(f"skipping {len(missing)} row(s) of {table.name} that name no image in {folder}: {named(missing)}")
+    if missing or repeated:
+        log(f"skipping {len(missing) + repeated} row(s) of {table.name}: {len(missing)} that name no image in "
+            f"{folder}{': ' + named(missing) if missing else ''}, {repeated} that repeat an image")
+    names = sorted({label for _, label in labelled.values()})
+    if len(names) < 2:
+        raise UserError(f"{table} labels fewer than two classes of images")
+    index = {name: i for i, name in enumerate(names)}
+    items = [(path, index[label]) for path, label in labelled.values()]
     return _split_and_load(folder, names, items, plan, log, f"images labelled by {table.name}")
 
 

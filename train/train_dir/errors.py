@@ -109,11 +109,27 @@ def child_stderr_held():
 
 
 def run_main(main, parse):
-    """A job script's entry point: `main(parse())`, with one `error:` line and exit 2 for a user mistake, never a
-    traceback. (train.py's own adds the exit codes of training: divergence and stop signals.)"""
+    """A job script's entry point, `main(parse())`: one `error:` line and a non-zero exit, never a traceback, for
+    user mistakes and outside faults (2), a diverged loss (3) and a stopping signal (128 + its number)."""
+    import signal
+    signal.signal(signal.SIGTERM, Interrupted.raise_for)  # the platform's preemption: end cleanly, not mid-write
     try:
         main(parse())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except Interrupted as exc:  # 128 + the signal's number, as a shell reports a process the signal killed
+        print(f"error: stopped by {exc}; what was finished before it is kept", file=sys.stderr)
+        return 128 + exc.signum
+    except OSError as exc:  # a full or read-only disk under a write that export.py does not make
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"error: cannot write {exc.filename or 'to the disk'}: {WRITE_FAULTS[exc.errno]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
+import export  # noqa: E402
 import images  # noqa: E402
 import runtime  # noqa: E402
 import staging  # noqa: E402
@@ -79,7 +80,9 @@ def main(args):
     names, top_k = labels["class_names"], min(args.top_k, len(labels["class_names"]))
     base = root if root.is_dir() else root.parent
     unreadable, done, started, shown = [], 0, time.perf_counter(), 0.0
-    with open(mirror.local / CSV, "w", newline="") as table, open(mirror.local / JSONL, "w") as lines:
+    # Written under temporary names and renamed at the end: an earlier run's predictions stay until this one is done.
+    with export.atomic_write(mirror.local / CSV) as csv_part, export.atomic_write(mirror.local / JSONL) as json_part, \
+            open(csv_part, "w", newline="") as table, open(json_part, "w") as lines:
         rows = csv.writer(table)
         rows.writerow(["path"] + [f"{what}_{k}" for k in range(1, top_k + 1) for what in ("label", "probability")])
         for batch, indices in pipeline(paths, labels, args.batch_size).create_tuple_iterator(output_numpy=True):
@@ -96,7 +99,8 @@ def main(args):
             if time.perf_counter() - shown > 10 or done == len(paths):  # a line every 10 s, not one per batch
                 shown = time.perf_counter()
                 print(f"predict: {done}/{len(paths)} images, {done / (shown - started):.1f} images/s", flush=True)
-    (mirror.local / UNREADABLE).write_text("".join(f"{path.relative_to(base).as_posix()}\n" for path in unreadable))
+    with export.atomic_write(mirror.local / UNREADABLE) as part:
+        part.write_text("".join(f"{path.relative_to(base).as_posix()}\n" for path in unreadable))
     if unreadable:
         warn(f"{len(unreadable)} image file(s) could not be read and have no prediction (listed in {UNREADABLE}): "
              f"{named([path.relative_to(base).as_posix() for path in unreadable])}")

@@ -76,6 +76,17 @@ class Outputs:
             found += [name for name in names if name not in found and self.mirror.remote_has(name)]
         return found
 
+    def adopt_best(self, resumed):
+        """A state resumed from another folder brings its best weights so far along: the export at the end needs
+        them when no later epoch beats them."""
+        import shutil
+        source = resumed.source and resumed.source.parent / self.files.best_checkpoint.name
+        if source and source.is_file() and source.parent.resolve() != self.files.folder.resolve() \
+                and not self.files.best_checkpoint.exists():
+            from export import atomic_write
+            with atomic_write(self.files.best_checkpoint) as part:
+                shutil.copyfile(source, part)
+
     def claim(self, args, resumed):
         """Before the first write: an output folder belongs to one run. One that holds another run's outputs is
         refused unless this run continues it (--resume) or replaces it (--overwrite)."""

@@ -5,7 +5,6 @@
 The job, top to bottom: parse flags -> pick the device -> stage inputs -> find the data -> build the network
 (optionally from pretrained weights) -> fit with validation every epoch -> export -> report.
 """
-import errno
 import os
 import signal
 import sys
@@ -29,7 +28,7 @@ import tracking  # noqa: E402
 import train_step  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
-from errors import WRITE_FAULTS, Diverged, Interrupted, UserError  # noqa: E402
+from errors import Interrupted, UserError, run_main  # noqa: E402
 from resnet import create_model  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
@@ -60,9 +59,16 @@ def load_data(args, data_dir, outputs):
     """The dataset found under `data_dir` (never the job's own outputs), and its class count (--num_classes may
     leave room for more)."""
     saved = args.split and staging.stage_in(args.split, "split", args.cache_dir, io_timeout=args.io_timeout)
-    saved = saved or (outputs.saved_split() if args.resume == "auto" else None)
+    if not saved and args.resume == "auto":
+        saved = outputs.saved_split()
+    elif not saved and args.resume and storage.is_local(args.resume):  # the split beside the state resumed
+        beside = storage.local_path(args.resume).parent / run_state.SPLIT
+        saved = beside if beside.is_file() else None
     plan = datasets.SplitPlan(args.val_split, args.seed, datasets.read_split(saved) if saved else None)
     source = datasets.find_data(data_dir, exclude=[outputs.files.folder, outputs.aim_repo], split=plan)
+    if args.split and not source.split:
+        print(f"warning: --split is for class folders and labelled images; {source.root} has splits of its own, "
+              f"which are used", file=sys.stderr)
     how = "" if not source.split else f" (class folders split {'as ' + str(saved) if saved else 'now'})"
     how += f" (validating on {source.val_name}/: there is no val/)" if source.val_name == datasets.TEST_DIR else ""
     how += f", {source.sizes['test']} test images kept for the end" if source.test else ""
@@ -161,7 +167,8 @@ def evaluate_test(net, source, args, num_classes, weights, files, tracker, epoch
     scores["macro_f1"] = train_step.macro_f1(confusion)
     export.write_json(files.test, {"images": source.sizes["test"], "best_epoch": epoch, **scores,
                                    "confusion": np.asarray(confusion).astype(int).tolist()})
-    tracker.track_scores(scores, {"subset": "test"}, epoch)
+    if tracker is not None:  # None: a resumed job that had finished training before the test
+        tracker.track_scores(scores, {"subset": "test"}, epoch)
     print(f"test: accuracy {scores['accuracy']:.4f}  macro_f1 {scores['macro_f1']:.4f}  loss {scores['loss']:.4f} on "
           f"{source.sizes['test']} images of {datasets.TEST_DIR}/, with the weights of epoch {epoch}")
 
@@ -227,6 +234,8 @@ def finish(net, history, args, outputs, only_missing=False):
     import mindspore as ms
     files = outputs.files
     if not (only_missing and files.best_mindir.exists()):
+        if not files.best_checkpoint.is_file():
+            raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
         ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
         export.export_mindir(net, args.image_size, files.best_mindir)
     if history and not (only_missing and files.curves.exists()):
@@ -269,8 +278,12 @@ def main(args):
     trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights)
     resumed = run_state.load_resume(args, outputs, trainer.train_network)
     outputs.claim(args, resumed)  # every input is checked: from here on the job writes
+    outputs.adopt_best(resumed)
     if resumed.epochs_done >= args.epochs:
         print(f"resume: all {args.epochs} epochs are done; nothing left to train")
+        if source.test and workers.writes_outputs and not files.test.exists():  # stopped before the test
+            best = max(resumed.history, key=lambda r: r["val_accuracy"])["epoch"]
+            evaluate_test(net, source, args, num_classes, weights, files, None, best)
         return finish(net, resumed.history, args, outputs, only_missing=True)
     datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, args.resume_exact)
 
@@ -308,26 +321,7 @@ def main(args):
 def run(argv=None):
     """Entry point: one `error:` line and a non-zero exit, never a traceback, for user mistakes (2), a diverged
     loss (3) and a stopping signal (128 + its number)."""
-    try:
-        main(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Diverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except Interrupted as exc:  # 128 + the signal's number, as a shell reports a process the signal killed
-        print(f"error: stopped by {exc}; the finished epochs' outputs are saved", file=sys.stderr)
-        return 128 + exc.signum
-    except OSError as exc:  # a full or read-only disk under a write that export.py does not make
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        print(f"error: cannot write {exc.filename or 'to the disk'}: {WRITE_FAULTS[exc.errno]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_main(main, lambda: parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ def read_labels(path):
         raise UserError(f"{path} is not a labels.json written by train.py ({exc})") from None
     if not names or size < 8:
         raise UserError(f"{path} has no class names or a bad image_size")
+    from resnet import ARCHS
+    if labels.get("arch", "resnet50") not in ARCHS:
+        raise UserError(f"{path} names the network {labels['arch']!r}, which is none of {', '.join(sorted(ARCHS))}")
     return labels
 
 
