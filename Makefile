@@ -41,7 +41,7 @@ check-cloud: $(STAMP) $(ARM64_ROOT)/usr/bin/python3.9
 $(ARM64_ROOT)/usr/bin/python3.9:
 	command -v qemu-aarch64-static >/dev/null && command -v mmdebstrap >/dev/null || \
 		(apt-get update && apt-get install -y qemu-user-static mmdebstrap)
-	rm -rf $(ARM64_ROOT)
+	rm -rf $(ARM64_ROOT) && mkdir -p $(dir $(ARM64_ROOT))
 	mmdebstrap --variant=extract --arch=arm64 \
 		--include=python3.9,libpython3.9-stdlib,python3-distutils,libgomp1,libstdc++6 bullseye $(ARM64_ROOT) \
 		$(DEBIAN_MIRROR)
