@@ -72,6 +72,7 @@ def image_steps(run, name, context):
     return None if images is None else sorted(images.values.sparse_numpy()[0].tolist())
 
 
+@pytest.mark.slow
 def test_a_job_without_aim_says_so_once_and_keeps_its_series(jobs):
     resumed = jobs["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -91,6 +92,7 @@ def test_a_job_without_aim_says_so_once_and_keeps_its_series(jobs):
     assert steps[-10:] == list(range(11, 21)) and len(steps) > 20
 
 
+@pytest.mark.slow
 def test_the_replay_is_the_run_a_live_job_tracks(jobs, tmp_path):
     repo = tmp_path / "runs"
     result = replay(jobs["out"], "--repo", repo)
@@ -116,6 +118,7 @@ def test_the_replay_is_the_run_a_live_job_tracks(jobs, tmp_path):
         assert image_steps(replayed, name, context) == image_steps(live, name, context) is not None, name
 
 
+@pytest.mark.slow
 def test_a_second_replay_finds_the_first_without_an_index(jobs, tmp_path):
     """Aim's index lags behind a run just closed: the replay reads each run, so twice in a row is still one run."""
     repo = tmp_path / "runs"
@@ -126,6 +129,7 @@ def test_a_second_replay_finds_the_first_without_an_index(jobs, tmp_path):
     assert len(Repo(str(repo)).list_all_runs()) == 1
 
 
+@pytest.mark.slow
 def test_replaying_nothing_or_a_damaged_run_is_one_error_line(jobs, tmp_path):
     empty = replay(tmp_path, "--repo", tmp_path / "runs")
     assert empty.returncode == 2 and empty.stderr.strip().startswith("error: no tracked series in")
@@ -182,6 +186,7 @@ HOSTILE = {  # name: (damage, what the one error line says)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_a_hostile_download_is_refused_with_one_line_and_no_half_run(case, jobs, tmp_path):
     damage, needle = HOSTILE[case]
@@ -208,6 +213,7 @@ def test_a_resumed_run_starts_a_line_of_its_own_after_a_torn_one(tmp_path):
     assert [(r["step"], r["value"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0)] and torn == 0
 
 
+@pytest.mark.slow
 def test_a_line_cut_short_by_a_kill_is_skipped_and_counted(jobs, tmp_path):
     (run_folder,) = (jobs["out"] / AIM_SERIES).iterdir()
     import shutil
