@@ -22,11 +22,14 @@ demo: $(STAMP)
 	$(PY) train/train_dir/train.py --data_url $(DEMO_DATA)/cifar-10-batches-bin --output_url $(DEMO_OUTPUT) \
 		--experiment demo-shapes --image_size 32 --batch_size 32 --epochs 8 --lr 0.01 --warmup_epochs 1 --overwrite
 
+# Two workers, each taking whole test files (module fixtures train once): a single pytest process keeps only one
+# of the two cores busy for half of the run (compiling graphs, starting interpreters, waiting on servers).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # Needs the network: resolves the training job's and the inference pod's requirement files for Python 3.9 (x86_64
 # and aarch64, wheels only), runs the job and the app in Python 3.9 venvs built from them, and runs the job on an

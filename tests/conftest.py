@@ -101,17 +101,39 @@ def small_data(tmp_path_factory):
     return make_demo_data(tmp_path_factory.mktemp("small"), train=64, val=32, num_classes=4, seed=3)
 
 
+def once_per_session(tmp_path_factory, name, make):
+    """`make(folder)` once for the whole session, also under pytest-xdist (`make test` runs two workers), where
+    each worker would otherwise repeat it: the first makes it under a lock, the others wait and read what it left.
+    Returns the folder and what `make` returned (JSON)."""
+    import fcntl
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this session
+    folder, done = base / name, base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(make(folder)))
+    return folder, json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One ResNet50 trained on learnable data, shared by every test that inspects a finished job."""
-    root = tmp_path_factory.mktemp("trained")
-    cifar, _ = make_demo_data(root / "data", TRAINED["train"], TRAINED["val"], TRAINED["classes"], seed=0)
+    def train(root):
+        make_demo_data(root / "data", TRAINED["train"], TRAINED["val"], TRAINED["classes"], seed=0)
+        result = run_train("--data_url", root / "data", "--output_url", root / "out", "--image_size", 32,
+                           "--epochs", TRAINED["epochs"], "--batch_size", TRAINED["batch_size"], "--lr", 0.01,
+                           "--warmup_epochs", 1, "--experiment", "pytest", "--seed", 7)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return {"stdout": result.stdout, "stderr": result.stderr}
+
+    root, made = once_per_session(tmp_path_factory, "trained", train)
     out = root / "out"
-    result = run_train("--data_url", root / "data", "--output_url", out, "--image_size", 32,
-                       "--epochs", TRAINED["epochs"], "--batch_size", TRAINED["batch_size"], "--lr", 0.01,
-                       "--warmup_epochs", 1, "--experiment", "pytest", "--seed", 7)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"out": out, "files": RunFiles(out, "resnet50"), "data": cifar, "result": result}
+    return {"out": out, "files": RunFiles(out, "resnet50"), "data": root / "data" / "cifar-10-batches-bin",
+            "result": subprocess.CompletedProcess([], 0, made["stdout"], made["stderr"])}
 
 
 # ---------------------------------------------------------------- loopback servers for remote storage
