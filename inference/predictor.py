@@ -80,6 +80,8 @@ class Predictor:
 
     @classmethod
     def load(cls, model_path, labels_path=None):
+        import runtime
+        runtime.tune_cpu_env()  # before the first op: on AVX-512 hosts, 10-30x faster convolutions
         import mindspore as ms
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
         labels, forward = trained_model.load(model_path, labels_path)

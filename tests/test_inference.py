@@ -155,6 +155,20 @@ def test_ckpt_and_mindir_agree(model, tmp_path):
     assert [top[0][0] for top in ckpt.predict(images, top_k=2)] == [SHAPES[i] for i in a.argmax(1)]
 
 
+def test_loading_a_model_caps_onednn_at_avx2_as_training_does(model):
+    """Without the cap, MindSpore's oneDNN runs a reference convolution on AVX-512 hosts: serving 10-30x slower
+    (the tests set it for themselves, which hid that the app did not)."""
+    import os
+    import platform
+    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_MAX_CPU_ISA"}
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from predictor import Predictor; "
+            "Predictor.load(sys.argv[2]); print(os.environ.get('ONEDNN_MAX_CPU_ISA'))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "inference"), str(model / "resnet18-best.ckpt")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert result.stdout.split()[-1:] == (["AVX2"] if x86 else ["None"]), result.stderr[-2000:]
+
+
 def test_the_pod_way_model_files_fetched_into_inference_then_python3_app_py(model, tmp_path):
     """As Xihe's pod: a clone, the model_path files copied into inference/ by basename, `python3 app.py` there."""
     clone = tmp_path / "clone"

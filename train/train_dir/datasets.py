@@ -169,8 +169,7 @@ def _image_files(split, names, walker):
     (a link from one class folder into another) counts once, in the first class that holds it."""
     seen, items = set(), []
     for label, name in enumerate(names):
-        for path in walker.files(split / name, IMAGE_EXTENSIONS):
-            real = os.path.realpath(path)
+        for path, real in walker.files(split / name, IMAGE_EXTENSIONS, real=True):
             if real not in seen:
                 seen.add(real)
                 items.append((path, label))

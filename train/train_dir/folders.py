@@ -25,6 +25,12 @@ class Walker:
 
     def walk(self, root, note_outputs=True):
         """(folder, subfolder names, file names), like os.walk; `note_outputs`: report output folders skipped."""
+        for folder, _, dirs, files in self._walk(root, note_outputs):
+            yield folder, dirs, [entry.name for entry in files]
+
+    def _walk(self, root, note_outputs):
+        """(folder, its real path, subfolder names, file entries): each real path is known from the folder's own
+        without a system call, unless a link is on the way."""
         real_root = os.path.realpath(root)
         seen = {real_root, *map(str, Path(real_root).parents)}
         level = [(Path(root), real_root)]
@@ -37,7 +43,7 @@ class Walker:
                     continue
                 dirs = [(e, self._real(e, real)) for e in entries if not e.name.startswith(".") and e.is_dir()]
                 dirs = [(e, r) for e, r in dirs if self._follow(Path(e.path), r, seen, note_outputs)]
-                yield folder, [e.name for e, _ in dirs], [e.name for e in entries if e.is_file()]
+                yield folder, real, [e.name for e, _ in dirs], [e for e in entries if e.is_file()]
                 next_level += [(folder / e.name, r) for e, r in dirs]
             level = next_level
 
@@ -58,10 +64,12 @@ class Walker:
             return False
         return True
 
-    def files(self, root, extensions):
-        """Every file below `root` (root included) whose name ends with one of `extensions`, sorted."""
-        return [folder / name for folder, _, names in self.walk(root) for name in names
-                if name.lower().endswith(extensions) and not name.startswith(".")]
+    def files(self, root, extensions, real=False):
+        """Every file below `root` (root included) whose name ends with one of `extensions`, sorted; with `real`,
+        (path, real path) pairs (what a link leads to: the same file reached twice has one real path)."""
+        return [(folder / e.name, self._real(e, real_folder)) if real else folder / e.name
+                for folder, real_folder, _, entries in self._walk(root, True) for e in entries
+                if e.name.lower().endswith(extensions) and not e.name.startswith(".")]
 
     def report(self, log=warn):
         """One warning for the links not followed, one for the output folders skipped."""

@@ -58,9 +58,13 @@ def problem(path):
     return None
 
 
-def problems(paths, workers):
-    """`problem(path)` for every path, `workers` at a time (PIL decodes without holding the GIL)."""
+def problems(paths, workers, chunk=256):
+    """`problem(path)` for every path, `workers` threads at a time (PIL decodes without holding the GIL), in chunks
+    of `chunk` paths: a task per file costs more than checking a small one."""
+    def check(start):
+        return [problem(path) for path in paths[start:start + chunk]]
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are checked here against MAX_PIXELS
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            return list(pool.map(problem, paths))
+            return [why for part in pool.map(check, range(0, len(paths), chunk)) for why in part]

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, run_main
 from export import write_json
 from run_state import AIM_SERIES as FOLDER  # in the output folder
 RUN, SERIES, IMAGES = "run.json", "series.jsonl", "images"
@@ -256,21 +256,19 @@ def replay(where, repo):
     return hashes
 
 
+def replay_command(args):
+    try:
+        replay(args.outputs, args.repo)
+    except ImportError as exc:
+        raise UserError(f"replaying needs aim ({exc}); pip install -r requirements.txt") from None
+    print(f"browse: aim up --repo {args.repo}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Replay the series a job kept without Aim into a local Aim repo.")
     parser.add_argument("outputs", help="the job's output folder (or its aim-series folder, or one run's folder)")
     parser.add_argument("--repo", default="runs", help="the Aim repo to replay into (created when missing)")
-    args = parser.parse_args(argv)
-    try:
-        replay(args.outputs, args.repo)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        print(f"error: replaying needs aim ({exc}); pip install -r requirements.txt", file=sys.stderr)
-        return 2
-    print(f"browse: aim up --repo {args.repo}")
-    return 0
+    return run_main(replay_command, lambda: parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ The job, top to bottom: parse flags -> pick the device -> stage inputs -> find t
 (optionally from pretrained weights) -> fit with validation every epoch -> export -> report.
 """
 import os
-import signal
 import sys
 from typing import NamedTuple
 
@@ -28,7 +27,7 @@ import tracking  # noqa: E402
 import train_step  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
-from errors import Interrupted, UserError, run_main  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
 from resnet import create_model  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
@@ -256,7 +255,6 @@ def main(args):
 
     runtime.tune_cpu_env()
     device = runtime.setup_device(args.device_target)
-    signal.signal(signal.SIGTERM, Interrupted.raise_for)  # preempted outside training too: end cleanly
     plan = runtime.plan_training(device, args.amp_level, args.dataset_sink)
     workers = runtime.join_data_parallel()
     data_dir, pretrained = stage_inputs(args, workers)  # inputs first: no output folder on a typo
