@@ -120,6 +120,8 @@ def get_args_parser():
                     help="a split.json from an earlier run's outputs: validate on the same images (a resumed run "
                          "reuses its own)")
 
+    _add_recipe_flags(parser)
+
     run = parser.add_argument_group("run")
     run.add_argument("--device_target", type=_device, default="auto", help="auto picks Ascend, then GPU, then CPU")
     run.add_argument("--amp_level", choices=("auto", "O0", "O2"), default="auto",
@@ -147,6 +149,95 @@ def get_args_parser():
                           "replaced once the new run has finished an epoch); without it such a folder is refused "
                           "unless --resume continues that run")
     return parser
+
+
+# Named recipes: each sets a group of flags; a flag given explicitly still wins. Values and their sources:
+RECIPES = {
+    # The MindSpore 2.x ResNet50 tutorial (CIFAR-10 at 32x32, from ImageNet weights): 5 epochs of batch 256, momentum
+    # SGD 0.9 with a cosine schedule peaking at 0.001 (it ends at 1e-5, ours at 0), no weight decay, no warmup.
+    "tutorial": {"epochs": 5, "batch_size": 256, "image_size": 32, "optimizer": "momentum", "lr": 0.001,
+                 "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "cosine", "warmup_epochs": 0.0},
+    # MindCV's configs/resnet/resnet_50_ascend.yaml: 120 epochs, 8 devices x batch 32, lr 0.1 for that global batch
+    # (our --lr is per device and scaled by the device count: 0.0125), cosine, no warmup, momentum 0.9, weight decay
+    # 1e-4 off BatchNorm and biases, label smoothing 0.1, random resized crop and flip at 224.
+    "mindcv": {"epochs": 120, "batch_size": 32, "image_size": 224, "optimizer": "momentum", "lr": 0.0125,
+               "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine", "warmup_epochs": 0.0,
+               "label_smoothing": 0.1},
+    # Ours, for fine-tuning pretrained weights on a few hundred to a few thousand images: a short warmup, the
+    # backbone at a tenth of the head's rate, label smoothing and TrivialAugment against over-fitting (the
+    # regularisers of torchvision's and timm's recipes that help on small data), and a stop when the validation
+    # loss has not improved for 5 epochs.
+    "finetune": {"epochs": 30, "optimizer": "momentum", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                 "backbone_lr_scale": 0.1, "lr_schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.1,
+                 "auto_augment": "trivialaugment", "early_stop": 5, "monitor": "val_loss"},
+}
+MONITORS = ("val_accuracy", "val_loss", "val_macro_f1")
+
+
+def _add_recipe_flags(parser):
+    recipe = parser.add_argument_group("recipe (regularisers, optimiser, schedule, stopping)")
+    recipe.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="a named group of settings (see README: Recipes); flags given explicitly win")
+    recipe.add_argument("--optimizer", choices=("momentum", "adamw"), default="momentum",
+                        help="momentum SGD (--momentum), or AdamW (decoupled weight decay)")
+    recipe.add_argument("--lr_schedule", choices=("cosine", "step", "constant"), default="cosine",
+                        help="after the warmup: cosine decay to 0, steps of x--lr_gamma every --lr_step_epochs, "
+                             "or constant")
+    recipe.add_argument("--lr_step_epochs", type=_bounded(float, 0.0, inclusive=False), default=None,
+                        help="--lr_schedule step: epochs between decays; default: a third of the epochs after warmup")
+    recipe.add_argument("--lr_gamma", type=_bounded(float, 0.0, inclusive=False, high=1.0, why="a decay"),
+                        default=0.1, help="--lr_schedule step: the factor of each decay")
+    recipe.add_argument("--label_smoothing", type=_bounded(float, 0.0, high=0.99, why="some weight on the label"),
+                        default=0.0, help="the target puts 1 - s on the label and s spread over all classes")
+    recipe.add_argument("--auto_augment", choices=("none", "randaugment", "trivialaugment", "autoaugment"),
+                        default="none", help="a learned or random augmentation policy after crop and flip "
+                                             "(mindspore.dataset.vision; autoaugment: its ImageNet policy)")
+    recipe.add_argument("--random_erasing", type=_bounded(float, 0.0, high=1.0, why="a probability"), default=0.0,
+                        help="probability of erasing a random rectangle of each training image (after normalising)")
+    recipe.add_argument("--mixup", type=_bounded(float, 0.0), default=0.0,
+                        help="alpha of mixup (batches of blended image pairs with blended labels); 0: off")
+    recipe.add_argument("--cutmix", type=_bounded(float, 0.0), default=0.0,
+                        help="alpha of cutmix (a patch of another image, labels by area); 0: off")
+    recipe.add_argument("--mix_switch_prob", type=_bounded(float, 0.0, high=1.0, why="a probability"), default=0.5,
+                        help="with both --mixup and --cutmix: the probability that a batch gets cutmix")
+    recipe.add_argument("--clip_grad_norm", type=_bounded(float, 0.0), default=0.0,
+                        help="scale the gradients down when their global L2 norm exceeds this; 0: off")
+    recipe.add_argument("--early_stop", type=_bounded(int, 0), default=0,
+                        help="stop after this many epochs without improvement of --monitor; 0: off")
+    recipe.add_argument("--min_delta", type=_bounded(float, 0.0), default=0.0,
+                        help="the least change of --monitor that counts as an improvement")
+    recipe.add_argument("--monitor", choices=MONITORS, default="val_accuracy",
+                        help="what chooses the best epoch (its checkpoint is the one exported) and what "
+                             "--early_stop watches")
+    recipe.add_argument("--keep_checkpoints", type=_bounded(int, 1, high=1000, why="each is a whole model"),
+                        default=1, help="how many of the best epochs' checkpoints to keep (beside last and resume)")
+
+
+def apply_recipe(args, argv, parser, say=print):
+    """Set the flags of `args.recipe` that were not given explicitly, and say what it set."""
+    if not getattr(args, "recipe", None):
+        return args
+    explicit = _explicit(parser, argv)
+    chosen = {key: value for key, value in RECIPES[args.recipe].items() if key not in explicit}
+    for key, value in chosen.items():
+        setattr(args, key, value)
+    kept = sorted(set(RECIPES[args.recipe]) & explicit)
+    say(f"recipe {args.recipe}: " + ", ".join(f"{key} {value}" for key, value in chosen.items())
+        + (f" (given explicitly: {', '.join(kept)})" if kept else ""))
+    return args
+
+
+def _explicit(parser, argv):
+    """The destinations of the flags given on the command line (in any spelling: `--lr 1`, `--lr=1`, an alias)."""
+    saved = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action in parser._actions:
+            action.default = saved[action.dest]
+    return set(vars(given))
 
 
 def _add_output_folder(group, what):
@@ -257,8 +348,9 @@ def _one_output(args, warn):
 def parse_args(argv=None, warn=None, parser=None):
     """Parse known flags (train.py's, or `parser`'s); warn once about the rest and ignore them."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    args, unknown = (parser or get_args_parser()).parse_known_args(argv)
+    parser = parser or get_args_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
         warn(f"warning: ignoring unknown arguments: {' '.join(map(_shown, unknown))}")
     _one_output(args, warn)
-    return args
+    return apply_recipe(args, sys.argv[1:] if argv is None else argv, parser)

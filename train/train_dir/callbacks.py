@@ -111,15 +111,51 @@ class StopOnNonFiniteLoss(Callback):
                            f"Lower --lr or add --warmup_epochs")
 
 
-class EpochRecorder(Callback):
-    """After each epoch: the epoch's record in `history` and metrics.json, the last and best checkpoints, and the
-    resume state (when given the train step)."""
+class Selection(NamedTuple):
+    """Which epochs are best: `monitor` (a validation metric; the loss counts lower-is-better), and how many of the
+    best epochs' checkpoints are kept."""
+    monitor: str = "val_accuracy"
+    keep: int = 1
 
-    def __init__(self, meter, net, files, train_step=None, run_id="", resumed=run_state.ResumeState()):
+
+def monitor_score(record, monitor):
+    """An epoch's record scored by `monitor`, higher is better."""
+    value = float(record.get(monitor, float("nan")))
+    return -value if monitor == "val_loss" else value
+
+
+def best_epoch(history):
+    """The epoch of the best checkpoint: the last record marked best (None before any)."""
+    marked = [record["epoch"] for record in history if record.get("best")]
+    return marked[-1] if marked else None
+
+
+def epochs_without_improvement(history, monitor, min_delta=0.0):
+    """Epochs since `monitor` last improved by more than `min_delta` on its best so far (Keras' EarlyStopping
+    rule), from the records alone, so a resumed run counts on where it stopped."""
+    best, waited = -math.inf, 0
+    for record in history:
+        score = monitor_score(record, monitor)
+        if score - min_delta > best:  # NaN never is
+            best, waited = score, 0
+        else:
+            waited += 1
+    return waited
+
+
+class EpochRecorder(Callback):
+    """After each epoch: the epoch's record in `history` and metrics.json, the last and best checkpoints (best by
+    `selection.monitor`, and the `selection.keep` best epochs' own), and the resume state (when given the train
+    step)."""
+
+    def __init__(self, meter, net, files, train_step=None, run_id="", resumed=run_state.ResumeState(),
+                 selection=Selection()):
         super().__init__()
         self.meter, self.net, self.files = meter, net, files
-        self.train_step, self.run_id = train_step, run_id or ""
-        self.history, self.best_accuracy = list(resumed.history), resumed.best_accuracy
+        self.train_step, self.run_id, self.selection = train_step, run_id or "", selection
+        self.history = list(resumed.history)
+        scores = [monitor_score(r, selection.monitor) for r in self.history]
+        self.best_score = max((x for x in scores if math.isfinite(x)), default=-math.inf)
 
     def on_train_epoch_end(self, run_context):
         cb_params = run_context.original_args()
@@ -132,17 +168,59 @@ class EpochRecorder(Callback):
         if "confusion" in val:
             record["val_macro_f1"] = macro_f1(val["confusion"])
         save_checkpoint(self.net, self.files.last_checkpoint)
-        record["best"] = record["val_accuracy"] > self.best_accuracy
+        score = monitor_score(record, self.selection.monitor)
+        record["best"] = score > self.best_score
         if record["best"]:
-            self.best_accuracy = record["val_accuracy"]
+            self.best_score = score
             save_checkpoint(self.net, self.files.best_checkpoint)
         record["seconds"] = self.meter.epoch_seconds()
         record["images_per_second"] = totals.images_per_second
         self.history.append(record)
+        if self.selection.keep > 1:
+            self._keep_best_epochs(record["epoch"])
         write_json(self.files.metrics, self.history)
         if self.train_step is not None:
-            run_state.save_resume(self.train_step, self.files.resume, record["epoch"], self.best_accuracy,
-                                  self.run_id)
+            run_state.save_resume(self.train_step, self.files.resume, record["epoch"],
+                                  record[self.selection.monitor] if record["best"] else None, self.run_id)
+
+    def _keep_best_epochs(self, epoch):
+        """This epoch's checkpoint when it is among the `keep` best so far (earlier epochs win ties); the
+        checkpoint of an epoch that dropped out is deleted."""
+        ranked = sorted(self.history, key=lambda r: (-_finite(monitor_score(r, self.selection.monitor)), r["epoch"]))
+        kept = {r["epoch"] for r in ranked[:self.selection.keep]}
+        if epoch in kept:
+            save_checkpoint(self.net, self.files.epoch_checkpoint(epoch))
+        for record in self.history:
+            if record["epoch"] not in kept:
+                self.files.epoch_checkpoint(record["epoch"]).unlink(missing_ok=True)
+
+
+def _finite(score):
+    return score if math.isfinite(score) else -math.inf
+
+
+class EarlyStop(Callback):
+    """Stops training after `patience` epochs without an improvement of `monitor` by more than `min_delta`: says so
+    on the console, in metrics.json (`"stopped_early": true` on the last record) and in Aim (`stopped_early`)."""
+
+    def __init__(self, recorder, monitor, patience, min_delta, tracker=None):
+        super().__init__()
+        self.recorder, self.monitor, self.patience, self.min_delta = recorder, monitor, patience, min_delta
+        self.tracker = tracker
+
+    def on_train_epoch_end(self, run_context):
+        history = self.recorder.history
+        waited = epochs_without_improvement(history, self.monitor, self.min_delta)
+        if waited < self.patience:
+            return
+        record = history[-1]
+        record["stopped_early"] = True
+        write_json(self.recorder.files.metrics, history)
+        print(f"early stop: {self.monitor} has not improved by more than {self.min_delta:g} for {waited} epochs; "
+              f"stopping after epoch {record['epoch']} (best: epoch {best_epoch(history)})", flush=True)
+        if self.tracker is not None:
+            self.tracker.track_scores({"stopped_early": 1.0}, {}, record["epoch"])
+        run_context.request_stop()
 
 
 class ConsoleProgress(Callback):
@@ -284,12 +362,15 @@ class _AllReduceMean(nn.Cell):
 
 
 def create_callbacks(meter, recorder, tracker, net, workers, epochs, steps_per_epoch, after_epoch,
-                     at_first_epoch_end=None):
+                     at_first_epoch_end=None, early_stop=None):
     """The job's callbacks in the order they depend on: workers' BatchNorm statistics averaged before validation;
     the meter before everything that reads the step; a bad loss stops before its epoch is recorded;
     `at_first_epoch_end()` (the files inference reads beside the checkpoints) just before the first record; the
-    record before the console line and Aim; `after_epoch()` (the upload) once the epoch's files are written."""
+    record before the console line, then `early_stop` (an EarlyStop, or None), then Aim; `after_epoch()` (the
+    upload) once the epoch's files are written."""
     synced = [SyncBatchNormStatistics(net, workers.size, steps_per_epoch)] if workers.size > 1 else []
     first = [EpochEndHook(at_first_epoch_end, once=True)] if at_first_epoch_end else []
+    stop = [early_stop] if early_stop else []
     return synced + [meter, StopOnSignal(), StopOnNonFiniteLoss(meter)] + first + [
-        recorder, ConsoleProgress(meter, recorder, epochs, steps_per_epoch), tracker, EpochEndHook(after_epoch)]
+        recorder, ConsoleProgress(meter, recorder, epochs, steps_per_epoch)] + stop + [tracker,
+                                                                                       EpochEndHook(after_epoch)]

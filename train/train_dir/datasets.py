@@ -413,17 +413,57 @@ def _to_tensor():
     return [vision.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), vision.HWC2CHW()]
 
 
-def _transforms(source, image_size, augment):
+@dataclass(frozen=True)
+class Regularisers:
+    """Training augmentation beyond crop and flip (all off by default): an augmentation policy on each image,
+    random erasing on its normalised tensor, and mixup / cutmix on whole batches, whose labels become soft (rows of
+    class probabilities over `num_classes`)."""
+    auto_augment: str = "none"   # randaugment, trivialaugment or autoaugment (its ImageNet policy)
+    random_erasing: float = 0.0  # probability per image
+    mixup: float = 0.0           # alpha of the Beta distribution of the blend; 0: off
+    cutmix: float = 0.0          # alpha of the patch area's distribution; 0: off
+    num_classes: int = 0
+
+    @classmethod
+    def from_args(cls, args, num_classes):
+        return cls(args.auto_augment, args.random_erasing, args.mixup, args.cutmix, num_classes)
+
+    @property
+    def mixes(self):
+        return self.mixup > 0 or self.cutmix > 0
+
+    def image_ops(self):
+        """On the cropped HWC uint8 image."""
+        from mindspore.dataset import vision
+        policy = {"randaugment": vision.RandAugment, "trivialaugment": vision.TrivialAugmentWide,
+                  "autoaugment": vision.AutoAugment}.get(self.auto_augment)
+        return [policy()] if policy else []
+
+    def tensor_ops(self):
+        """On the normalised CHW tensor (erased to 0, the mean colour)."""
+        from mindspore.dataset import vision
+        return [vision.RandomErasing(prob=self.random_erasing)] if self.random_erasing > 0 else []
+
+    def batch_op(self):
+        """On a batch of (NCHW images, one-hot labels): mixup or cutmix, each batch one of them at even odds when
+        both are on (timm's default switch probability)."""
+        from mindspore.dataset import transforms, vision
+        ops = ([vision.MixUpBatch(self.mixup)] if self.mixup > 0 else []) + \
+              ([vision.CutMixBatch(vision.ImageBatchFormat.NCHW, self.cutmix)] if self.cutmix > 0 else [])
+        return ops[0] if len(ops) == 1 else transforms.RandomChoice(ops)
+
+
+def _transforms(source, image_size, augment, regularisers=Regularisers()):
     from mindspore.dataset import vision
     if not augment:
         return eval_transforms(image_size, source.kind)
     if source.kind == "imagefolder":
-        return [vision.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333)),
-                vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
-    # CIFAR: native-size padded crop, or resized to image_size (e.g. 224 to fine-tune ImageNet weights)
-    resize = [] if image_size == CIFAR_SIDE else [vision.Resize((image_size, image_size))]
-    return resize + [vision.RandomCrop(image_size, padding=image_size // 8),
-                     vision.RandomHorizontalFlip(prob=0.5)] + _to_tensor()
+        crop = [vision.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(0.75, 1.333))]
+    else:  # CIFAR: native-size padded crop, or resized to image_size (e.g. 224 to fine-tune ImageNet weights)
+        crop = [] if image_size == CIFAR_SIDE else [vision.Resize((image_size, image_size))]
+        crop += [vision.RandomCrop(image_size, padding=image_size // 8)]
+    return crop + [vision.RandomHorizontalFlip(prob=0.5)] + regularisers.image_ops() + _to_tensor() + \
+        regularisers.tensor_ops()
 
 
 class _ImageFiles:
@@ -442,11 +482,11 @@ class _ImageFiles:
 
 
 def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None,
-                   drop_remainder=None):
+                   drop_remainder=None, regularisers=Regularisers()):
     """A batched (image, label) pipeline for `split` ("train" or "val").
 
     Training drops the last partial batch so every step has the same shape (one graph compile, sane BatchNorm).
-    `shard` is (num_shards, shard_id) for data parallel runs.
+    `shard` is (num_shards, shard_id) for data parallel runs. `regularisers` apply when augmenting (training).
     """
     import mindspore as ms
     import mindspore.dataset as ds
@@ -464,14 +504,23 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
         pixels, labels = data
         dataset = ds.NumpySlicesDataset({"image": pixels, "label": labels}, shuffle=shuffle,
                                         num_parallel_workers=1, **sharding)
-    dataset = dataset.map(operations=_transforms(source, image_size, augment), input_columns="image",
+    regularisers = regularisers if augment else Regularisers()
+    dataset = dataset.map(operations=_transforms(source, image_size, augment, regularisers), input_columns="image",
                           num_parallel_workers=workers)
-    dataset = dataset.map(operations=TypeCast(ms.int32), input_columns="label")
+    if regularisers.mixes:
+        from mindspore.dataset.transforms import OneHot
+        labels = [TypeCast(ms.int32), OneHot(regularisers.num_classes), TypeCast(ms.float32)]
+    else:
+        labels = [TypeCast(ms.int32)]
+    dataset = dataset.map(operations=labels, input_columns="label")
     drop_remainder = training if drop_remainder is None else drop_remainder
     if drop_remainder and dataset.get_dataset_size() < batch_size:  # nothing would be left
         raise UserError(f"the training split has {dataset.get_dataset_size()} images, fewer than "
                         f"--batch_size {batch_size}")
-    return dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if regularisers.mixes:
+        dataset = dataset.map(operations=regularisers.batch_op(), input_columns=["image", "label"])
+    return dataset
 
 
 def skip_finished_epochs(dataset, epochs_done, exact=False):

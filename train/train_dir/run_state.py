@@ -39,6 +39,11 @@ class RunFiles:
         self.best_checkpoint = self.folder / model_file(arch, "best")
         self.last_checkpoint = self.folder / model_file(arch, "last")
         self.best_mindir = self.folder / model_file(arch, "best", ".mindir")
+        self.arch = arch
+
+    def epoch_checkpoint(self, epoch):
+        """One of the best epochs' own checkpoints (--keep_checkpoints): `resnet50-epoch7.ckpt`."""
+        return self.folder / model_file(self.arch, f"epoch{epoch}")
 
 
 class Outputs:
@@ -140,19 +145,24 @@ def _lock_folder(folder, shown_as):
 
 
 class ResumeState(NamedTuple):
-    """Where a resumed run continues: epochs done, best validation accuracy, Aim run, finished epochs' records, and
-    the resume state's file (None for a fresh start)."""
+    """Where a resumed run continues: epochs done, the Aim run, finished epochs' records (which epoch was best, and
+    whether the run stopped early, are read from them), and the resume state's file (None for a fresh start)."""
     epochs_done: int = 0
-    best_accuracy: float = -1.0
     aim_run: str = None
     history: list = []
     source: Path = None
 
+    @property
+    def stopped_early(self):
+        return bool(self.history and self.history[-1].get("stopped_early"))
 
-def save_resume(train_step, path, epoch, best_accuracy, aim_run):
-    """The train step's parameters (weights, optimiser moments, global step, loss scale) and where the run is."""
+
+def save_resume(train_step, path, epoch, best_value, aim_run):
+    """The train step's parameters (weights, optimiser moments, global step, loss scale) and where the run is.
+    (`best_value`, the best epoch's monitored metric, is informative; the records in metrics.json decide.)"""
     from export import save_checkpoint
-    save_checkpoint(train_step, path, {"epoch": epoch, "best_accuracy": best_accuracy, "aim_run": aim_run or ""})
+    save_checkpoint(train_step, path, {"epoch": epoch, "best_accuracy": -1.0 if best_value is None else best_value,
+                                       "aim_run": aim_run or ""})
 
 
 def load_resume(args, outputs, train_step):
@@ -169,9 +179,11 @@ def load_resume(args, outputs, train_step):
     else:
         path = staging.stage_in(args.resume, "resume", args.cache_dir, io_timeout=args.io_timeout)
     state = _read_resume(path, train_step)
-    print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path} "
-          f"(best val_accuracy {state.best_accuracy:.4f})")
-    return state._replace(history=_read_history(path.parent / METRICS, state.epochs_done), source=Path(path))
+    state = state._replace(history=_read_history(path.parent / METRICS, state.epochs_done), source=Path(path))
+    best = [r for r in state.history if r.get("best")]
+    print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path}"
+          + (f" (best val_accuracy {best[-1]['val_accuracy']:.4f} at epoch {best[-1]['epoch']})" if best else ""))
+    return state
 
 
 def _read_history(path, epochs_done):
@@ -191,7 +203,8 @@ def _read_resume(path, train_step):
     state = read_checkpoint(path)
     if "epoch" not in state:
         raise UserError(f"{path} is not a resume state written by this job (no epoch recorded)")
-    done, best, run_hash = int(state.pop("epoch")), float(state.pop("best_accuracy")), str(state.pop("aim_run"))
+    done, run_hash = int(state.pop("epoch")), str(state.pop("aim_run"))
+    state.pop("best_accuracy", None)
     # The schedule itself comes from this run's flags (--epochs may have grown); its position is global_step.
     state = {name: value for name, value in state.items() if not name.startswith("learning_rate")}
     try:
@@ -203,4 +216,4 @@ def _read_resume(path, train_step):
     if not_loaded:
         raise UserError(f"{path} does not fit this job's network and optimizer: {len(not_loaded)} parameters "
                         f"missing, e.g. {not_loaded[0]} (same --arch, --freeze and --trainable?)")
-    return ResumeState(done, best, run_hash or None)
+    return ResumeState(done, run_hash or None)

@@ -114,17 +114,22 @@ def predictor(net):
     return predict
 
 
-def prepare_training(args, net, source, pretrained, workers):
+def prepare_training(args, net, source, pretrained, workers, num_classes):
     """The whole network on images; in fixed-feature mode the head alone, on features the frozen backbone computes
     once. With several workers each trains on its own shard; all validate on the whole split."""
     preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
+    regularisers = datasets.Regularisers.from_args(args, num_classes)
     if args.freeze and args.feature_cache != "off":
+        if regularisers != datasets.Regularisers(num_classes=num_classes):
+            raise UserError("--auto_augment, --random_erasing, --mixup and --cutmix change the images every epoch, "
+                            "but --freeze computes the backbone's features once: add --feature_cache off, or use "
+                            "--feature_views N for augmented views")
         cache_dir = args.cache_dir or staging.default_cache_dir()
         head, train_data, val_data, predict = features.head_training(net, source, args, pretrained, cache_dir,
                                                                      workers.shard, len(preview[2]))
         return Training(head, train_data, val_data, preview, predict)
     train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers,
-                                         shard=workers.shard)
+                                         shard=workers.shard, regularisers=regularisers)
     val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers)
     return Training(net, train_data, val_data, preview, predictor(net))
 
@@ -138,7 +143,8 @@ def learning_rates(args, workers, steps_per_epoch):
         raise UserError(f"--epochs {args.epochs} x {steps_per_epoch} steps per epoch is a schedule of more than "
                         f"{MAX_SCHEDULE_STEPS:,} steps, too long to hold in memory")
     lr = args.lr * workers.lr_scale
-    return lr, train_step.cosine_lr(lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    return lr, train_step.learning_rates(lr, args.epochs, steps_per_epoch, args.warmup_epochs, args.lr_schedule,
+                                         args.lr_step_epochs, args.lr_gamma)
 
 
 def write_first_outputs(files, args, source, net, preview, tracker):
@@ -240,8 +246,10 @@ def finish(net, history, args, outputs, only_missing=False):
     if history and not (only_missing and files.curves.exists()):
         export.plot_curves(history, files.curves)
     outputs.push()
-    best = max(history, key=lambda r: r["val_accuracy"]) if history else None
-    print((f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; " if best else "done: ")
+    best = next((r for r in history if r["epoch"] == callbacks.best_epoch(history)), None)
+    print((f"done: best val_accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}"
+           f"{'' if args.monitor == 'val_accuracy' else f' ({args.monitor} {best[args.monitor]:.4f})'}; "
+           if best else "done: ")
           + f"outputs in {storage.redact(outputs.location)}")
     if (files.folder / series.FOLDER).is_dir() and not tracking.aim_available():  # kept without aim
         print(f"see the run in Aim: python train/train_dir/series.py {storage.redact(outputs.location)} --repo runs, "
@@ -264,31 +272,35 @@ def main(args):
 
     source, num_classes = load_data(args, data_dir, outputs)
     net = build_network(args, num_classes, pretrained)
-    training = prepare_training(args, net, source, pretrained, workers)
+    training = prepare_training(args, net, source, pretrained, workers, num_classes)
     steps_per_epoch = training.train_data.get_dataset_size()
     lr, lr_schedule = learning_rates(args, workers, steps_per_epoch)
     optimizer = train_step.create_optimizer(training.cell, lr_schedule, args.momentum, args.weight_decay,
-                                            args.backbone_lr_scale)
+                                            args.backbone_lr_scale, args.optimizer)
     weights = None
     if args.class_weights == "auto":
         weights = train_step.class_weights(source.class_counts(["train"]), num_classes)
         print("class weights: " + ", ".join(f"{name} {w:.3f}" for name, w in zip(source.class_names, weights)))
-    trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights)
+    trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights, args.label_smoothing,
+                                        args.clip_grad_norm)
     resumed = run_state.load_resume(args, outputs, trainer.train_network)
     outputs.claim(args, resumed)  # every input is checked: from here on the job writes
     outputs.adopt_best(resumed)
-    if resumed.epochs_done >= args.epochs:
-        print(f"resume: all {args.epochs} epochs are done; nothing left to train")
+    if resumed.epochs_done >= args.epochs or resumed.stopped_early:
+        print(f"resume: {'the run stopped early' if resumed.stopped_early else f'all {args.epochs} epochs are done'}; "
+              f"nothing left to train")
         if source.test and workers.writes_outputs and not files.test.exists():  # stopped before the test
-            best = max(resumed.history, key=lambda r: r["val_accuracy"])["epoch"]
-            evaluate_test(net, source, args, num_classes, weights, files, None, best)
+            evaluate_test(net, source, args, num_classes, weights, files, None, callbacks.best_epoch(resumed.history))
         return finish(net, resumed.history, args, outputs, only_missing=True)
     datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, args.resume_exact)
 
     meter = callbacks.StepMeter()
     hparams = hyperparameters(args, source, device, num_classes, workers, plan)
     tracker = start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch)
-    recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, tracker.hash, resumed)
+    recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, tracker.hash, resumed,
+                                       callbacks.Selection(args.monitor, args.keep_checkpoints))
+    early_stop = callbacks.EarlyStop(recorder, args.monitor, args.early_stop, args.min_delta, tracker) \
+        if args.early_stop else None
     where = f"outputs only on rank 0 (this worker's scratch: {files.folder})" if not workers.writes_outputs else \
         f"series {tracker.hash} in {tracker.location}" if tracker.tracks_series else \
         f"Aim run {tracker.hash} in {storage.redact(outputs.aim_repo)}"
@@ -300,14 +312,15 @@ def main(args):
                         callbacks=callbacks.create_callbacks(
                             meter, recorder, tracker, net, workers, args.epochs, steps_per_epoch, outputs.push,
                             at_first_epoch_end=lambda: write_first_outputs(files, args, source, net,
-                                                                           training.preview, tracker)),
+                                                                           training.preview, tracker),
+                            early_stop=early_stop),
                         dataset_sink_mode=plan.dataset_sink, valid_dataset_sink_mode=False,
                         initial_epoch=resumed.epochs_done)
         if workers.writes_outputs:
             show_predictions(training.preview, tracker.last_predictions, source.class_names, files, tracker)
             if source.test:
-                best = max(recorder.history, key=lambda r: r["val_accuracy"])["epoch"]
-                evaluate_test(net, source, args, num_classes, weights, files, tracker, best)
+                evaluate_test(net, source, args, num_classes, weights, files, tracker,
+                              callbacks.best_epoch(recorder.history))
     finally:
         try:
             tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report

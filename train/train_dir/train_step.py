@@ -13,20 +13,35 @@ from resnet import HEAD_PREFIX
 from runtime import TrainingPlan
 
 
-def cosine_lr(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0):
-    """Per-step learning rates: linear warmup to `base_lr`, then cosine decay to zero."""
+def learning_rates(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0, schedule="cosine", step_epochs=None,
+                   gamma=0.1):
+    """Per-step learning rates: a linear warmup to `base_lr`, then `schedule`: cosine decay to zero, a drop by
+    `gamma` every `step_epochs` (default: a third of the epochs after warmup), or constant."""
     total = epochs * steps_per_epoch
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), total)
     step = np.arange(total, dtype=np.float64)
     warm = base_lr * (step + 1) / max(warmup, 1)
-    progress = (step - warmup) / max(total - warmup, 1)
-    cosine = 0.5 * base_lr * (1 + np.cos(math.pi * progress))
-    return np.where(step < warmup, warm, cosine).astype(np.float32)
+    after = step - warmup
+    if schedule == "cosine":
+        decayed = 0.5 * base_lr * (1 + np.cos(math.pi * after / max(total - warmup, 1)))
+    elif schedule == "step":
+        every = step_epochs * steps_per_epoch if step_epochs else max(total - warmup, 1) / 3
+        decayed = base_lr * gamma ** np.floor(after / max(every, 1))
+    elif schedule == "constant":
+        decayed = np.full_like(step, base_lr)
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    return np.where(step < warmup, warm, decayed).astype(np.float32)
 
 
-def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale=1.0):
-    """Momentum SGD over the trainable parameters; no weight decay on BatchNorm and biases; the backbone (all but
-    `fc`) optionally at a fraction of the learning rate."""
+def cosine_lr(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0):
+    """Per-step learning rates: linear warmup to `base_lr`, then cosine decay to zero."""
+    return learning_rates(base_lr, epochs, steps_per_epoch, warmup_epochs)
+
+
+def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale=1.0, kind="momentum"):
+    """Momentum SGD (or AdamW: decoupled weight decay) over the trainable parameters; no weight decay on BatchNorm
+    and biases; the backbone (all but `fc`) optionally at a fraction of the learning rate."""
     params = net.trainable_params()
     groups = []
     for is_head, scale in ((True, 1.0), (False, backbone_lr_scale)):
@@ -39,6 +54,8 @@ def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale
                     group["lr"] = ms.Tensor(lr_schedule * scale)
                 groups.append(group)
     groups.append({"order_params": params})
+    if kind == "adamw":
+        return nn.AdamWeightDecay(groups, learning_rate=ms.Tensor(lr_schedule), beta1=0.9, beta2=0.999, eps=1e-8)
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
 
 
@@ -87,7 +104,8 @@ class LossAndCorrect(nn.Cell):
 
     def construct(self, images, labels):
         logits = self.net(images)
-        correct = ops.stop_gradient((logits.argmax(-1) == labels).astype(ms.float32).sum())
+        truth = labels.argmax(-1) if labels.ndim == 2 else labels  # mixup/cutmix: the larger share counts
+        correct = ops.stop_gradient((logits.argmax(-1) == truth).astype(ms.float32).sum())
         return self.loss_fn(logits, labels), correct
 
 
@@ -146,9 +164,10 @@ class TrainStep(nn.TrainOneStepCell):
     are not all finite leaves the weights alone.
     """
 
-    def __init__(self, net_with_loss, optimizer, loss_scale=None):
+    def __init__(self, net_with_loss, optimizer, loss_scale=None, clip_grad_norm=0.0):
         super().__init__(net_with_loss, optimizer)
         self.loss_scale = loss_scale
+        self.clip_grad_norm = float(clip_grad_norm)
         self.hyper_map = ops.HyperMap()
         differentiated = net_with_loss if loss_scale is None else ScaledLoss(net_with_loss)
         self.value_and_grad = ops.value_and_grad(differentiated, None, self.weights, has_aux=True)
@@ -157,26 +176,30 @@ class TrainStep(nn.TrainOneStepCell):
         if self.loss_scale is None:
             (loss, correct), grads = self.value_and_grad(images, labels)
             grads = self.grad_reducer(grads)
+            if self.clip_grad_norm > 0:
+                grads = ops.clip_by_global_norm(grads, self.clip_grad_norm)
             loss = ops.depend(loss, self.optimizer(grads))
             return loss, correct
         scale = self.loss_scale.value
         (_, loss, correct), grads = self.value_and_grad(images, labels, scale)
         grads = self.hyper_map(ops.partial(_unscale, scale), self.grad_reducer(grads))
         finite = ops.stack(self.hyper_map(_is_finite, grads)).all()
+        if self.clip_grad_norm > 0:  # after unscaling, on the gradients the optimiser gets
+            grads = ops.clip_by_global_norm(grads, self.clip_grad_norm)
         loss = ops.depend(loss, self.loss_scale(finite))
         if finite:
             loss = ops.depend(loss, self.optimizer(grads))
         return loss, correct
 
 
-def create_loss(weights=None):
-    """Mean cross-entropy of logits against class indices, exact for any logits; with per-class `weights`, the
-    weighted mean sum(w[y] * loss) / sum(w[y]). (MindSpore 2.10's sparse `SoftmaxCrossEntropyWithLogits` returns inf
-    on CPU once a wrong class leads by more than about 88, which would stop a job whose model is confidently wrong on
-    one image as if it had diverged.)"""
-    if weights is None:
-        return nn.CrossEntropyLoss(reduction="mean")
-    return nn.CrossEntropyLoss(weight=ms.Tensor(np.asarray(weights, np.float32)), reduction="mean")
+def create_loss(weights=None, label_smoothing=0.0):
+    """Mean cross-entropy of logits against class indices or (mixup/cutmix) rows of class probabilities, exact for
+    any logits; with per-class `weights`, the weighted mean sum(w[y] * loss) / sum(w[y]); with `label_smoothing` s,
+    against targets of 1 - s on the label plus s / C on every class. (MindSpore 2.10's sparse
+    `SoftmaxCrossEntropyWithLogits` returns inf on CPU once a wrong class leads by more than about 88, which would
+    stop a job whose model is confidently wrong on one image as if it had diverged.)"""
+    weight = None if weights is None else ms.Tensor(np.asarray(weights, np.float32))
+    return nn.CrossEntropyLoss(weight=weight, reduction="mean", label_smoothing=float(label_smoothing))
 
 
 def create_metrics(num_classes):
@@ -192,12 +215,15 @@ def create_evaluator(net, num_classes, weights=None):
     return Model(net, create_loss(weights), metrics=create_metrics(num_classes))
 
 
-def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False), weights=None):
+def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False), weights=None,
+                   label_smoothing=0.0, clip_grad_norm=0.0):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes.
-    Per-class `weights` weight the loss, in training and validation alike."""
+    Per-class `weights` weight the loss, in training and validation alike; label smoothing is for training only,
+    so the validation loss is the plain one whatever the recipe."""
     loss_fn = create_loss(weights)
     metrics = create_metrics(num_classes)
     if plan.amp_level != "O0":  # casts the cells in place (evaluation runs in fp16 too); logits come back fp32
         net = ms.amp.auto_mixed_precision(net, plan.amp_level)
-    train_step = TrainStep(LossAndCorrect(net, loss_fn), optimizer, DynamicLossScale() if plan.loss_scale else None)
+    train_step = TrainStep(LossAndCorrect(net, create_loss(weights, label_smoothing)), optimizer,
+                           DynamicLossScale() if plan.loss_scale else None, clip_grad_norm)
     return Model(train_step, eval_network=nn.WithEvalCell(net, loss_fn), eval_indexes=[0, 1, 2], metrics=metrics)
