@@ -166,7 +166,9 @@ def s3_server():
 def bucket(s3_server, request):
     """A fresh bucket; its name is unique per test."""
     import fsspec
-    name = "b-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    import hashlib
+    readable = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"b-{readable}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"  # unique when cut short
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server})
     fs.mkdir(name)
     fs.invalidate_cache()

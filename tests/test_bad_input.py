@@ -124,6 +124,17 @@ CASES = {
                            "GPU is not available"),
     "mixed precision on CPU": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--amp_level", "O2"],
                                "--amp_level O2 needs GPU or Ascend"),
+    "mixup on cached features": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--freeze",
+                                               "--mixup", "0.2"], "computes the backbone's features once"),
+    "a recipe's augmentation on cached features": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
+                                                                 "--freeze", "--recipe=finetune"],
+                                                   "(set by --recipe finetune)"),
+    "weight average on cached features": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--freeze",
+                                                        "--ema", "0.99"], "--ema averages the whole network"),
+    "unknown recipe": (lambda t, o: ["--data_url", cifar(t), "--output_url", o, "--recipe", "imagenet"],
+                       "--recipe"),
+    "label smoothing of 1 or more": (lambda t, o: ["--data_url", cifar(t), "--output_url", o,
+                                                   "--label_smoothing", "1.5"], "--label_smoothing"),
 }
 
 

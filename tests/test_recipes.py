@@ -8,7 +8,7 @@ import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 import pytest
-from conftest import read_json, run_train
+from conftest import assert_fails_cleanly, read_json, run_train
 from PIL import Image
 
 import args as job_args
@@ -125,7 +125,11 @@ def dense_step(clip=0.0, kind="momentum", weight_decay=0.0, lr=1.0):
 
 
 def weights(net):
-    return [p.asnumpy().copy() for p in net.trainable_params()]
+    return [p.asnumpy().copy() for p in net.get_parameters()]
+
+
+def scalar(param):
+    return param.asnumpy().item()
 
 
 @pytest.mark.parametrize("clip", [0.05, 1000.0])
@@ -143,6 +147,20 @@ def test_clipping_bounds_the_norm_of_the_update(clip):
     norm = math.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, weights(clipped))))
     assert raw > 0.05
     assert math.isclose(norm, min(raw, clip), rel_tol=1e-4), (norm, raw, clip)
+
+
+def test_the_validation_loss_is_the_plain_one_whatever_the_smoothing():
+    import mindspore.dataset as ds
+    net = dense_net()
+    x = np.random.default_rng(3).normal(size=(12, 4)).astype(np.float32)
+    y = np.arange(12, dtype=np.int32) % 3
+    optimizer = train_step.create_optimizer(net, np.full(4, 0.1, np.float32), 0.9, 0.0)
+    trainer = train_step.create_trainer(net, optimizer, 3, label_smoothing=0.4)
+    scores = trainer.eval(ds.NumpySlicesDataset({"image": x, "label": y}, shuffle=False).batch(12),
+                          dataset_sink_mode=False)
+    net.set_train(False)
+    plain = -log_softmax(net(ms.Tensor(x)).asnumpy())[np.arange(12), y].mean()
+    assert math.isclose(scores["loss"], plain, rel_tol=1e-5)
 
 
 def test_adamw_decays_weights_apart_from_the_gradient_and_never_biases():
@@ -166,10 +184,81 @@ def test_the_schedules_follow_their_formulas():
     every = train_step.learning_rates(0.3, epochs, steps, 0, "step", step_epochs=2, gamma=0.1)
     np.testing.assert_allclose(every, 0.3 * 0.1 ** (np.arange(90) // 20), rtol=1e-5)
     constant = train_step.learning_rates(0.3, epochs, steps, 2, "constant")
-    np.testing.assert_allclose(constant[20:], 0.3) and np.testing.assert_allclose(constant[:20],
-                                                                                  0.3 * np.arange(1, 21) / 20)
+    np.testing.assert_allclose(constant[20:], 0.3)
+    np.testing.assert_allclose(constant[:20], 0.3 * np.arange(1, 21) / 20, rtol=1e-6)
     cosine = train_step.learning_rates(0.3, epochs, steps, 1)
     np.testing.assert_allclose(cosine, train_step.cosine_lr(0.3, epochs, steps, 1))
+
+
+# ---------------------------------------------------------------- weight averaging and accumulation
+
+def dense_net(seed=2):
+    ms.set_seed(seed)
+    return nn.SequentialCell([nn.Dense(4, 8), nn.ReLU(), nn.Dense(8, 3)])
+
+
+def sgd_step(net, momentum=0.9, **options):
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    optimizer = train_step.create_optimizer(net, np.full(20, 0.1, np.float32), momentum, 0.0)
+    step = train_step.TrainStep(train_step.LossAndCorrect(net, train_step.create_loss()), optimizer, **options)
+    step.set_train()
+    return step
+
+
+def test_the_weight_average_is_the_closed_form_after_a_few_updates():
+    net, copy = dense_net(), dense_net()
+    ms.load_param_into_net(copy, {p.name: ms.Parameter(ms.Tensor(p.asnumpy()), name=p.name)
+                                  for p in net.get_parameters()})
+    step = sgd_step(net, average=train_step.WeightAverage(net, copy, 0.9))
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    y = np.arange(8, dtype=np.int32) % 3
+    seen = [weights(net)]
+    for _ in range(5):
+        step(ms.Tensor(x), ms.Tensor(y))
+        seen.append(weights(net))
+    expected = seen[0]
+    for n in range(1, 6):  # d_n = min(0.9, (1 + n) / (10 + n)), then 0.9
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, seen[n])]
+    for got, want in zip(weights(copy), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(weights(copy)[0], seen[-1][0])  # an average, not the last weights
+    assert {p.name for p in step.get_parameters()} >= {"ema.0.weight", "ema_updates"}  # saved with resume.ckpt
+
+
+def test_accumulating_n_steps_of_batch_b_is_one_step_of_batch_n_times_b():
+    x = np.random.default_rng(1).normal(size=(24, 4)).astype(np.float32)
+    y = np.arange(24, dtype=np.int32) % 3
+    accumulated, whole = dense_net(), dense_net()
+    step_n, step_1 = sgd_step(accumulated, accumulate=3), sgd_step(whole)
+    for _ in range(2):  # two updates, so momentum carries across
+        before = weights(accumulated)
+        for part in range(3):
+            step_n(ms.Tensor(x[8 * part:8 * part + 8]), ms.Tensor(y[8 * part:8 * part + 8]))
+            if part < 2:  # no update before the Nth step
+                assert all(np.array_equal(a, b) for a, b in zip(before, weights(accumulated)))
+        step_1(ms.Tensor(x), ms.Tensor(y))
+        for a, b in zip(weights(accumulated), weights(whole)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert scalar(step_n.micro_step) == 0 and scalar(step_n.optimizer.global_step) == 2
+
+
+def test_an_overflow_in_any_accumulated_step_skips_the_whole_update():
+    net = dense_net()
+    scale = train_step.DynamicLossScale(initial=1024.0)
+    step = sgd_step(net, loss_scale=scale, accumulate=2)
+    x = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
+    y = np.arange(8, dtype=np.int32) % 3
+    bad = x.copy()
+    bad[0, 0] = np.inf
+    before = weights(net)
+    step(ms.Tensor(x), ms.Tensor(y))
+    step(ms.Tensor(bad), ms.Tensor(y))  # the second of two: the update they make is skipped
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights(net)))
+    assert scalar(scale.value) == 512.0 and scalar(step.optimizer.global_step) == 0
+    step(ms.Tensor(x), ms.Tensor(y))
+    step(ms.Tensor(x), ms.Tensor(y))  # clean again: the sums were cleared, so this update is finite
+    assert not np.array_equal(before[0], weights(net)[0]) and scalar(step.optimizer.global_step) == 1
 
 
 # ---------------------------------------------------------------- early stopping and kept checkpoints
@@ -194,6 +283,8 @@ def test_early_stop_stops_at_the_right_epoch_exports_the_best_and_keeps_the_k_be
     flags = ["--data_url", tmp_path / "data" / "shapes", "--output_url", out, "--arch", "resnet18", "--image_size", 32,
              "--batch_size", 32, "--epochs", 6, "--lr", 0.02, "--early_stop", 2, "--min_delta", 10,
              "--monitor", "val_loss", "--keep_checkpoints", 2, "--aim_system_metrics", "false", "--recipe", "tutorial"]
+    out.mkdir()
+    (out / "resnet18-epoch25.ckpt").write_bytes(b"an earlier run's")  # not one of this run's K best: deleted
     result = run_train(*flags)
     assert result.returncode == 0, result.stderr[-3000:]
     history = read_json(out / "metrics.json")
@@ -224,6 +315,12 @@ def test_early_stop_stops_at_the_right_epoch_exports_the_best_and_keeps_the_k_be
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: the run stopped early; nothing left to train" in resumed.stdout
     assert len(read_json(out / "metrics.json")) == 3
+    other_monitor = run_train(*flags, "--resume", "auto", "--monitor", "val_accuracy")
+    assert_fails_cleanly(other_monitor, "chooses its best epoch by val_loss: resume it with --monitor val_loss")
+    longer = run_train(*flags, "--resume", "auto", "--early_stop", 0, "--epochs", 4)  # stopping is no verdict
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resume: continuing after epoch 3 of 4" in longer.stdout
+    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3, 4]
 
     from test_aim_runs import read_runs
     (run,) = read_runs(out).values()

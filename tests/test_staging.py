@@ -1,12 +1,14 @@
 """Staging inputs into the cache and mirroring outputs, against real servers on 127.0.0.1 (moto S3 as s3:// and
 obs://, http.server), local disk, and the moxing test double; and whole jobs whose storage is moxing."""
+import shutil
 import socketserver
+import sys
 import tarfile
 import threading
 import time
 
 import pytest
-from conftest import free_port, run_train
+from conftest import MOXING_DOUBLE, free_port, run_train
 
 import datasets
 import staging
@@ -138,6 +140,40 @@ def test_output_mirror_pushes_what_changed(bucket, tmp_path):
     assert sorted(entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)) == [".aim", "metrics.json"]
     storage.FsspecStorage().copy(f"s3://{bucket}/out/metrics.json", tmp_path / "m.json")
     assert (tmp_path / "m.json").read_text() == "[1, 2]"
+
+
+@pytest.mark.parametrize("store", ["fsspec", "moxing"])
+def test_a_file_the_job_deleted_is_deleted_remotely_and_no_other(store, bucket, tmp_path, monkeypatch, request):
+    """--keep_checkpoints deletes the checkpoints of epochs that dropped out: the bucket must not keep them all.
+    Files this job never wrote or pulled (another run's) stay."""
+    remote = f"s3://{bucket}/out"
+    write_files(tmp_path / "other", {"notes.txt": b"n", "resnet18-epoch9.ckpt": b"9"})
+    if store == "moxing":  # moxing's double keeps obs:// and s3:// below a local folder
+        monkeypatch.syspath_prepend(str(MOXING_DOUBLE))
+        request.addfinalizer(lambda: [sys.modules.pop(name, None) for name in ("moxing", "moxing.file")])
+        monkeypatch.setenv("MOXING_DOUBLE_ROOT", str(tmp_path / "obs"))
+        shutil.copytree(tmp_path / "other", tmp_path / "obs" / bucket / "out")
+
+        def listing():
+            return sorted(p.name for p in (tmp_path / "obs" / bucket / "out").iterdir())
+    else:
+        storage.FsspecStorage().copy_parallel(tmp_path / "other", remote)
+
+        def listing():
+            fs, path = storage.filesystem(remote)
+            fs.invalidate_cache()
+            return sorted(entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+    mirror = staging.OutputMirror(remote, "output_url", tmp_path / "cache")
+    assert isinstance(mirror._store, storage.MoxingStorage) == (store == "moxing")
+    for name in ("resnet18-epoch1.ckpt", "resnet18-epoch2.ckpt", "metrics.json"):
+        (mirror.local / name).write_text(name)
+    assert mirror.push() == 3
+    (mirror.local / "resnet18-epoch1.ckpt").unlink()
+    (mirror.local / "resnet18-epoch3.ckpt").write_text("3")
+    assert mirror.push() == 1
+    assert listing() == ["metrics.json", "notes.txt", "resnet18-epoch2.ckpt", "resnet18-epoch3.ckpt",
+                         "resnet18-epoch9.ckpt"]
+    assert mirror.push() == 0
 
 
 def test_output_mirror_pulls_files_and_folders_a_restarted_job_needs(bucket, tmp_path):

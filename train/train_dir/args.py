@@ -165,11 +165,11 @@ RECIPES = {
                "label_smoothing": 0.1},
     # Ours, for fine-tuning pretrained weights on a few hundred to a few thousand images: a short warmup, the
     # backbone at a tenth of the head's rate, label smoothing and TrivialAugment against over-fitting (the
-    # regularisers of torchvision's and timm's recipes that help on small data), and a stop when the validation
-    # loss has not improved for 5 epochs.
+    # regularisers of torchvision's and timm's recipes that help on small data), and a stop when validation
+    # accuracy has not improved for 5 epochs (not the loss: against smoothed targets it bottoms out early).
     "finetune": {"epochs": 30, "optimizer": "momentum", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
                  "backbone_lr_scale": 0.1, "lr_schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.1,
-                 "auto_augment": "trivialaugment", "early_stop": 5, "monitor": "val_loss"},
+                 "auto_augment": "trivialaugment", "early_stop": 5},
 }
 MONITORS = ("val_accuracy", "val_loss", "val_macro_f1")
 
@@ -197,9 +197,8 @@ def _add_recipe_flags(parser):
     recipe.add_argument("--mixup", type=_bounded(float, 0.0), default=0.0,
                         help="alpha of mixup (batches of blended image pairs with blended labels); 0: off")
     recipe.add_argument("--cutmix", type=_bounded(float, 0.0), default=0.0,
-                        help="alpha of cutmix (a patch of another image, labels by area); 0: off")
-    recipe.add_argument("--mix_switch_prob", type=_bounded(float, 0.0, high=1.0, why="a probability"), default=0.5,
-                        help="with both --mixup and --cutmix: the probability that a batch gets cutmix")
+                        help="alpha of cutmix (a patch of another image, labels by area); 0: off. With --mixup too, "
+                             "each batch gets one of them at even odds")
     recipe.add_argument("--clip_grad_norm", type=_bounded(float, 0.0), default=0.0,
                         help="scale the gradients down when their global L2 norm exceeds this; 0: off")
     recipe.add_argument("--early_stop", type=_bounded(int, 0), default=0,
@@ -209,6 +208,12 @@ def _add_recipe_flags(parser):
     recipe.add_argument("--monitor", choices=MONITORS, default="val_accuracy",
                         help="what chooses the best epoch (its checkpoint is the one exported) and what "
                              "--early_stop watches")
+    recipe.add_argument("--ema", type=_bounded(float, 0.0, high=0.999999, why="1 would never move"), default=0.0,
+                        help="keep an exponential moving average of the weights with this decay (e.g. 0.999), and "
+                             "validate, keep and export it instead of the raw weights; 0: off")
+    recipe.add_argument("--accumulate", type=_bounded(int, 1, high=1000, why="updates would be too rare"),
+                        default=1, help="sum the gradients of N steps into one update: the effective batch is N x "
+                                        "--batch_size (x the devices), in the memory of one batch")
     recipe.add_argument("--keep_checkpoints", type=_bounded(int, 1, high=1000, why="each is a whole model"),
                         default=1, help="how many of the best epochs' checkpoints to keep (beside last and resume)")
 

@@ -176,23 +176,24 @@ class EpochRecorder(Callback):
         record["seconds"] = self.meter.epoch_seconds()
         record["images_per_second"] = totals.images_per_second
         self.history.append(record)
-        if self.selection.keep > 1:
-            self._keep_best_epochs(record["epoch"])
+        self._keep_best_epochs(record["epoch"])
         write_json(self.files.metrics, self.history)
         if self.train_step is not None:
-            run_state.save_resume(self.train_step, self.files.resume, record["epoch"],
-                                  record[self.selection.monitor] if record["best"] else None, self.run_id)
+            run_state.save_resume(self.train_step, self.files.resume, record["epoch"], self.selection.monitor,
+                                  self.run_id)
 
     def _keep_best_epochs(self, epoch):
-        """This epoch's checkpoint when it is among the `keep` best so far (earlier epochs win ties); the
-        checkpoint of an epoch that dropped out is deleted."""
+        """With `keep` > 1, this epoch's checkpoint when it is among the `keep` best so far (earlier epochs win
+        ties). Every other epoch checkpoint in the folder is deleted: one that dropped out, or one an earlier run
+        left (after --overwrite, or a resume with a smaller --keep_checkpoints)."""
         ranked = sorted(self.history, key=lambda r: (-_finite(monitor_score(r, self.selection.monitor)), r["epoch"]))
-        kept = {r["epoch"] for r in ranked[:self.selection.keep]}
+        kept = {r["epoch"] for r in ranked[:self.selection.keep]} if self.selection.keep > 1 else set()
         if epoch in kept:
             save_checkpoint(self.net, self.files.epoch_checkpoint(epoch))
-        for record in self.history:
-            if record["epoch"] not in kept:
-                self.files.epoch_checkpoint(record["epoch"]).unlink(missing_ok=True)
+        keep_names = {self.files.epoch_checkpoint(e).name for e in kept}
+        for path in self.files.epoch_checkpoints():
+            if path.name not in keep_names:
+                path.unlink(missing_ok=True)
 
 
 def _finite(score):
@@ -330,10 +331,10 @@ class SyncBatchNormStatistics(Callback):
     Gradients are averaged every step, but each worker's moving statistics follow only its own shard of the data.
     """
 
-    def __init__(self, net, workers, steps_per_epoch):
+    def __init__(self, nets, workers, steps_per_epoch):
         super().__init__()
-        self.statistics = [p for name, p in net.parameters_and_names()
-                           if name.endswith(("moving_mean", "moving_variance"))]
+        self.statistics = [p for net in nets for p in net.get_parameters()
+                           if p.name.endswith(("moving_mean", "moving_variance"))]
         self.workers, self.steps_per_epoch = workers, steps_per_epoch
         self.all_reduce = None
 
@@ -368,7 +369,8 @@ def create_callbacks(meter, recorder, tracker, net, workers, epochs, steps_per_e
     `at_first_epoch_end()` (the files inference reads beside the checkpoints) just before the first record; the
     record before the console line, then `early_stop` (an EarlyStop, or None), then Aim; `after_epoch()` (the
     upload) once the epoch's files are written."""
-    synced = [SyncBatchNormStatistics(net, workers.size, steps_per_epoch)] if workers.size > 1 else []
+    nets = [net, recorder.net] if recorder.net is not net else [net]  # with --ema, the average's too
+    synced = [SyncBatchNormStatistics(nets, workers.size, steps_per_epoch)] if workers.size > 1 else []
     first = [EpochEndHook(at_first_epoch_end, once=True)] if at_first_epoch_end else []
     stop = [early_stop] if early_stop else []
     return synced + [meter, StopOnSignal(), StopOnNonFiniteLoss(meter)] + first + [

@@ -76,8 +76,10 @@ def save_checkpoint(net, path, extra=None):
     _quiet_save_failures()
     padding = getattr(net, "padding", None)
     append = {**({"resnet_padding": padding} if padding else {}), **(extra or {})}
+    prefix = getattr(net, "parameter_prefix", "")  # a weight average's copy saves under the network's own names
+    saved = [{"name": p.name[len(prefix):], "data": p} for p in net.get_parameters()] if prefix else net
     with atomic_write(path) as tmp:
-        ms.save_checkpoint(net, str(tmp), append_dict=append or None)
+        ms.save_checkpoint(saved, str(tmp), append_dict=append or None)
 
 
 def write_labels(path, class_names, image_size, mean, std, arch, dataset, data_format, padding="same"):

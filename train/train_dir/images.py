@@ -60,7 +60,9 @@ def problem(path):
 
 def problems(paths, workers, chunk=256):
     """`problem(path)` for every path, `workers` threads at a time (PIL decodes without holding the GIL), in chunks
-    of `chunk` paths: a task per file costs more than checking a small one."""
+    of up to `chunk` paths (a task per file costs more than checking a small one), at least 4 per worker."""
+    chunk = max(1, min(chunk, -(-len(paths) // (4 * max(1, workers)))))
+
     def check(start):
         return [problem(path) for path in paths[start:start + chunk]]
 

@@ -45,6 +45,10 @@ class RunFiles:
         """One of the best epochs' own checkpoints (--keep_checkpoints): `resnet50-epoch7.ckpt`."""
         return self.folder / model_file(self.arch, f"epoch{epoch}")
 
+    def epoch_checkpoints(self):
+        """Every epoch checkpoint in the folder."""
+        return [p for p in self.folder.glob(model_file(self.arch, "epoch*")) if p.name[len(self.arch) + 6:-5].isdigit()]
+
 
 class Outputs:
     """Where the job writes: its output folder and its Aim repo, local while it runs and copied to their remote
@@ -152,17 +156,14 @@ class ResumeState(NamedTuple):
     history: list = []
     source: Path = None
 
-    @property
-    def stopped_early(self):
-        return bool(self.history and self.history[-1].get("stopped_early"))
+    monitor: str = "val_accuracy"  # what chose the best epochs so far
 
 
-def save_resume(train_step, path, epoch, best_value, aim_run):
-    """The train step's parameters (weights, optimiser moments, global step, loss scale) and where the run is.
-    (`best_value`, the best epoch's monitored metric, is informative; the records in metrics.json decide.)"""
+def save_resume(train_step, path, epoch, monitor, aim_run):
+    """The train step's parameters (weights, optimiser moments, global step, loss scale, weight average, gradient
+    sums) and where the run is: its epoch, the metric that chooses its best epochs, its Aim run."""
     from export import save_checkpoint
-    save_checkpoint(train_step, path, {"epoch": epoch, "best_accuracy": -1.0 if best_value is None else best_value,
-                                       "aim_run": aim_run or ""})
+    save_checkpoint(train_step, path, {"epoch": epoch, "monitor": monitor, "aim_run": aim_run or ""})
 
 
 def load_resume(args, outputs, train_step):
@@ -179,6 +180,9 @@ def load_resume(args, outputs, train_step):
     else:
         path = staging.stage_in(args.resume, "resume", args.cache_dir, io_timeout=args.io_timeout)
     state = _read_resume(path, train_step)
+    if state.monitor != args.monitor:  # the best checkpoint so far was chosen by it
+        raise UserError(f"{path} is of a run that chooses its best epoch by {state.monitor}: resume it with "
+                        f"--monitor {state.monitor}")
     state = state._replace(history=_read_history(path.parent / METRICS, state.epochs_done), source=Path(path))
     best = [r for r in state.history if r.get("best")]
     print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path}"
@@ -204,7 +208,8 @@ def _read_resume(path, train_step):
     if "epoch" not in state:
         raise UserError(f"{path} is not a resume state written by this job (no epoch recorded)")
     done, run_hash = int(state.pop("epoch")), str(state.pop("aim_run"))
-    state.pop("best_accuracy", None)
+    state.pop("best_accuracy", None)  # written before --monitor, which was then val_accuracy
+    monitor = str(state.pop("monitor", "val_accuracy"))
     # The schedule itself comes from this run's flags (--epochs may have grown); its position is global_step.
     state = {name: value for name, value in state.items() if not name.startswith("learning_rate")}
     try:
@@ -215,5 +220,6 @@ def _read_resume(path, train_step):
     not_loaded = [name for name in not_loaded if not name.startswith(("learning_rate", "loss_scale"))]
     if not_loaded:
         raise UserError(f"{path} does not fit this job's network and optimizer: {len(not_loaded)} parameters "
-                        f"missing, e.g. {not_loaded[0]} (same --arch, --freeze and --trainable?)")
-    return ResumeState(done, run_hash or None)
+                        f"missing, e.g. {not_loaded[0]} (same --arch, --freeze, --trainable, --optimizer, --ema and "
+                        f"--accumulate?)")
+    return ResumeState(done, run_hash or None, monitor=monitor)

@@ -296,18 +296,25 @@ class OutputMirror:
         return len(pulled)
 
     def push(self):
-        """Copy new and changed files to the remote; returns how many were copied."""
+        """Copy new and changed files to the remote, and delete there the files this job pushed or pulled and has
+        deleted since (a checkpoint that dropped out of --keep_checkpoints); returns how many were copied."""
         if self.remote is None:
             return 0
         if self._push_failed:  # the store already failed after its retries and timeouts: do not wait for it again
             raise UserError(self._push_failed)
-        changed = {rel: info for rel, info in self._local_files().items() if self._pushed.get(rel) != info}
-        if changed:
-            try:
+        local = self._local_files()
+        changed = {rel: info for rel, info in local.items() if self._pushed.get(rel) != info}
+        deleted = [rel for rel in self._pushed if rel not in local]
+        try:
+            if changed:
                 self._store.copy_parallel(self.local, self.remote, only=list(changed))
-            except Exception as exc:
-                self._push_failed = (f"{self.what}: could not upload to {storage.redact(self.remote)}: "
-                                     f"{_reason(exc, self.io_timeout)}; the outputs are kept in {self.local}")
-                raise UserError(self._push_failed) from None
-            self._pushed.update(changed)
+            for rel in deleted:
+                self._store.remove(f"{self.remote}/{rel}")
+        except Exception as exc:
+            self._push_failed = (f"{self.what}: could not upload to {storage.redact(self.remote)}: "
+                                 f"{_reason(exc, self.io_timeout)}; the outputs are kept in {self.local}")
+            raise UserError(self._push_failed) from None
+        self._pushed.update(changed)
+        for rel in deleted:
+            del self._pushed[rel]
         return len(changed)

@@ -117,6 +117,10 @@ class MoxingStorage:
         """Copy one file."""
         self.file.copy(str(src), str(dst))
 
+    def remove(self, url):
+        """Delete one file."""
+        self.file.remove(str(url), recursive=False)
+
     def copy_parallel(self, src, dst, only=None):
         """Copy the contents of folder `src` into folder `dst`; `only`, when given, limits the copy to those paths
         relative to `src` (moxing has no such option: they are copied one by one, several at a time)."""
@@ -145,6 +149,14 @@ class FsspecStorage:
     def make_dirs(self, url):
         fs, path = filesystem(url, self.io_timeout)
         fs.makedirs(path, exist_ok=True)
+
+    def remove(self, url):
+        """Delete one file (gone already is fine)."""
+        fs, path = filesystem(url, self.io_timeout)
+        try:
+            _retry(lambda: fs.rm(path), f"deleting {redact(url)}")
+        except FileNotFoundError:
+            pass
 
     def copy(self, src, dst):
         """Copy one file."""

@@ -45,7 +45,11 @@ _quieted = lambda: None  # noqa: E731  the callback whose disk faults Aim's thre
 
 
 def current_lr(optimizer, step):
-    """The learning rate used at 0-based global `step`, for a fixed or per-step list learning rate."""
+    """The learning rate used at 0-based global `step` (the optimiser's own count of updates, when it keeps one:
+    with --accumulate an update comes every N steps), for a fixed or per-step list learning rate."""
+    updates = getattr(optimizer, "global_step", None)
+    if hasattr(updates, "asnumpy"):
+        step = max(int(np.asarray(updates.asnumpy()).reshape(-1)[0]) - 1, 0)
     lr = getattr(optimizer, "learning_rate", None)
     lr = getattr(lr, "learning_rate", lr)  # a per-step list is wrapped in a schedule cell holding the Parameter
     if not hasattr(lr, "asnumpy"):

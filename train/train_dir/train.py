@@ -90,6 +90,15 @@ def build_network(args, num_classes, pretrained):
     """The ResNet, padded as the pretrained weights were trained (so their features are reproduced), and loaded."""
     if args.freeze and args.trainable:
         raise UserError("--freeze trains only fc; for partial fine-tuning use --trainable alone")
+    if args.freeze and args.feature_cache != "off":  # the backbone's features are computed once
+        if datasets.Regularisers.from_args(args, 0) != datasets.Regularisers():
+            raise UserError(f"--auto_augment, --random_erasing, --mixup and --cutmix"
+                            f"{f' (set by --recipe {args.recipe})' if args.recipe else ''} change the images every "
+                            f"epoch, but --freeze computes the backbone's features once: add --feature_cache off, "
+                            f"or use --feature_views N for augmented views")
+        if args.ema:
+            raise UserError("--ema averages the whole network, but --freeze with a feature cache trains the head "
+                            "alone: add --feature_cache off, or leave --ema out")
     weights = read_pretrained(pretrained) if pretrained else None  # read once: its padding shapes the network
     net = create_model(args.arch, num_classes, weights.padding if weights else "same")
     if weights:
@@ -120,10 +129,6 @@ def prepare_training(args, net, source, pretrained, workers, num_classes):
     preview = datasets.preview_batch(source, "val", args.image_size, PREVIEW_IMAGES)
     regularisers = datasets.Regularisers.from_args(args, num_classes)
     if args.freeze and args.feature_cache != "off":
-        if regularisers != datasets.Regularisers(num_classes=num_classes):
-            raise UserError("--auto_augment, --random_erasing, --mixup and --cutmix change the images every epoch, "
-                            "but --freeze computes the backbone's features once: add --feature_cache off, or use "
-                            "--feature_views N for augmented views")
         cache_dir = args.cache_dir or staging.default_cache_dir()
         head, train_data, val_data, predict = features.head_training(net, source, args, pretrained, cache_dir,
                                                                      workers.shard, len(preview[2]))
@@ -134,8 +139,20 @@ def prepare_training(args, net, source, pretrained, workers, num_classes):
     return Training(net, train_data, val_data, preview, predictor(net))
 
 
+def weight_average(args, net):
+    """With --ema: the average, kept in a copy of the network that starts from its weights (copied: loading a
+    Parameter shares its memory)."""
+    import mindspore as ms
+    if not args.ema:
+        return None
+    copy = create_model(args.arch, net.fc.out_channels, net.padding)
+    ms.load_param_into_net(copy, {p.name: ms.Parameter(ms.Tensor(p.asnumpy()), name=p.name)
+                                  for p in net.get_parameters()})
+    return train_step.WeightAverage(net, copy, args.ema)
+
+
 def learning_rates(args, workers, steps_per_epoch):
-    """The peak learning rate (scaled linearly with the workers) and the per-step schedule, held in memory."""
+    """The peak learning rate (scaled linearly with the workers) and the per-update schedule, held in memory."""
     if steps_per_epoch == 0:  # e.g. a worker's shard smaller than a batch that drops its remainder
         raise UserError(f"the training split gives this worker no batch of --batch_size {args.batch_size}: "
                         f"lower --batch_size")
@@ -143,7 +160,8 @@ def learning_rates(args, workers, steps_per_epoch):
         raise UserError(f"--epochs {args.epochs} x {steps_per_epoch} steps per epoch is a schedule of more than "
                         f"{MAX_SCHEDULE_STEPS:,} steps, too long to hold in memory")
     lr = args.lr * workers.lr_scale
-    return lr, train_step.learning_rates(lr, args.epochs, steps_per_epoch, args.warmup_epochs, args.lr_schedule,
+    updates_per_epoch = steps_per_epoch / args.accumulate  # the schedule counts updates
+    return lr, train_step.learning_rates(lr, args.epochs, updates_per_epoch, args.warmup_epochs, args.lr_schedule,
                                          args.lr_step_epochs, args.lr_gamma)
 
 
@@ -164,6 +182,9 @@ def evaluate_test(net, source, args, num_classes, weights, files, tracker, epoch
     """The held-out test/ split, once, with the best epoch's weights: test.json, Aim's {"subset": "test"} metrics
     and a line. It took no part in choosing them."""
     import mindspore as ms
+    if not files.best_checkpoint.is_file():  # e.g. every epoch's validation loss was NaN
+        raise UserError(f"{files.best_checkpoint} is missing: no epoch was best, so {datasets.TEST_DIR}/ is not "
+                        f"evaluated")
     ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
     data = datasets.create_dataset(source, "test", args.image_size, args.batch_size)
     scores = train_step.create_evaluator(net, num_classes, weights).eval(data, dataset_sink_mode=False)
@@ -281,13 +302,18 @@ def main(args):
     if args.class_weights == "auto":
         weights = train_step.class_weights(source.class_counts(["train"]), num_classes)
         print("class weights: " + ", ".join(f"{name} {w:.3f}" for name, w in zip(source.class_names, weights)))
+    average = weight_average(args, net)
+    kept = average.copy if average else net  # what is validated, saved and exported
+    training = training._replace(predict=predictor(kept)) if average else training
     trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights, args.label_smoothing,
-                                        args.clip_grad_norm)
+                                        args.clip_grad_norm, args.accumulate, average)
     resumed = run_state.load_resume(args, outputs, trainer.train_network)
     outputs.claim(args, resumed)  # every input is checked: from here on the job writes
     outputs.adopt_best(resumed)
-    if resumed.epochs_done >= args.epochs or resumed.stopped_early:
-        print(f"resume: {'the run stopped early' if resumed.stopped_early else f'all {args.epochs} epochs are done'}; "
+    stopped = args.early_stop and callbacks.epochs_without_improvement(resumed.history, args.monitor,
+                                                                        args.min_delta) >= args.early_stop
+    if resumed.epochs_done >= args.epochs or stopped:
+        print(f"resume: {'the run stopped early' if stopped else f'all {args.epochs} epochs are done'}; "
               f"nothing left to train")
         if source.test and workers.writes_outputs and not files.test.exists():  # stopped before the test
             evaluate_test(net, source, args, num_classes, weights, files, None, callbacks.best_epoch(resumed.history))
@@ -297,7 +323,7 @@ def main(args):
     meter = callbacks.StepMeter()
     hparams = hyperparameters(args, source, device, num_classes, workers, plan)
     tracker = start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch)
-    recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, tracker.hash, resumed,
+    recorder = callbacks.EpochRecorder(meter, kept, files, trainer.train_network, tracker.hash, resumed,
                                        callbacks.Selection(args.monitor, args.keep_checkpoints))
     early_stop = callbacks.EarlyStop(recorder, args.monitor, args.early_stop, args.min_delta, tracker) \
         if args.early_stop else None
@@ -305,7 +331,9 @@ def main(args):
         f"series {tracker.hash} in {tracker.location}" if tracker.tracks_series else \
         f"Aim run {tracker.hash} in {storage.redact(outputs.aim_repo)}"
     print(f"train: {args.arch} on {device} ({plan.describe()}){workers.describe(args.batch_size, lr)}, "
-          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}, {where}")
+          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size}"
+          f"{f', an update every {args.accumulate} steps' if args.accumulate > 1 else ''}"
+          f"{f', weights averaged (EMA {args.ema})' if average else ''}, {where}")
     try:
         with callbacks.signals_restored():
             trainer.fit(args.epochs, training.train_data, valid_dataset=training.val_data,

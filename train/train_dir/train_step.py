@@ -16,8 +16,9 @@ from runtime import TrainingPlan
 def learning_rates(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0, schedule="cosine", step_epochs=None,
                    gamma=0.1):
     """Per-step learning rates: a linear warmup to `base_lr`, then `schedule`: cosine decay to zero, a drop by
-    `gamma` every `step_epochs` (default: a third of the epochs after warmup), or constant."""
-    total = epochs * steps_per_epoch
+    `gamma` every `step_epochs` (default: a third of the epochs after warmup), or constant. `steps_per_epoch` may be
+    fractional (updates per epoch, with accumulation)."""
+    total = int(math.ceil(epochs * steps_per_epoch))
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), total)
     step = np.arange(total, dtype=np.float64)
     warm = base_lr * (step + 1) / max(warmup, 1)
@@ -26,7 +27,7 @@ def learning_rates(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0, schedule
         decayed = 0.5 * base_lr * (1 + np.cos(math.pi * after / max(total - warmup, 1)))
     elif schedule == "step":
         every = step_epochs * steps_per_epoch if step_epochs else max(total - warmup, 1) / 3
-        decayed = base_lr * gamma ** np.floor(after / max(every, 1))
+        decayed = base_lr * gamma ** np.floor(np.maximum(after, 0) / max(every, 1))
     elif schedule == "constant":
         decayed = np.full_like(step, base_lr)
     else:
@@ -144,6 +145,10 @@ class DynamicLossScale(nn.Cell):
 
 _unscale = ops.MultitypeFuncGraph("unscale")
 _is_finite = ops.MultitypeFuncGraph("is_finite")
+_add_to = ops.MultitypeFuncGraph("add_to")
+_clear = ops.MultitypeFuncGraph("clear")
+_times = ops.MultitypeFuncGraph("times")
+_average_into = ops.MultitypeFuncGraph("average_into")
 
 
 @_unscale.register("Tensor", "Tensor")
@@ -156,46 +161,151 @@ def _is_finite_tensor(grad):
     return ops.isfinite(grad).all()
 
 
+@_add_to.register("Tensor", "Tensor")
+def _add_to_tensor(total, grad):
+    return ops.assign_add(total, grad.astype(total.dtype))
+
+
+@_clear.register("Tensor")
+def _clear_tensor(total):
+    return ops.assign(total, ops.zeros_like(total))
+
+
+@_times.register("Number", "Tensor")
+def _times_tensor(factor, value):
+    return value * factor
+
+
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_tensor(grad):
+    return (grad.astype(ms.float32) ** 2).sum()
+
+
+def clip_to_global_norm(grads, max_norm, hyper_map):
+    """`grads` scaled by min(1, max_norm / their global L2 norm) (ops.clip_by_global_norm is deprecated)."""
+    norm = ops.sqrt(ops.stack(hyper_map(_square_sum, grads)).sum())
+    factor = ops.minimum(ms.Tensor(1.0, ms.float32), max_norm / ops.maximum(norm, ms.Tensor(1e-12, ms.float32)))
+    return hyper_map(ops.partial(_times_tensor_factor, factor), grads)
+
+
+_times_tensor_factor = ops.MultitypeFuncGraph("times_tensor_factor")
+
+
+@_times_tensor_factor.register("Tensor", "Tensor")
+def _times_tensor_factor_tensor(factor, grad):
+    return grad * factor.astype(grad.dtype)
+
+
+@_average_into.register("Tensor", "Tensor", "Tensor")
+def _average_into_tensor(decay, average, value):
+    return ops.assign(average, average * decay.astype(average.dtype) + value.astype(average.dtype) *
+                      (1 - decay).astype(average.dtype))
+
+
+class WeightAverage(nn.Cell):
+    """An exponential moving average of a network's parameters (weights and BatchNorm statistics), kept in a second
+    copy of the network (`average`), after each update: average = d * average + (1 - d) * weight, where
+    d = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's ExponentialMovingAverage warm-up, so the first
+    updates are not buried under the random start). The copy's parameters are named `ema.*`, so the train step's
+    checkpoint (resume.ckpt) holds them beside the weights."""
+
+    PREFIX = "ema."
+
+    def __init__(self, net, average, decay):
+        super().__init__(auto_prefix=False)
+        sources, averages = list(net.get_parameters()), list(average.get_parameters())
+        if [p.name for p in sources] != [p.name for p in averages]:
+            raise ValueError("the average must be a copy of the network")
+        for param in averages:
+            param.name = self.PREFIX + param.name
+            param.requires_grad = False
+        self.copy = average  # validated, saved and exported in the network's place
+        average.parameter_prefix = self.PREFIX  # export.save_checkpoint saves it under the network's names
+        self.sources, self.averages = ms.ParameterTuple(sources), ms.ParameterTuple(averages)
+        self.decay = float(decay)
+        self.updates = ms.Parameter(ms.Tensor(0, ms.int32), name="ema_updates", requires_grad=False)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self):
+        count = self.updates + 1
+        ops.assign(self.updates, count)
+        count = count.astype(ms.float32)
+        decay = ops.minimum(ms.Tensor(self.decay, ms.float32), (1 + count) / (10 + count))
+        return self.hyper_map(ops.partial(_average_into, decay), self.averages, self.sources)
+
+
 class TrainStep(nn.TrainOneStepCell):
     """One optimiser step returning (loss, right predictions), for a running train accuracy at no extra cost.
 
     The gradient reducer of `TrainOneStepCell` is kept, so data-parallel training averages gradients as usual.
     With a `DynamicLossScale` (mixed precision on GPU/Ascend), gradients are unscaled and a step whose gradients
-    are not all finite leaves the weights alone.
+    are not all finite leaves the weights alone. `clip_grad_norm` scales the (unscaled, averaged) gradients down to
+    that global norm. With `accumulate` N, the gradients of N steps are summed (in parameters saved with the resume
+    state, as is the count) and every Nth step makes one update with their mean: one all-reduce per update, and an
+    overflow in any of the N skips the whole update. A `WeightAverage` is updated after every update.
     """
 
-    def __init__(self, net_with_loss, optimizer, loss_scale=None, clip_grad_norm=0.0):
+    def __init__(self, net_with_loss, optimizer, loss_scale=None, clip_grad_norm=0.0, accumulate=1, average=None):
         super().__init__(net_with_loss, optimizer)
         self.loss_scale = loss_scale
         self.clip_grad_norm = float(clip_grad_norm)
+        self.accumulate = int(accumulate)
+        self.average = average
         self.hyper_map = ops.HyperMap()
         differentiated = net_with_loss if loss_scale is None else ScaledLoss(net_with_loss)
         self.value_and_grad = ops.value_and_grad(differentiated, None, self.weights, has_aux=True)
+        if self.accumulate > 1:
+            self.accumulated = self.weights.clone(prefix="accumulated", init="zeros")
+            self.micro_step = ms.Parameter(ms.Tensor(0, ms.int32), name="accumulated_steps", requires_grad=False)
 
     def construct(self, images, labels):
         if self.loss_scale is None:
             (loss, correct), grads = self.value_and_grad(images, labels)
-            grads = self.grad_reducer(grads)
+        else:
+            (_, loss, correct), grads = self.value_and_grad(images, labels, self.loss_scale.value)
+        if self.accumulate == 1:
+            return ops.depend(loss, self._update(grads)), correct
+        loss = ops.depend(loss, self.hyper_map(_add_to, self.accumulated, grads))
+        count = self.micro_step + 1
+        if count >= self.accumulate:
+            mean = self.hyper_map(ops.partial(_times, 1.0 / self.accumulate), self.accumulated)
+            loss = ops.depend(loss, self._update(mean))
+            loss = ops.depend(loss, self.hyper_map(_clear, self.accumulated))
+            count = count * 0
+        loss = ops.depend(loss, ops.assign(self.micro_step, count))
+        return loss, correct
+
+    def _update(self, grads):
+        """All-reduce, unscale, skip when not finite, clip, step, average."""
+        grads = self.grad_reducer(grads)
+        if self.loss_scale is None:
             if self.clip_grad_norm > 0:
-                grads = ops.clip_by_global_norm(grads, self.clip_grad_norm)
-            loss = ops.depend(loss, self.optimizer(grads))
-            return loss, correct
+                grads = clip_to_global_norm(grads, self.clip_grad_norm, self.hyper_map)
+            done = self.optimizer(grads)
+            if self.average is not None:
+                done = ops.depend(done, self.average())
+            return done
         scale = self.loss_scale.value
-        (_, loss, correct), grads = self.value_and_grad(images, labels, scale)
-        grads = self.hyper_map(ops.partial(_unscale, scale), self.grad_reducer(grads))
+        grads = self.hyper_map(ops.partial(_unscale, scale), grads)
         finite = ops.stack(self.hyper_map(_is_finite, grads)).all()
         if self.clip_grad_norm > 0:  # after unscaling, on the gradients the optimiser gets
-            grads = ops.clip_by_global_norm(grads, self.clip_grad_norm)
-        loss = ops.depend(loss, self.loss_scale(finite))
+            grads = clip_to_global_norm(grads, self.clip_grad_norm, self.hyper_map)
+        done = self.loss_scale(finite)
         if finite:
-            loss = ops.depend(loss, self.optimizer(grads))
-        return loss, correct
+            done = ops.depend(done, self.optimizer(grads))
+            if self.average is not None:
+                done = ops.depend(done, self.average())
+        return done
 
 
 def create_loss(weights=None, label_smoothing=0.0):
     """Mean cross-entropy of logits against class indices or (mixup/cutmix) rows of class probabilities, exact for
     any logits; with per-class `weights`, the weighted mean sum(w[y] * loss) / sum(w[y]); with `label_smoothing` s,
-    against targets of 1 - s on the label plus s / C on every class. (MindSpore 2.10's sparse
+    against targets of 1 - s on the label plus s / C on every class. (With weights and soft labels, MindSpore
+    divides by the batch size instead: the two agree on average under inverse-frequency weights.) (MindSpore 2.10's sparse
     `SoftmaxCrossEntropyWithLogits` returns inf on CPU once a wrong class leads by more than about 88, which would
     stop a job whose model is confidently wrong on one image as if it had diverged.)"""
     weight = None if weights is None else ms.Tensor(np.asarray(weights, np.float32))
@@ -216,14 +326,20 @@ def create_evaluator(net, num_classes, weights=None):
 
 
 def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False), weights=None,
-                   label_smoothing=0.0, clip_grad_norm=0.0):
+                   label_smoothing=0.0, clip_grad_norm=0.0, accumulate=1, average=None):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes.
     Per-class `weights` weight the loss, in training and validation alike; label smoothing is for training only,
-    so the validation loss is the plain one whatever the recipe."""
+    so the validation loss is the plain one whatever the recipe. With `average` (a WeightAverage), validation
+    runs on the averaged copy of the network."""
     loss_fn = create_loss(weights)
     metrics = create_metrics(num_classes)
+    evaluated = net
     if plan.amp_level != "O0":  # casts the cells in place (evaluation runs in fp16 too); logits come back fp32
         net = ms.amp.auto_mixed_precision(net, plan.amp_level)
+        evaluated = net if average is None else ms.amp.auto_mixed_precision(average.copy, plan.amp_level)
+    elif average is not None:
+        evaluated = average.copy
     train_step = TrainStep(LossAndCorrect(net, create_loss(weights, label_smoothing)), optimizer,
-                           DynamicLossScale() if plan.loss_scale else None, clip_grad_norm)
-    return Model(train_step, eval_network=nn.WithEvalCell(net, loss_fn), eval_indexes=[0, 1, 2], metrics=metrics)
+                           DynamicLossScale() if plan.loss_scale else None, clip_grad_norm, accumulate, average)
+    return Model(train_step, eval_network=nn.WithEvalCell(evaluated, loss_fn), eval_indexes=[0, 1, 2],
+                 metrics=metrics)
