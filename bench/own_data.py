@@ -1,7 +1,7 @@
 """Own data at scale: finding and splitting class folders of 20k and 200k files, and batch prediction against the
 app's one-image-at-a-time Predictor.
 
-    .venv/bin/python bench/own_data.py                          # 20k and 200k files; predict.py on 256 photos
+    .venv/bin/python bench/own_data.py                          # 20k and 200k files; predict.py on 768 photos
     .venv/bin/python bench/own_data.py --files 5000 --photos 64 # quicker
 
 Detection: class folders with no split (the layout that also needs the stratified split), each file a tiny PNG, so
@@ -125,7 +125,7 @@ def memory_folder(needed=2 * 2**30):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, nargs="+", default=[20_000, 200_000])
-    parser.add_argument("--photos", type=int, default=256)
+    parser.add_argument("--photos", type=int, default=768)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tmp", default=memory_folder(),

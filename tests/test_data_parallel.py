@@ -56,6 +56,24 @@ def test_both_ranks_finish_with_identical_weights(two_workers):
         assert np.array_equal(ours[name].asnumpy(), theirs[name].asnumpy()), name
 
 
+def test_accumulation_and_the_weight_average_stay_identical_across_ranks(data, tmp_path):
+    """The all-reduce sits inside the train step's branch that updates (one per update, not one per step), and
+    BatchNorm statistics of the weight average are synced like the network's: both ranks end bit-identical."""
+    result = msrun(2, ["--data_url", data, "--output_url", tmp_path / "out", "--cache_dir", tmp_path / "cache",
+                       "--batch_size", 16, "--lr", 0.01, *COMMON[:4], "--epochs", 2, "--aim_system_metrics", "false",
+                       "--accumulate", 2, "--ema", 0.9], tmp_path / "logs")
+    logs = [(tmp_path / "logs" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
+    assert result.returncode == 0, result.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+    assert "an update every 2 steps, weights averaged (EMA 0.9)" in logs[0]
+    ours = ms.load_checkpoint(str(tmp_path / "out" / "resume.ckpt"))
+    theirs = ms.load_checkpoint(str(tmp_path / "cache" / "rank-1" / "resume.ckpt"))
+    arrays = [name for name in ours if isinstance(ours[name], ms.Parameter)]
+    assert any(name.startswith("ema.") for name in arrays) and "accumulated_steps" in arrays
+    assert ours["ema_updates"].asnumpy().item() == 15  # 2 epochs x 15 steps (a rank's 240 images in 16s) / 2
+    for name in arrays:
+        assert np.array_equal(ours[name].asnumpy(), theirs[name].asnumpy()), name
+
+
 def test_only_rank_0_writes_outputs_and_tracks(two_workers):
     root, logs = two_workers
     assert [r["epoch"] for r in read_json(root / "out" / "metrics.json")] == [1, 2, 3, 4]
