@@ -247,7 +247,7 @@ def untrained_model(folder, arch=ARCH, image_size=224, num_classes=CLASSES):
     from resnet import create_model
     net = create_model(arch, num_classes)
     export.save_checkpoint(net, folder / f"{arch}-best.ckpt")
-    export.export_mindir(net, image_size, folder / f"{arch}-best.mindir")
+    export.export_graph(net, image_size, folder / f"{arch}-best.mindir")
     export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(num_classes)], image_size,
                         datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, arch, "none", "imagefolder")
     return folder

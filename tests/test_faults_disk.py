@@ -240,7 +240,7 @@ def tiny_net():
 
 WRITERS = {  # name -> (file name, write(path))
     "checkpoint": ("w.ckpt", lambda path: export.save_checkpoint(tiny_net(), path)),
-    "MindIR": ("w.mindir", lambda path: export.export_mindir(tiny_net(), 8, path)),
+    "MindIR": ("w.mindir", lambda path: export.export_graph(tiny_net(), 8, path)),
     "JSON": ("metrics.json", lambda path: export.write_json(path, list(range(5000)))),
     "figure": ("curves.png", lambda path: export.plot_curves([{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0,
                                                                 "val_accuracy": 0.5}], path)),

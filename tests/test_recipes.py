@@ -192,9 +192,10 @@ def test_the_schedules_follow_their_formulas():
 
 # ---------------------------------------------------------------- weight averaging and accumulation
 
-def dense_net(seed=2):
+def dense_net(seed=2, batch_norm=False):
     ms.set_seed(seed)
-    return nn.SequentialCell([nn.Dense(4, 8), nn.ReLU(), nn.Dense(8, 3)])
+    return nn.SequentialCell([nn.Dense(4, 8), *([nn.BatchNorm1d(8)] if batch_norm else []), nn.ReLU(),
+                              nn.Dense(8, 3)])
 
 
 def sgd_step(net, momentum=0.9, **options):
@@ -206,7 +207,8 @@ def sgd_step(net, momentum=0.9, **options):
 
 
 def test_the_weight_average_is_the_closed_form_after_a_few_updates():
-    net, copy = dense_net(), dense_net()
+    """Of every parameter: weights, and BatchNorm's moving statistics (which the forward pass updates)."""
+    net, copy = dense_net(batch_norm=True), dense_net(batch_norm=True)
     ms.load_param_into_net(copy, {p.name: ms.Parameter(ms.Tensor(p.asnumpy()), name=p.name)
                                   for p in net.get_parameters()})
     step = sgd_step(net, average=train_step.WeightAverage(net, copy, 0.9))
@@ -223,6 +225,7 @@ def test_the_weight_average_is_the_closed_form_after_a_few_updates():
     for got, want in zip(weights(copy), expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert not np.allclose(weights(copy)[0], seen[-1][0])  # an average, not the last weights
+    assert any("moving_mean" in p.name for p in copy.get_parameters())
     assert {p.name for p in step.get_parameters()} >= {"ema.0.weight", "ema_updates"}  # saved with resume.ckpt
 
 
@@ -241,6 +244,25 @@ def test_accumulating_n_steps_of_batch_b_is_one_step_of_batch_n_times_b():
         for a, b in zip(weights(accumulated), weights(whole)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert scalar(step_n.micro_step) == 0 and scalar(step_n.optimizer.global_step) == 2
+
+
+def test_with_accumulation_the_schedule_counts_updates():
+    import argparse
+    import types
+
+    import train
+    from errors import UserError
+    args = argparse.Namespace(epochs=3, lr=0.1, warmup_epochs=1.0, lr_schedule="cosine", lr_step_epochs=None,
+                              lr_gamma=0.1, accumulate=4, batch_size=8)
+    workers = types.SimpleNamespace(lr_scale=1.0)
+    _, schedule = train.learning_rates(args, workers, 15)  # 15 steps an epoch: 3.75 updates
+    assert len(schedule) == 12  # ceil(3 x 15 / 4) updates, not 45 steps
+    np.testing.assert_allclose(schedule[:4], 0.1 * np.arange(1, 5) / 4, rtol=1e-6)  # warmup: round(3.75) updates
+    args.warmup_epochs = 0.01  # less than an update: still one warmup update, not none
+    assert train.learning_rates(args, workers, 15)[1][0] == pytest.approx(0.1)
+    args.accumulate = 50
+    with pytest.raises(UserError, match="more than the 45 steps of the whole run"):
+        train.learning_rates(args, workers, 15)
 
 
 def test_an_overflow_in_any_accumulated_step_skips_the_whole_update():
@@ -284,9 +306,11 @@ def test_early_stop_stops_at_the_right_epoch_exports_the_best_and_keeps_the_k_be
              "--batch_size", 32, "--epochs", 6, "--lr", 0.02, "--early_stop", 2, "--min_delta", 10,
              "--monitor", "val_loss", "--keep_checkpoints", 2, "--aim_system_metrics", "false", "--recipe", "tutorial"]
     out.mkdir()
-    (out / "resnet18-epoch25.ckpt").write_bytes(b"an earlier run's")  # not one of this run's K best: deleted
-    result = run_train(*flags)
+    (out / "resnet18-epoch25.ckpt").write_bytes(b"an earlier run's")  # another run's output: kept unless replaced
+    assert_fails_cleanly(run_train(*flags), "holds another run's outputs (resnet18-epoch25.ckpt)")
+    result = run_train(*flags, "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "resnet18-epoch25.ckpt").exists()  # not one of this run's K best
     history = read_json(out / "metrics.json")
     assert [r["epoch"] for r in history] == [1, 2, 3] and history[-1]["stopped_early"] is True
     assert "early stop: val_loss has not improved by more than 10 for 2 epochs; stopping after epoch 3" in \
@@ -316,7 +340,9 @@ def test_early_stop_stops_at_the_right_epoch_exports_the_best_and_keeps_the_k_be
     assert "resume: the run stopped early; nothing left to train" in resumed.stdout
     assert len(read_json(out / "metrics.json")) == 3
     other_monitor = run_train(*flags, "--resume", "auto", "--monitor", "val_accuracy")
-    assert_fails_cleanly(other_monitor, "chooses its best epoch by val_loss: resume it with --monitor val_loss")
+    assert_fails_cleanly(other_monitor, "is of a run with --monitor val_loss")
+    other_accumulate = run_train(*flags, "--resume", "auto", "--accumulate", 2)
+    assert_fails_cleanly(other_accumulate, "resume it with --accumulate 1")
     longer = run_train(*flags, "--resume", "auto", "--early_stop", 0, "--epochs", 4)  # stopping is no verdict
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "resume: continuing after epoch 3 of 4" in longer.stdout

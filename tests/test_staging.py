@@ -174,6 +174,10 @@ def test_a_file_the_job_deleted_is_deleted_remotely_and_no_other(store, bucket, 
     assert listing() == ["metrics.json", "notes.txt", "resnet18-epoch2.ckpt", "resnet18-epoch3.ckpt",
                          "resnet18-epoch9.ckpt"]
     assert mirror.push() == 0
+    mirror._store.remove(f"{remote}/resnet18-epoch2.ckpt")  # someone deleted it there first: not an error
+    (mirror.local / "resnet18-epoch2.ckpt").unlink()
+    assert mirror.push() == 0
+    assert "resnet18-epoch2.ckpt" not in listing()
 
 
 def test_output_mirror_pulls_files_and_folders_a_restarted_job_needs(bucket, tmp_path):

@@ -1,4 +1,5 @@
 """The whole job, run as `python train.py ...`: it learns, writes every output, and logs a readable Aim run."""
+import re
 import subprocess
 
 import mindspore as ms
@@ -39,12 +40,31 @@ def aim_run(trained):
 
 def test_every_output_is_written(trained):
     out, files = trained["out"], trained["files"]
-    for path in (files.best_checkpoint, files.last_checkpoint, files.best_mindir, files.labels, files.metrics):
+    for path in (files.best_checkpoint, files.last_checkpoint, files.best_mindir, files.best_onnx, files.labels,
+                 files.metrics):
         assert path.stat().st_size > 0, path
     for picture in (files.curves, files.train_samples, files.val_predictions):
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert (out / AIM_FOLDER).is_dir()
     assert not list(out.glob(".*partial*")), "temporary files left behind"
+
+
+def test_the_onnx_export_was_checked_and_agrees_with_the_checkpoint(trained):
+    """onnxruntime on the exported graph against the best checkpoint in MindSpore, on validation images."""
+    import mindspore as ms
+    import onnxruntime
+    from resnet import create_model
+    assert re.search(r"export: resnet50-best.onnx agrees with the model on 16 validation images \(largest "
+                     r"difference \S+, tolerance 0.0001\)", trained["result"].stdout)
+    net = create_model("resnet50", TRAINED["classes"])
+    ms.load_param_into_net(net, ms.load_checkpoint(str(trained["files"].best_checkpoint)))
+    net.set_train(False)
+    _, inputs, _ = datasets.preview_batch(datasets.find_data(trained["data"]), "val", 32, 40)
+    session = onnxruntime.InferenceSession(str(trained["files"].best_onnx), providers=["CPUExecutionProvider"])
+    ours = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[None]})[0] for x in inputs])
+    theirs = net(ms.Tensor(inputs)).asnumpy()
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=1e-4)
 
 
 def test_labels_json_describes_the_model(trained):

@@ -143,6 +143,9 @@ def get_args_parser():
                      help="a resumed job replays the finished epochs' data pipeline, so it goes on bit for bit as "
                           "the uninterrupted job would (costs one pass over the data per finished epoch); without "
                           "it the data order is the same but random augmentations are drawn anew")
+    run.add_argument("--export_onnx", type=str2bool, nargs="?", const=True, default=True,
+                     help="also export the best model as ONNX, checked against MindSpore with onnxruntime when it "
+                          "is installed")
     _add_staging(run)
     run.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                      help="allow a new run into an output folder that holds another run's outputs (they are "

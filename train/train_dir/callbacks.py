@@ -113,9 +113,10 @@ class StopOnNonFiniteLoss(Callback):
 
 class Selection(NamedTuple):
     """Which epochs are best: `monitor` (a validation metric; the loss counts lower-is-better), and how many of the
-    best epochs' checkpoints are kept."""
+    best epochs' checkpoints are kept; `flags`: the job's flags, of which the resume state keeps some."""
     monitor: str = "val_accuracy"
     keep: int = 1
+    flags: object = None
 
 
 def monitor_score(record, monitor):
@@ -179,7 +180,7 @@ class EpochRecorder(Callback):
         self._keep_best_epochs(record["epoch"])
         write_json(self.files.metrics, self.history)
         if self.train_step is not None:
-            run_state.save_resume(self.train_step, self.files.resume, record["epoch"], self.selection.monitor,
+            run_state.save_resume(self.train_step, self.files.resume, record["epoch"], self.selection.flags,
                                   self.run_id)
 
     def _keep_best_epochs(self, epoch):

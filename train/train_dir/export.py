@@ -102,13 +102,32 @@ def save_examples(images, labels, class_names, folder):
                 Image.fromarray(image).save(tmp, format="PNG")
 
 
-def export_mindir(net, image_size, path):
-    """A MindIR graph with a batch-1 NCHW float32 input: servable without the network's Python code."""
+GRAPH_FORMATS = {".mindir": "MINDIR", ".onnx": "ONNX"}
+ONNX_TOLERANCE = 1e-4  # largest |logit difference| / max(1, |logit|) allowed between onnxruntime and MindSpore
+
+
+def export_graph(net, image_size, path):
+    """A graph with a batch-1 NCHW float32 input, servable without the network's Python code: MindIR or ONNX, as
+    the file's suffix says."""
     import mindspore as ms
     net.set_train(False)
     sample = ms.Tensor(np.zeros((1, 3, image_size, image_size), np.float32))
     with atomic_write(path) as tmp:
-        ms.export(net, sample, file_name=str(tmp.with_suffix("")), file_format="MINDIR")
+        ms.export(net, sample, file_name=str(tmp.with_suffix("")), file_format=GRAPH_FORMATS[Path(path).suffix])
+
+
+def onnx_difference(path, net, inputs):
+    """The largest |logit difference| / max(1, |logit|) between onnxruntime running the ONNX file on `inputs` (an
+    NCHW float32 batch, one image at a time: the graph takes batch 1) and `net` in inference mode."""
+    import mindspore as ms
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    inputs = np.asarray(inputs, np.float32)
+    got = np.concatenate([session.run(None, {name: image[None]})[0] for image in inputs])
+    net.set_train(False)
+    expected = np.concatenate([net(ms.Tensor(image[None])).asnumpy() for image in inputs])
+    return float((np.abs(got - expected) / np.maximum(1.0, np.abs(expected))).max())
 
 
 def _save_figure(fig, path):

@@ -39,6 +39,7 @@ class RunFiles:
         self.best_checkpoint = self.folder / model_file(arch, "best")
         self.last_checkpoint = self.folder / model_file(arch, "last")
         self.best_mindir = self.folder / model_file(arch, "best", ".mindir")
+        self.best_onnx = self.folder / model_file(arch, "best", ".onnx")
         self.arch = arch
 
     def epoch_checkpoint(self, epoch):
@@ -55,8 +56,8 @@ class Outputs:
     locations by `push()`. Only the worker that `writes_outputs` has them; the others write into a scratch folder."""
 
     def __init__(self, args, workers):
-        def mirror(url, what):
-            return staging.OutputMirror(str(url), what, args.cache_dir, io_timeout=args.io_timeout)
+        def mirror(url, what, deletes=True):
+            return staging.OutputMirror(str(url), what, args.cache_dir, io_timeout=args.io_timeout, deletes=deletes)
 
         self.aim_mirror, self.aim_repo, self.scratch = None, None, not workers.writes_outputs
         if self.scratch:
@@ -69,7 +70,7 @@ class Outputs:
             elif storage.scheme_of(args.aim_repo) == "aim":  # an Aim tracking server: nothing to stage
                 self.aim_repo = args.aim_repo
             else:
-                self.aim_mirror = mirror(args.aim_repo, "aim_repo")
+                self.aim_mirror = mirror(args.aim_repo, "aim_repo", deletes=False)  # may be other jobs' too
                 self.aim_repo = self.aim_mirror.local
         self.files = RunFiles(self.mirror.local, args.arch)
         self.location = self.mirror.remote or self.mirror.local
@@ -79,8 +80,9 @@ class Outputs:
         """The names of another run's outputs already in the output folder (locally, or at its remote location)."""
         files = self.files
         names = [path.name for path in (files.labels, files.metrics, files.resume, files.best_checkpoint,
-                                        files.last_checkpoint, files.best_mindir)]
+                                        files.last_checkpoint, files.best_mindir, files.best_onnx)]
         found = [name for name in names if (files.folder / name).exists()]
+        found += [path.name for path in files.epoch_checkpoints()]
         if self.mirror.remote is not None:
             found += [name for name in names if name not in found and self.mirror.remote_has(name)]
         return found
@@ -127,6 +129,7 @@ class Outputs:
         if self.aim_repo == self.mirror.local:
             names.append(AIM_FOLDER)
         self.mirror.pull(*names)
+        self.mirror.pull_matching(model_file(self.files.arch, "epoch*"))  # the K best so far, pruned from here on
         if self.aim_mirror is not None:
             self.aim_mirror.pull()
 
@@ -156,14 +159,19 @@ class ResumeState(NamedTuple):
     history: list = []
     source: Path = None
 
-    monitor: str = "val_accuracy"  # what chose the best epochs so far
+    flags: dict = {}  # KEPT_FLAGS as the run was started
 
 
-def save_resume(train_step, path, epoch, monitor, aim_run):
+# Flags a run must keep when it resumes: what chose its best epochs, how its schedule counts, what it averages.
+KEPT_FLAGS = ("monitor", "accumulate", "ema")
+
+
+def save_resume(train_step, path, epoch, args, aim_run):
     """The train step's parameters (weights, optimiser moments, global step, loss scale, weight average, gradient
-    sums) and where the run is: its epoch, the metric that chooses its best epochs, its Aim run."""
+    sums) and where the run is: its epoch, the flags it must keep, its Aim run."""
     from export import save_checkpoint
-    save_checkpoint(train_step, path, {"epoch": epoch, "monitor": monitor, "aim_run": aim_run or ""})
+    kept = {f"flag_{name}": getattr(args, name) for name in KEPT_FLAGS if hasattr(args, name)}
+    save_checkpoint(train_step, path, {"epoch": epoch, "aim_run": aim_run or "", **kept})
 
 
 def load_resume(args, outputs, train_step):
@@ -180,9 +188,10 @@ def load_resume(args, outputs, train_step):
     else:
         path = staging.stage_in(args.resume, "resume", args.cache_dir, io_timeout=args.io_timeout)
     state = _read_resume(path, train_step)
-    if state.monitor != args.monitor:  # the best checkpoint so far was chosen by it
-        raise UserError(f"{path} is of a run that chooses its best epoch by {state.monitor}: resume it with "
-                        f"--monitor {state.monitor}")
+    for name, value in state.flags.items():  # a state from before a flag existed has no entry for it
+        if not _same_flag(value, getattr(args, name)):
+            raise UserError(f"{path} is of a run with --{name} {value} (its best epoch, schedule and state depend "
+                            f"on it): resume it with --{name} {value}")
     state = state._replace(history=_read_history(path.parent / METRICS, state.epochs_done), source=Path(path))
     best = [r for r in state.history if r.get("best")]
     print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path}"
@@ -201,6 +210,21 @@ def _read_history(path, epochs_done):
             from None
 
 
+def _flag_value(saved):
+    """A flag's value as the checkpoint gives it back: a string, or a one-number Parameter (float32)."""
+    if isinstance(saved, str):
+        return saved
+    value = saved.asnumpy().item() if hasattr(saved, "asnumpy") else saved
+    return int(value) if float(value).is_integer() else float(f"{value:.6g}")
+
+
+def _same_flag(saved, given):
+    if isinstance(saved, str) or isinstance(given, str):
+        return str(saved) == str(given)
+    import numpy as np
+    return np.float32(saved) == np.float32(given)
+
+
 def _read_resume(path, train_step):
     import mindspore as ms
     from checkpoints import read_checkpoint
@@ -208,8 +232,9 @@ def _read_resume(path, train_step):
     if "epoch" not in state:
         raise UserError(f"{path} is not a resume state written by this job (no epoch recorded)")
     done, run_hash = int(state.pop("epoch")), str(state.pop("aim_run"))
-    state.pop("best_accuracy", None)  # written before --monitor, which was then val_accuracy
-    monitor = str(state.pop("monitor", "val_accuracy"))
+    state.pop("best_accuracy", None)  # written by earlier versions
+    state.pop("monitor", None)
+    flags = {name: _flag_value(state.pop(f"flag_{name}")) for name in KEPT_FLAGS if f"flag_{name}" in state}
     # The schedule itself comes from this run's flags (--epochs may have grown); its position is global_step.
     state = {name: value for name, value in state.items() if not name.startswith("learning_rate")}
     try:
@@ -222,4 +247,4 @@ def _read_resume(path, train_step):
         raise UserError(f"{path} does not fit this job's network and optimizer: {len(not_loaded)} parameters "
                         f"missing, e.g. {not_loaded[0]} (same --arch, --freeze, --trainable, --optimizer, --ema and "
                         f"--accumulate?)")
-    return ResumeState(done, run_hash or None, monitor=monitor)
+    return ResumeState(done, run_hash or None, flags=flags)

@@ -225,8 +225,8 @@ class OutputMirror:
     epoch and at the end, so a preempted job keeps what it made.
     """
 
-    def __init__(self, url, what, cache_dir=None, io_timeout=storage.DEFAULT_IO_TIMEOUT):
-        self.url, self.what, self.io_timeout = str(url), what, io_timeout
+    def __init__(self, url, what, cache_dir=None, io_timeout=storage.DEFAULT_IO_TIMEOUT, deletes=True):
+        self.url, self.what, self.io_timeout, self.deletes = str(url), what, io_timeout, deletes
         self.remote = None if storage.is_local(url) else self.url.rstrip("/")
         self._pushed, self._push_failed = {}, None
         if self.remote is None:
@@ -296,25 +296,41 @@ class OutputMirror:
         return len(pulled)
 
     def push(self):
-        """Copy new and changed files to the remote, and delete there the files this job pushed or pulled and has
-        deleted since (a checkpoint that dropped out of --keep_checkpoints); returns how many were copied."""
+        """Copy new and changed files to the remote; with `deletes`, also delete there the files this job pushed or
+        pulled and has deleted since (a checkpoint that dropped out of --keep_checkpoints, a file Aim retired), as
+        best it can: a delete that fails is a warning, tried again at the next push. Returns how many were
+        copied."""
         if self.remote is None:
             return 0
         if self._push_failed:  # the store already failed after its retries and timeouts: do not wait for it again
             raise UserError(self._push_failed)
         local = self._local_files()
         changed = {rel: info for rel, info in local.items() if self._pushed.get(rel) != info}
-        deleted = [rel for rel in self._pushed if rel not in local]
-        try:
-            if changed:
+        if changed:
+            try:
                 self._store.copy_parallel(self.local, self.remote, only=list(changed))
-            for rel in deleted:
+            except Exception as exc:
+                self._push_failed = (f"{self.what}: could not upload to {storage.redact(self.remote)}: "
+                                     f"{_reason(exc, self.io_timeout)}; the outputs are kept in {self.local}")
+                raise UserError(self._push_failed) from None
+            self._pushed.update(changed)
+        for rel in [rel for rel in self._pushed if rel not in local] if self.deletes else []:
+            try:
                 self._store.remove(f"{self.remote}/{rel}")
-        except Exception as exc:
-            self._push_failed = (f"{self.what}: could not upload to {storage.redact(self.remote)}: "
-                                 f"{_reason(exc, self.io_timeout)}; the outputs are kept in {self.local}")
-            raise UserError(self._push_failed) from None
-        self._pushed.update(changed)
-        for rel in deleted:
-            del self._pushed[rel]
+                del self._pushed[rel]
+            except Exception as exc:  # e.g. a bucket policy that allows writing but not deleting
+                print(f"warning: {self.what}: could not delete {rel} (deleted here) from "
+                      f"{storage.redact(self.remote)}: {_reason(exc, self.io_timeout)}", file=sys.stderr, flush=True)
         return len(changed)
+
+    def pull_matching(self, pattern):
+        """Pull the files directly in the remote folder whose names match `pattern` (fnmatch)."""
+        if self.remote is None:
+            return 0
+        import fnmatch
+        try:
+            names = [name for name in self._store.list_names(self.remote) if fnmatch.fnmatch(name, pattern)]
+        except Exception as exc:
+            raise UserError(f"{self.what} {storage.redact(self.remote)} cannot be listed: "
+                            f"{_reason(exc, self.io_timeout)}") from None
+        return self.pull(*names) if names else 0

@@ -118,8 +118,15 @@ class MoxingStorage:
         self.file.copy(str(src), str(dst))
 
     def remove(self, url):
-        """Delete one file."""
-        self.file.remove(str(url), recursive=False)
+        """Delete one file (gone already is fine)."""
+        if self.file.exists(str(url)):
+            self.file.remove(str(url), recursive=False)
+
+    def list_names(self, url):
+        """The names of the files and folders directly in folder `url` (none when it does not exist)."""
+        if not self.file.is_directory(str(url)):
+            return []
+        return [name.rstrip("/").rsplit("/", 1)[-1] for name in self.file.list_directory(str(url))]
 
     def copy_parallel(self, src, dst, only=None):
         """Copy the contents of folder `src` into folder `dst`; `only`, when given, limits the copy to those paths
@@ -149,6 +156,16 @@ class FsspecStorage:
     def make_dirs(self, url):
         fs, path = filesystem(url, self.io_timeout)
         fs.makedirs(path, exist_ok=True)
+
+    def list_names(self, url):
+        """The names of the files and folders directly in folder `url` (none when it does not exist: a bucket
+        has no empty folders)."""
+        fs, path = filesystem(url, self.io_timeout)
+        try:
+            entries = _retry(lambda: fs.ls(path, detail=False, refresh=True), f"listing {redact(url)}")
+        except FileNotFoundError:
+            return []
+        return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
 
     def remove(self, url):
         """Delete one file (gone already is fine)."""

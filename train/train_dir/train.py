@@ -159,6 +159,13 @@ def learning_rates(args, workers, steps_per_epoch):
     if args.epochs * steps_per_epoch > MAX_SCHEDULE_STEPS:
         raise UserError(f"--epochs {args.epochs} x {steps_per_epoch} steps per epoch is a schedule of more than "
                         f"{MAX_SCHEDULE_STEPS:,} steps, too long to hold in memory")
+    if args.epochs * steps_per_epoch < args.accumulate:
+        raise UserError(f"--accumulate {args.accumulate} is more than the {args.epochs * steps_per_epoch} steps of "
+                        f"the whole run: no update would be made")
+    if steps_per_epoch % args.accumulate:
+        print(f"note: {steps_per_epoch} steps an epoch are not a multiple of --accumulate {args.accumulate}: updates "
+              f"span epochs, and the last {args.epochs * steps_per_epoch % args.accumulate} steps of the run add to "
+              f"no update")
     lr = args.lr * workers.lr_scale
     updates_per_epoch = steps_per_epoch / args.accumulate  # the schedule counts updates
     return lr, train_step.learning_rates(lr, args.epochs, updates_per_epoch, args.warmup_epochs, args.lr_schedule,
@@ -224,7 +231,8 @@ def hyperparameters(args, source, device, num_classes, workers, plan):
     import mindspore as ms
     locations = {k: storage.redact(getattr(args, k)) for k in URL_ARGS if getattr(args, k)}
     return {**vars(args), **locations, "num_classes": num_classes, "git_commit": git_commit(), "device": device,
-            "mindspore": ms.__version__, "workers": workers.size, "global_batch_size": args.batch_size * workers.size,
+            "mindspore": ms.__version__, "workers": workers.size,
+            "global_batch_size": args.batch_size * workers.size * args.accumulate,  # images per update
             "dataset": source.name, "data_format": source.kind, "class_names": source.class_names,
             "train_size": source.sizes["train"], "val_size": source.sizes["val"], **plan._asdict()}
 
@@ -254,16 +262,51 @@ def start_tracking(args, outputs, source, hparams, meter, training, resumed, ste
     return aim_run(None)
 
 
-def finish(net, history, args, outputs, only_missing=False):
-    """The best epoch's weights as the servable MindIR, and the learning curves (with `only_missing`, just those
-    a finished job is missing, e.g. after a kill during the export); then the final upload."""
+def export_onnx(net, args, files, inputs):
+    """The best model as ONNX beside the MindIR, checked on `inputs` (the validation preview) against MindSpore with
+    onnxruntime when it is installed. A failed export or check is one warning (and no .onnx file): the training
+    and the MindIR stand. A full or lost disk still ends the job."""
+    from errors import OutputError
+    name = files.best_onnx.name
+    try:
+        export.export_graph(net, args.image_size, files.best_onnx)
+    except OutputError:
+        raise
+    except Exception as exc:  # MindSpore raises RuntimeError, ValueError, TypeError for an op without ONNX
+        print(f"warning: the ONNX export failed ({' '.join(str(exc).split())[:300]}); the checkpoint and MindIR are "
+              f"unaffected", file=sys.stderr)
+        return
+    try:
+        worst = export.onnx_difference(files.best_onnx, net, inputs)
+    except ImportError:
+        print(f"export: {name} written, not checked (onnxruntime is not installed)")
+        return
+    except Exception as exc:
+        worst, why = float("inf"), f"onnxruntime cannot run it: {' '.join(str(exc).split())[:300]}"
+    else:
+        why = f"its logits differ from MindSpore's by up to {worst:.2g} (tolerance {export.ONNX_TOLERANCE:g})"
+    if worst <= export.ONNX_TOLERANCE:
+        print(f"export: {name} agrees with the model on {len(inputs)} validation images (largest difference "
+              f"{worst:.1e}, tolerance {export.ONNX_TOLERANCE:g})")
+        return
+    files.best_onnx.unlink(missing_ok=True)
+    print(f"warning: {name} was not kept: {why}; the checkpoint and MindIR are unaffected", file=sys.stderr)
+
+
+def finish(net, history, args, outputs, check_inputs, only_missing=False):
+    """The best epoch's weights as the servable MindIR (and ONNX, checked on `check_inputs`), and the learning
+    curves (with `only_missing`, just those a finished job is missing, e.g. after a kill during the export); then
+    the final upload."""
     import mindspore as ms
     files = outputs.files
-    if not (only_missing and files.best_mindir.exists()):
+    exported = files.best_mindir.exists() and (files.best_onnx.exists() or not args.export_onnx)
+    if not (only_missing and exported):
         if not files.best_checkpoint.is_file():
             raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
         ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
-        export.export_mindir(net, args.image_size, files.best_mindir)
+        export.export_graph(net, args.image_size, files.best_mindir)
+        if args.export_onnx:
+            export_onnx(net, args, files, check_inputs)
     if history and not (only_missing and files.curves.exists()):
         export.plot_curves(history, files.curves)
     outputs.push()
@@ -317,14 +360,14 @@ def main(args):
               f"nothing left to train")
         if source.test and workers.writes_outputs and not files.test.exists():  # stopped before the test
             evaluate_test(net, source, args, num_classes, weights, files, None, callbacks.best_epoch(resumed.history))
-        return finish(net, resumed.history, args, outputs, only_missing=True)
+        return finish(net, resumed.history, args, outputs, training.preview[1], only_missing=True)
     datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, args.resume_exact)
 
     meter = callbacks.StepMeter()
     hparams = hyperparameters(args, source, device, num_classes, workers, plan)
     tracker = start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch)
     recorder = callbacks.EpochRecorder(meter, kept, files, trainer.train_network, tracker.hash, resumed,
-                                       callbacks.Selection(args.monitor, args.keep_checkpoints))
+                                       callbacks.Selection(args.monitor, args.keep_checkpoints, args))
     early_stop = callbacks.EarlyStop(recorder, args.monitor, args.early_stop, args.min_delta, tracker) \
         if args.early_stop else None
     where = f"outputs only on rank 0 (this worker's scratch: {files.folder})" if not workers.writes_outputs else \
@@ -354,7 +397,7 @@ def main(args):
             tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report
         finally:
             outputs.push()  # also after a failure: keep what the finished epochs made
-    finish(net, recorder.history, args, outputs)
+    finish(net, recorder.history, args, outputs, training.preview[1])
 
 
 def run(argv=None):

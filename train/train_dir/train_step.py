@@ -19,7 +19,7 @@ def learning_rates(base_lr, epochs, steps_per_epoch, warmup_epochs=0.0, schedule
     `gamma` every `step_epochs` (default: a third of the epochs after warmup), or constant. `steps_per_epoch` may be
     fractional (updates per epoch, with accumulation)."""
     total = int(math.ceil(epochs * steps_per_epoch))
-    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    warmup = min(max(int(round(warmup_epochs * steps_per_epoch)), 1 if warmup_epochs > 0 else 0), total)
     step = np.arange(total, dtype=np.float64)
     warm = base_lr * (step + 1) / max(warmup, 1)
     after = step - warmup
