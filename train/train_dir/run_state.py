@@ -187,11 +187,7 @@ def load_resume(args, outputs, train_step):
             return ResumeState()
     else:
         path = staging.stage_in(args.resume, "resume", args.cache_dir, io_timeout=args.io_timeout)
-    state = _read_resume(path, train_step)
-    for name, value in state.flags.items():  # a state from before a flag existed has no entry for it
-        if not _same_flag(value, getattr(args, name)):
-            raise UserError(f"{path} is of a run with --{name} {value} (its best epoch, schedule and state depend "
-                            f"on it): resume it with --{name} {value}")
+    state = _read_resume(path, train_step, args)
     state = state._replace(history=_read_history(path.parent / METRICS, state.epochs_done), source=Path(path))
     best = [r for r in state.history if r.get("best")]
     print(f"resume: continuing after epoch {state.epochs_done} of {args.epochs} from {path}"
@@ -225,7 +221,7 @@ def _same_flag(saved, given):
     return np.float32(saved) == np.float32(given)
 
 
-def _read_resume(path, train_step):
+def _read_resume(path, train_step, args):
     import mindspore as ms
     from checkpoints import read_checkpoint
     state = read_checkpoint(path)
@@ -235,6 +231,10 @@ def _read_resume(path, train_step):
     state.pop("best_accuracy", None)  # written by earlier versions
     state.pop("monitor", None)
     flags = {name: _flag_value(state.pop(f"flag_{name}")) for name in KEPT_FLAGS if f"flag_{name}" in state}
+    for name, value in flags.items():  # before the parameters: a changed flag explains missing ones best
+        if not _same_flag(value, getattr(args, name)):
+            raise UserError(f"{path} is of a run with --{name} {value} (its best epoch, schedule and state depend "
+                            f"on it): resume it with --{name} {value}")
     # The schedule itself comes from this run's flags (--epochs may have grown); its position is global_step.
     state = {name: value for name, value in state.items() if not name.startswith("learning_rate")}
     try:
