@@ -103,7 +103,8 @@ def build_app(predictor, top_k=TOP_K):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("MODEL_PATH"),
-                        help="a .ckpt or .mindir written by train.py (default: $MODEL_PATH, else the one in inference/)")
+                        help="a .ckpt, .mindir or .onnx written by train.py (default: $MODEL_PATH, else the one in "
+                             "inference/)")
     parser.add_argument("--labels", help="labels.json (default: beside the model)")
     parser.add_argument("--top_k", type=int, default=TOP_K)
     return parser.parse_args(argv)

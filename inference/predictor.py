@@ -24,7 +24,7 @@ from fetch_model import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import MAX_PIXELS, to_rgb  # noqa: E402
 
-MODEL_SUFFIXES = (".ckpt", ".mindir")
+MODEL_SUFFIXES = (".ckpt", ".mindir", ".onnx")  # in order of preference
 
 
 class BadImage(ValueError):
@@ -59,9 +59,9 @@ def find_model(folder=HERE):
     if not found:
         config = Path(folder) / "config.json"
         unset = config.is_file() and PLACEHOLDER in config.read_text(errors="replace")
-        raise UserError(f"no model (.ckpt or .mindir) in {folder}: pass --model PATH or set MODEL_PATH"
+        raise UserError(f"no model (.ckpt, .mindir or .onnx) in {folder}: pass --model PATH or set MODEL_PATH"
                         + (f"; {config} still names {PLACEHOLDER}: {PLACEHOLDER_HINT}" if unset else ""))
-    return sorted(found, key=lambda p: (p.suffix.lower() != ".ckpt", "best" not in p.name))[0]
+    return sorted(found, key=lambda p: (MODEL_SUFFIXES.index(p.suffix.lower()), "best" not in p.name))[0]
 
 
 class Predictor:

@@ -176,6 +176,16 @@ def garbled_model(tmp_path):
     return path
 
 
+def garbled_onnx(tmp_path):
+    """An ONNX export cut short in transfer, with its labels.json."""
+    import export
+    untrained_model(tmp_path)
+    path = tmp_path / "resnet18-best.onnx"
+    export.export_graph(create_model("resnet18", 3), 32, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    return path
+
+
 OTHER_CASES = {
     "config that is not JSON": (lambda t: [RUN_JOB, config_file(t, "{ not json")], "must be plain JSON"),
     "config with // comments": (lambda t: [RUN_JOB, config_file(t, '{\n  // the job\n  "SDK": "ModelArts"\n}')],
@@ -185,6 +195,7 @@ OTHER_CASES = {
     "app: model without labels.json": (lambda t: [APP, "--model", untrained_model(t, labels=False)],
                                        "labels.json is missing"),
     "app: not a checkpoint": (lambda t: [APP, "--model", garbled_model(t)], "not a readable"),
+    "app: an ONNX file cut short": (lambda t: [APP, "--model", garbled_onnx(t)], "not an ONNX model onnxruntime"),
 }
 
 

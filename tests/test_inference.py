@@ -48,7 +48,7 @@ def model(module_tmp):
     data = write_cifar(root / "cifar", shape_split(768, 0), shape_split(240, 1), SHAPES)
     out = root / "out"
     result = run_train("--data_url", data, "--output_url", out, "--arch", "resnet18", "--image_size", 32,
-                       "--epochs", 8, "--batch_size", 32, "--lr", 0.05, "--aim_system_metrics", "false")
+                       "--epochs", 8, "--batch_size", 32, "--lr", 0.05, "--aim_system_metrics", "false", onnx=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -145,13 +145,14 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_answering(app, tmp_path)
     assert predict(client, path)["label"] == shape
 
 
-def test_ckpt_and_mindir_agree(model, tmp_path):
+def test_ckpt_mindir_and_onnx_agree(model, tmp_path):
     ckpt = inference.Predictor.load(model / "resnet18-best.ckpt")
-    mindir = inference.Predictor.load(model / "resnet18-best.mindir")
     images = [path for path, _ in variants(tmp_path, seed=3)]
-    a, b = ckpt.probabilities(images), mindir.probabilities(images)
-    assert (a.argmax(1) == b.argmax(1)).all()
-    np.testing.assert_allclose(a, b, atol=1e-4)
+    a = ckpt.probabilities(images)
+    for graph in ("resnet18-best.mindir", "resnet18-best.onnx"):
+        b = inference.Predictor.load(model / graph).probabilities(images)
+        assert (a.argmax(1) == b.argmax(1)).all(), graph
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=graph)
     assert [top[0][0] for top in ckpt.predict(images, top_k=2)] == [SHAPES[i] for i in a.argmax(1)]
 
 
@@ -195,7 +196,10 @@ def test_the_platform_layout_and_a_missing_model(model, tmp_path):
     folder.mkdir()
     with pytest.raises(inference.UserError, match="no model"):
         inference.find_model(folder)
-    for name in ("resnet18-best.mindir", "resnet18-best.ckpt", "labels.json"):
+    for name in ("resnet18-best.onnx", "resnet18-best.mindir"):
+        shutil.copy(model / name, folder / name)
+    assert inference.find_model(folder).name == "resnet18-best.mindir"  # MindIR before ONNX
+    for name in ("resnet18-best.ckpt", "labels.json"):
         shutil.copy(model / name, folder / name)
     assert inference.find_model(folder).name == "resnet18-best.ckpt"
     (folder / "labels.json").unlink()

@@ -270,8 +270,8 @@ def _add_staging(group):
 
 def _add_model(group):
     group.add_argument("--model_url", "--model", "--ckpt_url", dest="model_url", required=True,
-                       help="a .ckpt or .mindir written by train.py, or a folder of its outputs (the best model in "
-                            "it); local, obs://, s3:// or http(s)://; labels.json is read beside it")
+                       help="a .ckpt, .mindir or .onnx written by train.py, or a folder of its outputs (the best model "
+                            "in it); local, obs://, s3:// or http(s)://; labels.json is read beside it")
     group.add_argument("--labels", default=None, help="labels.json, when it is not beside the model")
 
 

@@ -304,10 +304,10 @@ class TrainStep(nn.TrainOneStepCell):
 def create_loss(weights=None, label_smoothing=0.0):
     """Mean cross-entropy of logits against class indices or (mixup/cutmix) rows of class probabilities, exact for
     any logits; with per-class `weights`, the weighted mean sum(w[y] * loss) / sum(w[y]); with `label_smoothing` s,
-    against targets of 1 - s on the label plus s / C on every class. (With weights and soft labels, MindSpore
-    divides by the batch size instead: the two agree on average under inverse-frequency weights.) (MindSpore 2.10's sparse
-    `SoftmaxCrossEntropyWithLogits` returns inf on CPU once a wrong class leads by more than about 88, which would
-    stop a job whose model is confidently wrong on one image as if it had diverged.)"""
+    against targets of 1 - s on the label plus s / C on every class (with weights and soft labels, MindSpore
+    divides by the batch size instead: the two agree on average under inverse-frequency weights). Not MindSpore
+    2.10's sparse `SoftmaxCrossEntropyWithLogits`: it returns inf on CPU once a wrong class leads by more than about
+    88, which would stop a job whose model is confidently wrong on one image as if it had diverged."""
     weight = None if weights is None else ms.Tensor(np.asarray(weights, np.float32))
     return nn.CrossEntropyLoss(weight=weight, reduction="mean", label_smoothing=float(label_smoothing))
 

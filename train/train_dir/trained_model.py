@@ -84,12 +84,35 @@ def load(model_path, labels_path=None):
             graph = ms.nn.GraphCell(ms.load(str(model_path)))
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"{model_path} is not a MindIR model ({str(exc).splitlines()[0]})") from None
-
-        def forward(batch):  # the graph takes the batch-1 shape it was exported with
-            return np.concatenate([graph(ms.Tensor(x[None])).asnumpy() for x in batch]).astype(np.float64)
-        return labels, forward
+        return labels, _one_at_a_time(lambda x: graph(ms.Tensor(x)).asnumpy())
+    if model_path.suffix.lower() == ".onnx":
+        return labels, _one_at_a_time(_onnx_session(model_path))
     net = load_network(model_path, labels)
     return labels, lambda batch: net(ms.Tensor(np.asarray(batch, np.float32))).asnumpy().astype(np.float64)
+
+
+def _one_at_a_time(run):
+    """A batch forward from a graph exported for the batch-1 shape."""
+    def forward(batch):
+        return np.concatenate([run(np.asarray(x[None], np.float32)) for x in batch]).astype(np.float64)
+    return forward
+
+
+def _onnx_session(model_path):
+    """onnxruntime's run of an ONNX file, as a function of one input array."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"{model_path} is an ONNX model: serving it needs onnxruntime (pip install "
+                        f"onnxruntime)") from None
+    try:
+        session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf types
+        raise UserError(f"{model_path} is not an ONNX model onnxruntime can run "
+                        f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") \
+            from None
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
 
 
 def softmax(logits):
