@@ -176,6 +176,11 @@ def _times_tensor(factor, value):
     return value * factor
 
 
+@_times.register("Tensor", "Tensor")
+def _times_by_tensor(factor, value):
+    return value * factor.astype(value.dtype)
+
+
 _square_sum = ops.MultitypeFuncGraph("square_sum")
 
 
@@ -188,15 +193,7 @@ def clip_to_global_norm(grads, max_norm, hyper_map):
     """`grads` scaled by min(1, max_norm / their global L2 norm) (ops.clip_by_global_norm is deprecated)."""
     norm = ops.sqrt(ops.stack(hyper_map(_square_sum, grads)).sum())
     factor = ops.minimum(ms.Tensor(1.0, ms.float32), max_norm / ops.maximum(norm, ms.Tensor(1e-12, ms.float32)))
-    return hyper_map(ops.partial(_times_tensor_factor, factor), grads)
-
-
-_times_tensor_factor = ops.MultitypeFuncGraph("times_tensor_factor")
-
-
-@_times_tensor_factor.register("Tensor", "Tensor")
-def _times_tensor_factor_tensor(factor, grad):
-    return grad * factor.astype(grad.dtype)
+    return hyper_map(ops.partial(_times, factor), grads)
 
 
 @_average_into.register("Tensor", "Tensor", "Tensor")
