@@ -1,9 +1,11 @@
 """Speed on this CPU: our training step against the seed tutorial's loop and PyTorch, the data pipeline against
-what the step consumes, and batch-1 inference latency; peak memory of each.
+what the step consumes, and inference (batch-1 latency, batch-32 throughput) of the .onnx, .mindir and .ckpt
+against PyTorch eager; peak memory of each.
 
     make bench                                  # installs torch==2.13.0 (CPU) from bench/requirements.txt, then this
     .venv/bin/python bench/speed.py --rounds 3  # the same
     .venv/bin/python bench/speed.py --only train --shapes 32x32 --rounds 5
+    .venv/bin/python bench/speed.py --only inference --rounds 5
 
 Every measurement runs in a fresh process (so peak RSS is its own, and oneDNN settings, which are read at the first
 op, can differ), and rounds are interleaved: ours, seed, torch, ours, seed, torch, ... The table shows the median over
@@ -194,27 +196,37 @@ def write_photos(folder, count, size=(500, 375), seed=0):
     return folder
 
 
-# ---------------------------------------------------------------- inference at batch 1
+# ---------------------------------------------------------------- inference
 
-def infer(model_path, repeats):
-    """Latency of the network on one preprocessed 224 image, through the app's Predictor (ckpt or MindIR)."""
-    import mindspore as ms
-    from runtime import tune_cpu_env
-    tune_cpu_env()
-    from predictor import Predictor
-    predictor = Predictor.load(model_path)
-    ms.set_context(**context_overrides())
-    x = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32))
-    return latencies(lambda: predictor.forward(x).asnumpy(), repeats)
+def infer(model_path, repeats, batch):
+    """Batch-1 latency and batch-`batch` throughput of the network on preprocessed 224 images, loaded as the app and
+    predict.py load it (trained_model.load: .onnx on onnxruntime, .ckpt and .mindir on MindSpore)."""
+    import trained_model
+    if not model_path.endswith(".onnx"):
+        import mindspore as ms
+        from runtime import tune_cpu_env
+        tune_cpu_env()
+        ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU", **context_overrides())
+    _, forward = trained_model.load(model_path)
+    return forward_speed(forward, repeats, batch)
 
 
-def infer_torch(repeats):
+def infer_torch(repeats, batch):
     import torch
     import torch_resnet
     model = torch_resnet.create_model(ARCH, CLASSES).eval()
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32))
     with torch.inference_mode():
-        return latencies(lambda: model(x).numpy(), repeats)
+        return forward_speed(lambda x: model(torch.from_numpy(x)).numpy(), repeats, batch)
+
+
+def forward_speed(forward, repeats, batch):
+    """p50/p95 ms at batch 1, and images/s at `batch` (median of a few calls)."""
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(1, 3, 224, 224)).astype(np.float32)
+    many = rng.normal(size=(batch, 3, 224, 224)).astype(np.float32)
+    result = latencies(lambda: forward(one), repeats)
+    result["images_per_s"] = batch / statistics.median(call_times(lambda: forward(many), max(3, repeats // 6), 1))
+    return result
 
 
 def call_times(call, repeats, warmup=3):
@@ -248,6 +260,7 @@ def untrained_model(folder, arch=ARCH, image_size=224, num_classes=CLASSES):
     net = create_model(arch, num_classes)
     export.save_checkpoint(net, folder / f"{arch}-best.ckpt")
     export.export_graph(net, image_size, folder / f"{arch}-best.mindir")
+    export.export_graph(net, image_size, folder / f"{arch}-best.onnx")
     export.write_labels(folder / "labels.json", [f"class_{i}" for i in range(num_classes)], image_size,
                         datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, arch, "none", "imagefolder")
     return folder
@@ -304,6 +317,8 @@ def main():
                         help="extra mindspore.set_context setting for our runs, e.g. enable_graph_kernel=true")
     parser.add_argument("--variants", nargs="+", default=["ours", "ours conv", "seed AVX2", "seed stock", "torch"],
                         help="which training variants to run ('ours conv': ours with convolutions on small maps too)")
+    parser.add_argument("--repeats", type=int, default=30, help="inference: timed batch-1 calls per round")
+    parser.add_argument("--batch", type=int, default=32, help="inference: the batch of the throughput column")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -359,12 +374,13 @@ def main():
                 record(("pipeline", 32, 32), "pipeline", [str(cifar), 32, 32, 60], AVX2)
                 record(("pipeline", 224, 8), "pipeline", [str(photos), 224, 8, 60], AVX2)
             if "inference" in parts:
-                record("ckpt", "infer", [str(tmp / f"{ARCH}-best.ckpt"), 30], AVX2)
-                record("mindir", "infer", [str(tmp / f"{ARCH}-best.mindir"), 30], AVX2)
+                for name in ("onnx", "mindir", "ckpt"):
+                    record(name, "infer", [str(tmp / f"{ARCH}-best.{name}"), args.repeats, args.batch], AVX2)
                 if ours_env:
-                    record("mindir, tried", "infer", [str(tmp / f"{ARCH}-best.mindir"), 30], {**AVX2, **ours_env})
+                    record("mindir, tried", "infer", [str(tmp / f"{ARCH}-best.mindir"), args.repeats, args.batch],
+                           {**AVX2, **ours_env})
                 if have_torch:
-                    record("torch", "infer-torch", [30], {})
+                    record("torch", "infer-torch", [args.repeats, args.batch], {})
     report(results, args, shapes)
 
 
@@ -420,20 +436,29 @@ def report(results, args, shapes):
             ratio = f", {median(runs) / median(consumed):.1f}x what our step consumes" if consumed else ""
             print(f"data pipeline {size}x{size} b{batch} ({kind}): {median(runs):.0f} images/s "
                   f"({median(runs, 'peak_rss_mb'):.0f} MB){ratio}")
-    if "ckpt" in results:
-        print(f"\ninference, batch 1, {ARCH} 224x224, network only (ms; peak RSS in MB)")
-        for name in ("ckpt", "mindir", "mindir, tried", "torch"):
-            if name in results:
-                runs = results[name]
-                print(f"{name:<15}p50 {median(runs, 'value', 'p50'):>7.1f}  p95 {median(runs, 'value', 'p95'):>7.1f}  "
-                      f"({median(runs, 'peak_rss_mb'):.0f} MB)")
-        if "mindir, tried" in results:
-            print("  ratio tried/mindir p50 per round: "
-                  + per_round(results["mindir, tried"], results["mindir"], "value", "p50"))
-        if "torch" in results:
-            for name in ("ckpt", "mindir"):
-                ratio = median(results[name], "value", "p50") / median(results["torch"], "value", "p50")
-                print(f"  ratio {name}/torch p50 latency: {ratio:.2f}x")
+    if "onnx" in results:
+        report_inference(results, args)
+
+
+def report_inference(results, args):
+    print(f"\ninference, {ARCH} 224x224, network only: batch-1 latency (ms), batch-{args.batch} images/s, peak RSS")
+    names = [n for n in ("onnx", "mindir", "ckpt", "mindir, tried", "torch") if n in results]
+    for name in names:
+        runs = results[name]
+        print(f"{name:<15}p50 {median(runs, 'value', 'p50'):>7.1f}  p95 {median(runs, 'value', 'p95'):>7.1f}  "
+              f"b{args.batch} {median(runs, 'value', 'images_per_s'):>6.1f} img/s  ({median(runs, 'peak_rss_mb'):.0f} MB)")
+    if "mindir, tried" in results:
+        print("  ratio tried/mindir p50 per round: "
+              + per_round(results["mindir, tried"], results["mindir"], "value", "p50"))
+    reference = "torch" if "torch" in results else "ckpt"
+    for name in names:
+        if name == reference:
+            continue
+        runs, base = results[name], results[reference]
+        latency = median(runs, "value", "p50") / median(base, "value", "p50")
+        rate = median(runs, "value", "images_per_s") / median(base, "value", "images_per_s")
+        print(f"  ratio {name}/{reference}: p50 latency {latency:.2f}x (per round "
+              f"{per_round(runs, base, 'value', 'p50')}), b{args.batch} throughput {rate:.2f}x")
 
 
 if __name__ == "__main__":

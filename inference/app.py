@@ -1,7 +1,9 @@
 """Serve a classifier that train.py produced, as a Gradio app: on Xihe's inference pod, or locally.
 
-    python inference/app.py --model OUT/resnet50-best.ckpt        # or the .mindir; labels.json is read beside it
+    python inference/app.py --model OUT/resnet50-best.onnx        # or .ckpt / .mindir; labels.json is read beside it
     python inference/app.py                                       # the model file in inference/ (Xihe's way)
+
+An .onnx is served on onnxruntime, without MindSpore (what the pod installs); a .ckpt or .mindir needs MindSpore.
 
 Listens on GRADIO_SERVER_NAME:GRADIO_SERVER_PORT when set, else 127.0.0.1:7860. The API endpoint is `/predict`:
 one image in, a `gr.Label` value out whose `label` is the class name as in labels.json.
@@ -103,8 +105,8 @@ def build_app(predictor, top_k=TOP_K):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("MODEL_PATH"),
-                        help="a .ckpt, .mindir or .onnx written by train.py (default: $MODEL_PATH, else the one in "
-                             "inference/)")
+                        help="an .onnx, .ckpt or .mindir written by train.py (default: $MODEL_PATH, else the one in "
+                             "inference/: an .onnx when onnxruntime is installed)")
     parser.add_argument("--labels", help="labels.json (default: beside the model)")
     parser.add_argument("--top_k", type=int, default=TOP_K)
     return parser.parse_args(argv)

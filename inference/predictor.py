@@ -1,11 +1,13 @@
-"""Class probabilities for images from a model that train.py produced; importable without Gradio.
+"""Class probabilities for images from a model that train.py produced; importable without Gradio or MindSpore.
 
     from predictor import Predictor
-    model = Predictor.load("OUT/resnet50-best.ckpt")        # or the .mindir; labels.json is read beside it
+    model = Predictor.load("OUT/resnet50-best.onnx")        # or the .ckpt / .mindir; labels.json is read beside it
     model.predict([Image.open("dog.jpg")], top_k=3)         # [[("dog", 0.93), ("wolf", 0.05), ...]]
 
-A `.ckpt` is loaded into the network of train/train_dir/resnet.py (the one definition); a `.mindir` runs as a graph
-with no network code. Images are prepared by the validation transform of train/train_dir/datasets.py.
+An `.onnx` runs on onnxruntime and never imports MindSpore; a `.ckpt` is loaded into the network of
+train/train_dir/resnet.py (the one definition) and a `.mindir` runs as a MindSpore graph. Images are prepared as
+training's validation transform prepares them (datasets.eval_array, equal to it to the last bit), without
+mindspore.dataset.
 """
 import os
 import sys
@@ -20,11 +22,10 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
 import trained_model  # noqa: E402
+from datasets import eval_array  # noqa: E402
 from fetch_model import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import MAX_PIXELS, to_rgb  # noqa: E402
-
-MODEL_SUFFIXES = (".ckpt", ".mindir", ".onnx")  # in order of preference
 
 
 class BadImage(ValueError):
@@ -53,15 +54,15 @@ def read_image(source):
 
 
 def find_model(folder=HERE):
-    """The model file in `folder` (as the platform's pod places `model_path` files): a .ckpt, else a .mindir,
-    preferring one named *best*."""
-    found = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in MODEL_SUFFIXES)
-    if not found:
+    """The model file in `folder` (as the platform's pod places `model_path` files), chosen as eval.py and
+    predict.py choose: an .onnx when onnxruntime is installed, else a .ckpt, else a .mindir; *best* first."""
+    found = trained_model.choose(folder)
+    if found is None:
         config = Path(folder) / "config.json"
         unset = config.is_file() and PLACEHOLDER in config.read_text(errors="replace")
-        raise UserError(f"no model (.ckpt, .mindir or .onnx) in {folder}: pass --model PATH or set MODEL_PATH"
+        raise UserError(f"no model (.onnx, .ckpt or .mindir) in {folder}: pass --model PATH or set MODEL_PATH"
                         + (f"; {config} still names {PLACEHOLDER}: {PLACEHOLDER_HINT}" if unset else ""))
-    return sorted(found, key=lambda p: (MODEL_SUFFIXES.index(p.suffix.lower()), "best" not in p.name))[0]
+    return found
 
 
 class Predictor:
@@ -74,22 +75,17 @@ class Predictor:
         self.class_names = labels["class_names"]
         self.image_size = int(labels["image_size"])
         self.data_format = labels.get("data_format", "imagefolder")
-        from datasets import eval_transforms
-        from mindspore.dataset.transforms import Compose
-        self.transform = Compose(eval_transforms(self.image_size, self.data_format))
 
     @classmethod
     def load(cls, model_path, labels_path=None):
-        import runtime
-        runtime.tune_cpu_env()  # before the first op: on AVX-512 hosts, 10-30x faster convolutions
-        import mindspore as ms
-        ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+        if Path(model_path).suffix.lower() != ".onnx":
+            _start_mindspore()
         labels, forward = trained_model.load(model_path, labels_path)
         return cls(forward, labels, model_path)
 
     def preprocess(self, image):
         """One RGB PIL image to the network's CHW float32 input."""
-        return self.transform(np.asarray(image, dtype=np.uint8))
+        return eval_array(np.asarray(image, dtype=np.uint8), self.image_size, self.data_format)
 
     def probabilities(self, images):
         """(N, classes) softmax probabilities for a list of images (paths, files or PIL images)."""
@@ -103,3 +99,15 @@ class Predictor:
             order = np.argsort(-row)[:top_k]
             results.append([(self.class_names[i], float(row[i])) for i in order])
         return results
+
+
+def _start_mindspore():
+    """CPU inference in GRAPH_MODE, with oneDNN capped at AVX2 before the first op (10-30x faster convolutions on
+    AVX-512 hosts). Without MindSpore, trained_model.load says what to install."""
+    try:
+        import mindspore as ms
+    except ImportError:
+        return
+    import runtime
+    runtime.tune_cpu_env()
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")

@@ -133,6 +133,20 @@ def test_device_choice(requested, available, chosen):
     assert runtime.choose_device(requested, available) == chosen
 
 
+@pytest.mark.parametrize("flag, device, exports, warns", [
+    (None, "Ascend", True, False), (True, "Ascend", True, False), (False, "Ascend", False, False),
+    (None, "CPU", False, False), (None, "GPU", False, False), (False, "CPU", False, False),
+    (True, "CPU", False, True), (True, "GPU", False, True),
+])
+def test_air_is_exported_on_ascend_by_default_and_asked_for_elsewhere_is_one_warning(flag, device, exports, warns,
+                                                                                     capsys):
+    assert parse_args(["--data_url", "d", *([] if flag is None else ["--export_air", str(flag)])]).export_air is flag
+    assert runtime.exports_air(flag, device) is exports
+    err = capsys.readouterr().err.splitlines()
+    assert err == ([f"warning: --export_air: AIR export needs an Ascend device (this job runs on {device}); no .air "
+                    f"is written"] if warns else [])
+
+
 def test_unavailable_device_is_a_user_error():
     with pytest.raises(UserError, match="GPU is not available"):
         runtime.choose_device("GPU", ["CPU"])

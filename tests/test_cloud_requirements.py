@@ -46,7 +46,7 @@ def test_resolves_for_python_3_9_from_wheels(platform, aim):
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = dict(line.split("==") for line in result.stdout.splitlines() if "==" in line and not line.startswith(" "))
     assert resolved.get("aim") == aim and resolved["numpy"].startswith("1.")
-    assert "mindspore" not in resolved
+    assert "mindspore" not in resolved and {"onnx", "onnxruntime"} <= set(resolved)  # the export is checked there too
 
 
 def python_3_9():
@@ -134,15 +134,18 @@ def test_inference_requirements_resolve_for_python_3_9():
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = dict(line.split("==") for line in result.stdout.splitlines() if "==" in line and not line.startswith(" "))
     assert resolved["gradio"].startswith("4.") and resolved["numpy"].startswith("1.")
+    assert "onnxruntime" in resolved and "mindspore" not in resolved  # the pod serves the .onnx: no 778 MB wheel
 
 
 @pytest.mark.network
 @network
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the inference pod is x86_64")
-def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
-    """The inference pod's Python with inference/requirements.txt serves a model trained here (MindSpore 2.10)."""
+def test_the_app_serves_the_onnx_on_python_3_9_with_gradio_4_and_no_mindspore(tmp_path):
+    """The inference pod's Python with inference/requirements.txt (no MindSpore) serves the .onnx of a model
+    trained here (MindSpore 2.10); asked for the .ckpt, it says in one line what it would need."""
     from gradio_client import handle_file
     bin_dir = python_3_9_venv(".venv-py39-inference", INFERENCE_REQUIREMENTS)
+    assert subprocess.run([str(bin_dir / "python"), "-c", "import mindspore"], capture_output=True).returncode != 0
     data = write_cifar(tmp_path / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
     out = tmp_path / "out"
     trained = subprocess.run([sys.executable, str(TRAIN_PY), "--data_url", str(data), "--epochs", "1", "--arch",
@@ -151,15 +154,22 @@ def test_the_app_serves_on_python_3_9_with_gradio_4(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     sys.path.insert(0, str(ROOT / "inference"))
     from launch import running_app
-    for model in ("resnet18-best.ckpt", "resnet18-best.mindir"):
-        with running_app(["--model", out / model], python=bin_dir / "python") as (_, client):
-            example = sorted((out / "examples").iterdir())[0]
-            result = client.predict(handle_file(str(example)), api_name="/predict")
-            assert result["label"] in ("cat", "dog") and len(result["confidences"]) == 2
-            junk = tmp_path / "junk.png"
-            junk.write_text("not an image")
-            with pytest.raises(Exception, match="not an image"):
-                client.predict(handle_file(str(junk)), api_name="/predict")
+    from predictor import Predictor
+    example = sorted((out / "examples").iterdir())[0]
+    expected = Predictor.load(out / "resnet18-best.onnx").predict([example], top_k=2)[0]
+    with running_app(["--model", out / "resnet18-best.onnx"], python=bin_dir / "python") as (_, client):
+        result = client.predict(handle_file(str(example)), api_name="/predict")
+        assert result["label"] == expected[0][0]
+        assert [c["confidence"] for c in result["confidences"]] == pytest.approx([p for _, p in expected], abs=1e-5)
+        junk = tmp_path / "junk.png"
+        junk.write_text("not an image")
+        with pytest.raises(Exception, match="not an image"):
+            client.predict(handle_file(str(junk)), api_name="/predict")
+    refused = subprocess.run([str(bin_dir / "python"), str(ROOT / "inference" / "app.py"), "--model",
+                              str(out / "resnet18-best.ckpt")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: resnet18-best.ckpt needs MindSpore (pip install mindspore); without it, serve the job's .onnx with "
+        "onnxruntime"]
 
 
 ARM64_ROOT = ROOT / os.environ.get("ARM64_ROOT", ".cache/arm64-bullseye")  # `make check-cloud` builds it

@@ -445,5 +445,6 @@ def test_a_labels_json_of_an_unknown_network_is_one_line(tmp_path):
     import trained_model
     (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b"], "image_size": 32,
                                                       "arch": "resnet999"}))
+    labels = trained_model.read_labels(tmp_path / "labels.json")  # an .onnx needs no network code
     with pytest.raises(UserError, match="names the network 'resnet999', which is none of"):
-        trained_model.read_labels(tmp_path / "labels.json")
+        trained_model.load_network(tmp_path / "resnet999-best.ckpt", labels)

@@ -196,12 +196,11 @@ def test_the_platform_layout_and_a_missing_model(model, tmp_path):
     folder.mkdir()
     with pytest.raises(inference.UserError, match="no model"):
         inference.find_model(folder)
-    for name in ("resnet18-best.onnx", "resnet18-best.mindir"):
+    for name in ("resnet18-best.onnx", "resnet18-best.mindir", "resnet18-best.ckpt", "labels.json"):
         shutil.copy(model / name, folder / name)
-    assert inference.find_model(folder).name == "resnet18-best.mindir"  # MindIR before ONNX
-    for name in ("resnet18-best.ckpt", "labels.json"):
-        shutil.copy(model / name, folder / name)
-    assert inference.find_model(folder).name == "resnet18-best.ckpt"
+    assert inference.find_model(folder).name == "resnet18-best.onnx"  # onnxruntime is installed: fastest first
+    (folder / "resnet18-best.onnx").unlink()
+    assert inference.find_model(folder).name == "resnet18-best.ckpt"  # then a .ckpt before a .mindir
     (folder / "labels.json").unlink()
     with pytest.raises(inference.UserError, match="labels.json is missing"):
         inference.Predictor.load(folder / "resnet18-best.ckpt")

@@ -261,15 +261,15 @@ def test_every_broken_rule_gets_a_line(tmp_path):
 def test_fetch_model_places_files_by_basename(tmp_path):
     out = tmp_path / "job-output"
     out.mkdir()
-    (out / "resnet50-best.ckpt").write_bytes(b"weights")
+    (out / "resnet50-best.onnx").write_bytes(b"graph")
     (out / "labels.json").write_text('{"class_names": ["a"]}')
     (out / "metrics.json").write_text("[]")
     paths = json.loads((ROOT / "inference" / "config.json").read_text())["model_path"]
     sys.path.insert(0, str(ROOT / "inference"))
     import fetch_model
     written = fetch_model.fetch(paths, source=out, target=tmp_path)
-    assert sorted(p.name for p in written) == ["labels.json", "metrics.json", "resnet50-best.ckpt"]
-    assert (tmp_path / "resnet50-best.ckpt").read_bytes() == b"weights"
+    assert sorted(p.name for p in written) == ["labels.json", "metrics.json", "resnet50-best.onnx"]
+    assert (tmp_path / "resnet50-best.onnx").read_bytes() == b"graph"
     mine = tmp_path / "config.json"
     mine.write_text(json.dumps({"model_path": [p.replace("YOUR_NAME", "alice") for p in paths]}))
     result = subprocess.run([sys.executable, str(FETCH_MODEL), "--from", tmp_path / "empty", "--config", mine],

@@ -146,6 +146,9 @@ def get_args_parser():
     run.add_argument("--export_onnx", type=str2bool, nargs="?", const=True, default=True,
                      help="also export the best model as ONNX, checked against MindSpore with onnxruntime when it "
                           "is installed")
+    run.add_argument("--export_air", type=str2bool, nargs="?", const=True, default=None,
+                     help="also export the best model as AIR, for Ascend deployment (default: on Ascend; it needs "
+                          "an Ascend device)")
     _add_staging(run)
     run.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                      help="allow a new run into an output folder that holds another run's outputs (they are "

@@ -413,6 +413,30 @@ def _to_tensor():
     return [vision.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), vision.HWC2CHW()]
 
 
+def eval_array(pixels, image_size, data_format="imagefolder"):
+    """eval_transforms without mindspore.dataset, for serving where MindSpore is not installed: one HWC uint8 RGB
+    image to the CHW float32 input, equal to eval_transforms' to the last bit (tests/test_onnx_serving.py). Both
+    resize with OpenCV's bilinear (mindspore.dataset's CPU Resize is OpenCV's); the shorter side goes to the target
+    and the longer one is scaled in float32 and truncated, and the crop's offset floored, as mindspore.dataset's."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("preparing images without MindSpore needs OpenCV: pip install opencv-python-headless") \
+            from None
+    pixels = np.ascontiguousarray(pixels, np.uint8)
+    if data_format == "imagefolder":
+        short, (height, width) = round(image_size / CROP_RATIO), pixels.shape[:2]
+        long = int(np.float32(short) * (np.float32(max(height, width)) / np.float32(min(height, width))))
+        size = (short, long) if height <= width else (long, short)
+        pixels = cv2.resize(pixels, size[::-1], interpolation=cv2.INTER_LINEAR)
+        top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+        pixels = pixels[top:top + image_size, left:left + image_size]
+    else:
+        pixels = cv2.resize(pixels, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    normalised = (pixels.astype(np.float32) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
 @dataclass(frozen=True)
 class Regularisers:
     """Training augmentation beyond crop and flip (all off by default): an augmentation policy on each image,

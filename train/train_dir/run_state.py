@@ -40,6 +40,7 @@ class RunFiles:
         self.last_checkpoint = self.folder / model_file(arch, "last")
         self.best_mindir = self.folder / model_file(arch, "best", ".mindir")
         self.best_onnx = self.folder / model_file(arch, "best", ".onnx")
+        self.best_air = self.folder / model_file(arch, "best", ".air")
         self.arch = arch
 
     def epoch_checkpoint(self, epoch):
@@ -80,7 +81,8 @@ class Outputs:
         """The names of another run's outputs already in the output folder (locally, or at its remote location)."""
         files = self.files
         names = [path.name for path in (files.labels, files.metrics, files.resume, files.best_checkpoint,
-                                        files.last_checkpoint, files.best_mindir, files.best_onnx)]
+                                        files.last_checkpoint, files.best_mindir, files.best_onnx,
+                                        files.best_air)]
         found = [name for name in names if (files.folder / name).exists()]
         found += [path.name for path in files.epoch_checkpoints()]
         if self.mirror.remote is not None:

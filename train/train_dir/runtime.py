@@ -4,6 +4,7 @@ Training runs in GRAPH_MODE: the fastest mode on CPU, and the usual one on GPU/A
 """
 import os
 import platform
+import sys
 from typing import NamedTuple
 
 import mindspore as ms
@@ -30,6 +31,17 @@ def available_devices():
         return [d for d in PREFERRED_DEVICES if hal.is_available(d)]
     except (ImportError, AttributeError):
         return [ms.get_context("device_target")]
+
+
+def exports_air(requested, device):
+    """Whether the job exports AIR: by default on Ascend, the only device that can; asked for elsewhere, one
+    warning says why not, and the rest of the job goes on."""
+    if device == "Ascend":
+        return requested is not False
+    if requested:
+        print(f"warning: --export_air: AIR export needs an Ascend device (this job runs on {device}); no .air is "
+              f"written", file=sys.stderr)
+    return False
 
 
 def choose_device(requested, available):

@@ -262,35 +262,39 @@ def start_tracking(args, outputs, source, hparams, meter, training, resumed, ste
     return aim_run(None)
 
 
-def export_onnx(net, args, files, inputs):
-    """The best model as ONNX beside the MindIR, checked on `inputs` (the validation preview) against MindSpore with
-    onnxruntime when it is installed. A failed export or check is one warning (and no .onnx file): the training
-    and the MindIR stand. A full or lost disk still ends the job."""
+def export_extra(net, args, path, what):
+    """Writes a graph beside the MindIR; True if written. A failure is one warning (and no file): the training and
+    the MindIR stand. A full or lost disk still ends the job."""
     from errors import OutputError
-    name = files.best_onnx.name
     try:
-        export.export_graph(net, args.image_size, files.best_onnx)
+        export.export_graph(net, args.image_size, path)
+        return True
     except OutputError:
         raise
     except Exception as exc:  # MindSpore raises RuntimeError, ValueError, TypeError for an op without ONNX
-        print(f"warning: the ONNX export failed ({' '.join(str(exc).split())[:300]}); the checkpoint and MindIR are "
-              f"unaffected", file=sys.stderr)
+        print(f"warning: the {what} export failed ({' '.join(str(exc).split())[:300]}); the checkpoint and MindIR "
+              f"are unaffected", file=sys.stderr)
+        return False
+
+
+def check_onnx(net, path, inputs):
+    """Keeps the ONNX file only if onnxruntime reproduces MindSpore's logits on `inputs` (the validation preview),
+    when onnxruntime is installed; otherwise one warning, and the file is removed."""
+    import importlib.util
+    if importlib.util.find_spec("onnxruntime") is None:
+        print(f"export: {path.name} written, not checked (onnxruntime is not installed)")
         return
     try:
-        worst = export.onnx_difference(files.best_onnx, net, inputs)
-    except ImportError:
-        print(f"export: {name} written, not checked (onnxruntime is not installed)")
-        return
+        worst = export.onnx_difference(path, net, inputs)
+        why = f"its logits differ from MindSpore's by up to {worst:.2g} (tolerance {export.ONNX_TOLERANCE:g})"
     except Exception as exc:
         worst, why = float("inf"), f"onnxruntime cannot run it: {' '.join(str(exc).split())[:300]}"
-    else:
-        why = f"its logits differ from MindSpore's by up to {worst:.2g} (tolerance {export.ONNX_TOLERANCE:g})"
     if worst <= export.ONNX_TOLERANCE:
-        print(f"export: {name} agrees with the model on {len(inputs)} validation images (largest difference "
+        print(f"export: {path.name} agrees with the model on {len(inputs)} validation images (largest difference "
               f"{worst:.1e}, tolerance {export.ONNX_TOLERANCE:g})")
         return
-    files.best_onnx.unlink(missing_ok=True)
-    print(f"warning: {name} was not kept: {why}; the checkpoint and MindIR are unaffected", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    print(f"warning: {path.name} was not kept: {why}; the checkpoint and MindIR are unaffected", file=sys.stderr)
 
 
 def finish(net, history, args, outputs, check_inputs, only_missing=False):
@@ -299,14 +303,17 @@ def finish(net, history, args, outputs, check_inputs, only_missing=False):
     the final upload."""
     import mindspore as ms
     files = outputs.files
-    exported = files.best_mindir.exists() and (files.best_onnx.exists() or not args.export_onnx)
+    exported = files.best_mindir.exists() and (files.best_onnx.exists() or not args.export_onnx) and \
+        (files.best_air.exists() or not args.export_air)
     if not (only_missing and exported):
         if not files.best_checkpoint.is_file():
             raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
         ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
         export.export_graph(net, args.image_size, files.best_mindir)
-        if args.export_onnx:
-            export_onnx(net, args, files, check_inputs)
+        if args.export_onnx and export_extra(net, args, files.best_onnx, "ONNX"):
+            check_onnx(net, files.best_onnx, check_inputs)
+        if args.export_air:
+            export_extra(net, args, files.best_air, "AIR")
     if history and not (only_missing and files.curves.exists()):
         export.plot_curves(history, files.curves)
     outputs.push()
@@ -327,6 +334,7 @@ def main(args):
 
     runtime.tune_cpu_env()
     device = runtime.setup_device(args.device_target)
+    args.export_air = runtime.exports_air(args.export_air, device)
     plan = runtime.plan_training(device, args.amp_level, args.dataset_sink)
     workers = runtime.join_data_parallel()
     data_dir, pretrained = stage_inputs(args, workers)  # inputs first: no output folder on a typo

@@ -1,8 +1,11 @@
 """A model train.py produced, loaded for use: its labels.json, and its weights as a forward function.
 
 A `.ckpt` is loaded into the network of resnet.py (the one definition), padded as it was trained; a `.mindir` runs
-as a graph with no network code. Inference (inference/predictor.py) and evaluation (eval.py) load models here.
+as a graph with no network code; an `.onnx` runs on onnxruntime, without MindSpore. Inference
+(inference/predictor.py), evaluation (eval.py) and prediction (predict.py) load models here, and choose among a
+folder's models here (`choose`).
 """
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,10 +25,19 @@ def read_labels(path):
         raise UserError(f"{path} is not a labels.json written by train.py ({exc})") from None
     if not names or size < 8:
         raise UserError(f"{path} has no class names or a bad image_size")
-    from resnet import ARCHS
-    if labels.get("arch", "resnet50") not in ARCHS:
-        raise UserError(f"{path} names the network {labels['arch']!r}, which is none of {', '.join(sorted(ARCHS))}")
     return labels
+
+
+MODEL_SUFFIXES = (".onnx", ".ckpt", ".mindir")  # preference: onnxruntime is the fastest and needs no MindSpore
+
+
+def choose(folder):
+    """The model to serve from a folder of train.py's outputs (or the pod's inference/): an .onnx when
+    onnxruntime is installed, else a .ckpt, else a .mindir; of each kind, one named *best* first. None if there is
+    no model."""
+    ranks = MODEL_SUFFIXES if importlib.util.find_spec("onnxruntime") else MODEL_SUFFIXES[1:] + MODEL_SUFFIXES[:1]
+    found = [p for p in Path(folder).iterdir() if p.suffix.lower() in ranks and p.is_file()]
+    return min(found, key=lambda p: (ranks.index(p.suffix.lower()), "best" not in p.name, p.name), default=None)
 
 
 def load_network(model_path, labels):
@@ -33,7 +45,10 @@ def load_network(model_path, labels):
     padded as the weights were trained."""
     import mindspore as ms
     from checkpoints import read_pretrained
-    from resnet import create_model
+    from resnet import ARCHS, create_model
+    if labels.get("arch", "resnet50") not in ARCHS:
+        raise UserError(f"labels.json names the network {labels['arch']!r}, which is none of "
+                        f"{', '.join(sorted(ARCHS))}")
     checkpoint = read_pretrained(model_path)
     padding, params = checkpoint.padding, checkpoint.weights
     head = params.get("fc.weight")
@@ -60,10 +75,10 @@ def stage(args):
     import storage
     model = staging.stage_in(args.model_url, "model_url", args.cache_dir, io_timeout=args.io_timeout)
     if model.is_dir():
-        found = sorted(model.glob("*-best.ckpt")) or sorted(model.glob("*.ckpt")) or sorted(model.glob("*.mindir"))
-        if not found:
-            raise UserError(f"model_url {storage.redact(args.model_url)} holds no .ckpt or .mindir")
-        model = found[0]
+        found = choose(model)
+        if found is None:
+            raise UserError(f"model_url {storage.redact(args.model_url)} holds no .onnx, .ckpt or .mindir")
+        model = found
     labels = args.labels and staging.stage_in(args.labels, "labels", args.cache_dir, io_timeout=args.io_timeout)
     if not labels and not storage.is_local(args.model_url) and not (model.parent / run_state.LABELS).exists():
         beside = f"{str(args.model_url).rsplit('/', 1)[0]}/{run_state.LABELS}"  # a remote file's neighbour
@@ -73,20 +88,24 @@ def stage(args):
 
 def load(model_path, labels_path=None):
     """(labels, forward): `forward` maps an (N, 3, H, W) float32 batch to (N, outputs) logits as numpy. labels.json
-    is read beside the model unless `labels_path` names it."""
-    import mindspore as ms
+    is read beside the model unless `labels_path` names it. Only a .ckpt or .mindir imports MindSpore."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"model file {model_path} does not exist")
     labels = read_labels(Path(labels_path) if labels_path else model_path.parent / run_state.LABELS)
+    if model_path.suffix.lower() == ".onnx":
+        return labels, onnx_forward(model_path, labels)
+    try:
+        import mindspore as ms
+    except ImportError:
+        raise UserError(f"{model_path.name} needs MindSpore (pip install mindspore); without it, serve the job's "
+                        f".onnx with onnxruntime") from None
     if model_path.suffix.lower() == ".mindir":
         try:
             graph = ms.nn.GraphCell(ms.load(str(model_path)))
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"{model_path} is not a MindIR model ({str(exc).splitlines()[0]})") from None
         return labels, _one_at_a_time(lambda x: graph(ms.Tensor(x)).asnumpy())
-    if model_path.suffix.lower() == ".onnx":
-        return labels, _one_at_a_time(_onnx_session(model_path))
     net = load_network(model_path, labels)
     return labels, lambda batch: net(ms.Tensor(np.asarray(batch, np.float32))).asnumpy().astype(np.float64)
 
@@ -98,8 +117,8 @@ def _one_at_a_time(run):
     return forward
 
 
-def _onnx_session(model_path):
-    """onnxruntime's run of an ONNX file, as a function of one input array."""
+def onnx_session(model_path):
+    """An onnxruntime session on every core for an ONNX file, and a function running it on one input array."""
     try:
         import onnxruntime
     except ImportError:
@@ -112,7 +131,27 @@ def _onnx_session(model_path):
                         f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") \
             from None
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    return session, lambda x: session.run(None, {name: np.asarray(x, np.float32)})[0]
+
+
+def onnx_forward(model_path, labels=None):
+    """A batch forward on onnxruntime; with `labels`, a graph for another image size or fewer classes than
+    labels.json names is refused here, not at the first request."""
+    session, run = onnx_session(model_path)
+    inputs, outputs = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    if len(inputs) != 4 or len(outputs) != 2:
+        raise UserError(f"{model_path} is not an image classifier as train.py exports (input shape {inputs}, "
+                        f"output shape {outputs})")
+    (batch_dim, _, height, width), outputs = inputs, outputs[1]
+    if labels and isinstance(height, int) and [height, width] != [int(labels["image_size"])] * 2:
+        raise UserError(f"{model_path} takes {height}x{width} images, but labels.json says image_size "
+                        f"{labels['image_size']}: they are from different runs")
+    if labels and isinstance(outputs, int) and outputs < len(labels["class_names"]):
+        raise UserError(f"{model_path} has {outputs} outputs but labels.json names {len(labels['class_names'])} "
+                        f"classes")
+    if batch_dim == 1:  # exported before the batch axis was made free (or without the onnx package)
+        return _one_at_a_time(run)
+    return lambda batch: run(batch).astype(np.float64)
 
 
 def softmax(logits):
