@@ -1,10 +1,12 @@
-"""Inference speed: batch-1 latency of the .ckpt and .mindir paths, and the app's throughput under concurrent requests.
+"""Serving speed, end to end: a JPEG decoded, prepared and classified by the Predictor (.onnx, .ckpt, .mindir), and
+the app's throughput under concurrent requests. The network alone, against PyTorch: bench/speed.py --only inference.
 
     .venv/bin/python bench/inference.py                       # an untrained ResNet50 at 224 (weights do not matter)
     .venv/bin/python bench/inference.py --model-dir OUT       # the model a training run wrote
 
 Everything is measured in this one invocation and printed as ratios too, because absolute times on a shared machine
-are noise: mindir/ckpt latency, and the app's requests/s against the predictor's own sequential rate.
+are noise: each path's latency against the .onnx's, and the app's requests/s against the predictor's own sequential
+rate.
 """
 import argparse
 import os
@@ -61,16 +63,15 @@ def main():
     from PIL import Image
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or untrained_model(Path(tmp), args.arch, args.image_size, 10)
-        ckpt = sorted(folder.glob("*best.ckpt"))[0]
-        mindir = sorted(folder.glob("*best.mindir"))[0]
+        models = {suffix: sorted(folder.glob(f"*best.{suffix}"))[0] for suffix in ("onnx", "ckpt", "mindir")}
         image_path = Path(tmp) / "photo.jpg"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(image_path)
 
         rows = {}
-        for name, path in (("ckpt", ckpt), ("mindir", mindir)):
+        for name, path in models.items():
             predictor = Predictor.load(path)
             rows[name] = call_times(lambda: predictor.predict([image_path]), args.repeats)
-        rate, app_times = app_throughput(ckpt, image_path, args.requests, args.concurrency)
+        rate, app_times = app_throughput(models["onnx"], image_path, args.requests, args.concurrency)
 
     print(f"inference at batch 1, {args.arch} {args.image_size}x{args.image_size}, a 640x480 JPEG per request "
           f"({os.cpu_count()} cores, {args.repeats} repeats)")
@@ -79,9 +80,10 @@ def main():
         p50, p95 = percentiles(times)
         print(f"{name:<28}{p50:>10.1f}{p95:>10.1f}")
     p50, p95 = percentiles(app_times)
-    print(f"{f'app, {args.concurrency} concurrent':<28}{p50:>10.1f}{p95:>10.1f}   {rate:.1f} requests/s")
-    sequential = 1 / statistics.median(rows["ckpt"])
-    print(f"ratio mindir/ckpt p50: {percentiles(rows['mindir'])[0] / percentiles(rows['ckpt'])[0]:.2f}")
+    print(f"{f'app (onnx), {args.concurrency} concurrent':<28}{p50:>10.1f}{p95:>10.1f}   {rate:.1f} requests/s")
+    for name in ("ckpt", "mindir"):
+        print(f"ratio {name}/onnx p50: {percentiles(rows[name])[0] / percentiles(rows['onnx'])[0]:.2f}")
+    sequential = 1 / statistics.median(rows["onnx"])
     print(f"ratio app requests/s / predictor's sequential images/s: {rate / sequential:.2f}")
 
 

@@ -22,7 +22,7 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 sys.path.insert(0, str(HERE.parent / "train" / "train_dir"))
 
 import trained_model  # noqa: E402
-from datasets import eval_array  # noqa: E402
+from datasets import eval_array, eval_resized_pixels, opencv  # noqa: E402
 from fetch_model import PLACEHOLDER, PLACEHOLDER_HINT  # noqa: E402
 from errors import UserError  # noqa: E402
 from images import MAX_PIXELS, to_rgb  # noqa: E402
@@ -80,11 +80,16 @@ class Predictor:
     def load(cls, model_path, labels_path=None):
         if Path(model_path).suffix.lower() != ".onnx":
             _start_mindspore()
+        opencv()  # missing, it is one error line at start, not one at every request
         labels, forward = trained_model.load(model_path, labels_path)
         return cls(forward, labels, model_path)
 
     def preprocess(self, image):
-        """One RGB PIL image to the network's CHW float32 input."""
+        """One RGB PIL image to the network's CHW float32 input. A sliver (a 1 x 20000 image is a few hundred
+        bytes) would be resized to gigabytes before the crop: refused."""
+        if eval_resized_pixels(image.height, image.width, self.image_size, self.data_format) > MAX_PIXELS:
+            raise BadImage(f"the image is too narrow to classify ({image.width}x{image.height} pixels: resized to "
+                           f"{self.image_size} pixels across, it would be above {MAX_PIXELS // 1_000_000} million)")
         return eval_array(np.asarray(image, dtype=np.uint8), self.image_size, self.data_format)
 
     def probabilities(self, images):

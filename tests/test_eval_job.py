@@ -46,6 +46,21 @@ def test_eval_reproduces_the_best_validation_accuracy_and_its_per_class_numbers(
 
 
 @pytest.mark.slow
+def test_eval_of_an_output_folder_judges_its_onnx_with_the_same_numbers(trained, tmp_path):
+    """Given the job's output folder, eval.py chooses as the app does (the .onnx, onnxruntime being installed) and
+    finds what the checkpoint found, class by class."""
+    by_checkpoint = run_eval("--model_url", trained["files"].best_checkpoint, "--data_url", trained["data"],
+                             "--output_url", tmp_path / "ckpt", "--aim_repo", tmp_path / "aim")
+    by_folder = run_eval("--model_url", trained["out"], "--data_url", trained["data"], "--output_url",
+                         tmp_path / "folder", "--aim_repo", tmp_path / "aim")
+    assert by_checkpoint.returncode == by_folder.returncode == 0, by_folder.stderr[-3000:]
+    onnx, ckpt = read_json(tmp_path / "folder" / "eval.json"), read_json(tmp_path / "ckpt" / "eval.json")
+    assert (onnx["model_file"], ckpt["model_file"]) == ("resnet50-best.onnx", "resnet50-best.ckpt")
+    assert by_folder.stdout.splitlines()[-1].startswith("eval: resnet50-best.onnx on the val split")
+    assert onnx["accuracy"] == ckpt["accuracy"] and onnx["classes"] == pytest.approx(ckpt["classes"])
+
+
+@pytest.mark.slow
 def test_eval_refuses_a_model_of_other_classes_with_one_line(trained, tmp_path):
     from make_demo_data import make_split, write_cifar
     other = write_cifar(tmp_path / "other", make_split(16, 2, 0), make_split(8, 2, 1), ["x", "y"])

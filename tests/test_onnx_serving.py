@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAINED, read_json
+from conftest import ROOT, TRAINED, read_json, run_train
 
 import datasets
 
@@ -169,38 +169,42 @@ def test_the_app_serves_the_onnx_without_mindspore_fifty_concurrent_requests(ser
         "onnxruntime"]
 
 
-def tiny_classifier(path, image_size=16, classes=3, batch="batch"):
+def tiny_classifier(path, image_size=16, classes=3, batch="batch", channels=3, dtype="FLOAT"):
     """An ONNX graph shaped like train.py's export (NCHW images in, N x classes logits out): mean colour, then a
     matrix; made with the onnx package, no MindSpore."""
     import onnx
     from onnx import TensorProto, helper
-    weights = helper.make_tensor("w", TensorProto.FLOAT, [3, classes], np.linspace(-0.05, 0.05, 3 * classes).astype(np.float32))
+    kind = getattr(TensorProto, dtype)
+    weights = np.linspace(-0.05, 0.05, channels * classes).astype(onnx.helper.tensor_dtype_to_np_dtype(kind))
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["images"], ["colour"], axes=[2, 3], keepdims=0),
          helper.make_node("MatMul", ["colour", "w"], ["logits"])], "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, image_size, image_size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], [weights])
+        [helper.make_tensor_value_info("images", kind, [batch, channels, image_size, image_size])],
+        [helper.make_tensor_value_info("logits", kind, [batch, classes])],
+        [helper.make_tensor("w", kind, [channels, classes], weights)])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     return path
 
 
-@pytest.mark.parametrize("case, labels, message", [
-    ("another image size", {"image_size": 32}, "takes 16x16 images, but labels.json says image_size 32"),
-    ("more classes named", {"class_names": list("abcd")}, "has 3 outputs but labels.json names 4 classes"),
-    ("not a classifier", None, "is not an image classifier as train.py exports"),
+@pytest.mark.parametrize("case, graph, labels, message", [
+    ("another image size", {}, {"image_size": 32}, "takes 16x16 images, but labels.json says image_size 32"),
+    ("more classes named", {}, {"class_names": list("abcd")}, "has 3 outputs but labels.json names 4 classes"),
+    ("not a classifier", None, {}, "is not an image classifier as train.py exports"),
+    ("grey images", {"channels": 1}, {}, "is not an image classifier as train.py exports"),
+    ("float16 input", {"dtype": "FLOAT16"}, {}, "is not an image classifier as train.py exports"),
+    ("a fixed batch of 4", {"batch": 4}, {}, "takes exactly 4 images at a time; train.py's take any number"),
 ])
-def test_an_onnx_model_that_does_not_fit_its_labels_is_refused_at_load(tmp_path, case, labels, message):
+def test_an_onnx_model_that_does_not_fit_its_labels_is_refused_at_load(tmp_path, case, graph, labels, message):
     from errors import UserError
-    model = tiny_classifier(tmp_path / "model.onnx")
-    if labels is None:
+    model = tiny_classifier(tmp_path / "model.onnx", **(graph or {}))
+    if graph is None:
         from onnx import TensorProto, helper
         import onnx
         graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(model))
-    (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "image_size": 16,
-                                                      **(labels or {})}))
+    (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "image_size": 16, **labels}))
     with pytest.raises(UserError, match=message):
         inference.Predictor.load(model)
     refused = subprocess.run([sys.executable, str(APP), "--model", str(model)], capture_output=True, text=True,
@@ -209,14 +213,96 @@ def test_an_onnx_model_that_does_not_fit_its_labels_is_refused_at_load(tmp_path,
     assert message in refused.stderr
 
 
-def test_a_fitting_onnx_model_predicts_whole_batches(tmp_path):
+def test_a_fitting_onnx_model_predicts_whole_batches(tmp_path, monkeypatch):
     """A graph whose batch axis is 1 (as MindSpore exports before the axis is freed) is run one image at a time;
-    a free one takes the batch at once: the same answers."""
+    a free one takes the batch in one call: the same answers."""
+    import onnxruntime
     from PIL import Image
     (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "image_size": 16,
                                                       "data_format": "imagefolder"}))
     images = [Image.fromarray(pixels) for pixels in photographs().values()]
     free = inference.Predictor.load(tiny_classifier(tmp_path / "free.onnx"))
     fixed = inference.Predictor.load(tiny_classifier(tmp_path / "fixed.onnx", batch=1))
-    np.testing.assert_allclose(free.probabilities(images), fixed.probabilities(images), rtol=1e-6)
-    assert free.probabilities(images).shape == (5, 3)
+    calls, run = [], onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", lambda self, *a, **k: calls.append(1) or run(self, *a, **k))
+    got = free.probabilities(images)
+    assert len(calls) == 1 and got.shape == (5, 3)
+    np.testing.assert_allclose(got, fixed.probabilities(images), rtol=1e-6)
+    assert len(calls) == 1 + len(images)
+    assert np.ptp(got, axis=0).max() > 1e-4  # the images get different answers
+
+
+def test_a_sliver_of_an_image_is_refused_before_it_is_resized_to_gigabytes(tmp_path):
+    """1 x 1000 pixels, resized to 256 on the shorter side for a 224 crop, would be 256 x 256000 x 3 bytes."""
+    from PIL import Image
+    (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "image_size": 224,
+                                                      "data_format": "imagefolder"}))
+    model = inference.Predictor.load(tiny_classifier(tmp_path / "model.onnx", image_size=224))
+    with pytest.raises(inference.BadImage, match=r"too narrow to classify \(1000x1 pixels"):
+        model.predict([Image.new("RGB", (1000, 1))])
+    assert model.predict([Image.new("RGB", (500, 1))])[0][0][0] in "abc"  # 33 million pixels: still served
+
+
+def test_the_model_chosen_in_a_folder_is_the_onnx_on_cpu_and_the_checkpoint_on_a_gpu(tmp_path):
+    import trained_model
+    for name in ("resnet50-best.onnx", "resnet50-best.ckpt", "resnet50-epoch3.ckpt", "resnet50-best.mindir"):
+        (tmp_path / name).write_bytes(b"")
+    assert trained_model.choose(tmp_path).name == "resnet50-best.onnx"
+    assert trained_model.choose(tmp_path, "GPU").name == "resnet50-best.ckpt"
+    assert trained_model.choose(tmp_path, "Ascend").name == "resnet50-best.ckpt"
+    (tmp_path / "resnet50-best.ckpt").unlink()
+    assert trained_model.choose(tmp_path, "GPU").name == "resnet50-epoch3.ckpt"
+
+
+def test_without_opencv_the_app_says_so_at_start(tmp_path):
+    env, attempts = without(tmp_path, "cv2")
+    model = tiny_classifier(tmp_path / "model.onnx")
+    (tmp_path / "labels.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "image_size": 16}))
+    refused = subprocess.run([sys.executable, str(APP), "--model", str(model)], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, **env})
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: preparing images for the model needs OpenCV: pip install opencv-python-headless"]
+    assert attempts.read_text().split() == ["cv2"]
+
+
+# ---------------------------------------------------------------- no export outlives the weights it was made from
+
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory):
+    from make_demo_data import make_split, write_cifar
+    root = tmp_path_factory.mktemp("export")
+    return write_cifar(root / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
+
+
+def small_run(data, out, *extra):
+    result = run_train("--data_url", data, "--output_url", out, "--arch", "resnet18", "--image_size", 32,
+                       "--epochs", 1, "--batch_size", 16, "--aim_system_metrics", "false", *extra, onnx=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_an_overwritten_run_leaves_none_of_the_replaced_runs_models(small_job, tmp_path):
+    out = tmp_path / "out"
+    small_run(small_job, out)
+    assert (out / "resnet18-best.onnx").is_file()
+    small_run(small_job, out, "--overwrite", "--export_onnx", "false")
+    assert not (out / "resnet18-best.onnx").exists() and (out / "resnet18-best.mindir").is_file()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_exports_again_what_is_older_than_its_best_weights(small_job, tmp_path):
+    """As after a kill between new best weights and their export: the resume finds the .onnx older than the
+    checkpoint, and exports it again, from those weights."""
+    import os
+    out = tmp_path / "out"
+    small_run(small_job, out)
+    onnx, ckpt = out / "resnet18-best.onnx", out / "resnet18-best.ckpt"
+    stale = ckpt.stat().st_mtime_ns - 10**9
+    os.utime(onnx, ns=(stale, stale))
+    again = small_run(small_job, out, "--resume", "auto")
+    assert "nothing left to train" in again.stdout and "resnet18-best.onnx agrees with the model" in again.stdout
+    assert onnx.stat().st_mtime_ns >= ckpt.stat().st_mtime_ns
+    untouched = onnx.stat().st_mtime_ns
+    quiet = small_run(small_job, out, "--resume", "auto")  # everything current: nothing exported again
+    assert "agrees with the model" not in quiet.stdout and onnx.stat().st_mtime_ns == untouched

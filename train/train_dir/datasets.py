@@ -413,16 +413,28 @@ def _to_tensor():
     return [vision.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), vision.HWC2CHW()]
 
 
+def opencv():
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("preparing images for the model needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def eval_resized_pixels(height, width, image_size, data_format="imagefolder"):
+    """How many pixels the validation transform's resize makes of a height x width image (before the crop)."""
+    if data_format != "imagefolder":
+        return image_size * image_size
+    short = round(image_size / CROP_RATIO)
+    return short * short * max(height, width) / min(height, width)
+
+
 def eval_array(pixels, image_size, data_format="imagefolder"):
     """eval_transforms without mindspore.dataset, for serving where MindSpore is not installed: one HWC uint8 RGB
     image to the CHW float32 input, equal to eval_transforms' to the last bit (tests/test_onnx_serving.py). Both
     resize with OpenCV's bilinear (mindspore.dataset's CPU Resize is OpenCV's); the shorter side goes to the target
     and the longer one is scaled in float32 and truncated, and the crop's offset floored, as mindspore.dataset's."""
-    try:
-        import cv2
-    except ImportError:
-        raise UserError("preparing images without MindSpore needs OpenCV: pip install opencv-python-headless") \
-            from None
+    cv2 = opencv()
     pixels = np.ascontiguousarray(pixels, np.uint8)
     if data_format == "imagefolder":
         short, (height, width) = round(image_size / CROP_RATIO), pixels.shape[:2]

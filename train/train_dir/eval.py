@@ -113,13 +113,15 @@ def track(args, report, subset, folder, files, class_names):
 
 def main(args):
     runtime.tune_cpu_env()
-    runtime.setup_device(args.device_target)
-    labels, forward = trained_model.load(*trained_model.stage(args))
+    device = runtime.setup_device(args.device_target)
+    model, labels_path = trained_model.stage(args, device)
+    labels, forward = trained_model.load(model, labels_path)
     source, subset = load_split(args, labels)
     mirror = staging.OutputMirror(args.output_url, "output_url", args.cache_dir, io_timeout=args.io_timeout)
     names = labels["class_names"]
     truth, logits, worst = predict(forward, source, subset, int(labels["image_size"]), args.batch_size, len(names))
-    report = {"model": storage.redact(args.model_url), "subset": subset, **scores(truth, logits, names)}
+    report = {"model": storage.redact(args.model_url), "model_file": model.name, "subset": subset,
+              **scores(truth, logits, names)}
     folder = mirror.local
     export.write_json(folder / REPORT, report)
     pictures = {"confusion_matrix": export.plot_confusion(report["confusion"], names, folder / CONFUSION_PNG)}
@@ -132,7 +134,7 @@ def main(args):
         run_hash = track(args, report, subset, folder, pictures, names)
         print(f"aim: scores in run {run_hash} of {storage.redact(args.aim_repo)}")
     mirror.push()
-    print(f"eval: {subset} split of {source.root}, {report['images']} images: accuracy {report['accuracy']:.4f}, "
+    print(f"eval: {model.name} on the {subset} split of {source.root}, {report['images']} images: accuracy {report['accuracy']:.4f}, "
           f"macro F1 {report['macro']['f1']:.4f}; report in {storage.redact(mirror.url)}")
 
 

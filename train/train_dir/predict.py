@@ -70,8 +70,9 @@ def pipeline(paths, labels, batch_size):
 
 def main(args):
     runtime.tune_cpu_env()
-    runtime.setup_device(args.device_target)
-    labels, forward = trained_model.load(*trained_model.stage(args))
+    device = runtime.setup_device(args.device_target)
+    model, labels_path = trained_model.stage(args, device)
+    labels, forward = trained_model.load(model, labels_path)
     root = staging.stage_in(args.data_url, "data_url", args.cache_dir, io_timeout=args.io_timeout)
     paths = image_files(root)
     if not paths:
@@ -105,7 +106,7 @@ def main(args):
         warn(f"{len(unreadable)} image file(s) could not be read and have no prediction (listed in {UNREADABLE}): "
              f"{named([path.relative_to(base).as_posix() for path in unreadable])}")
     mirror.push()
-    print(f"predict: {len(paths) - len(unreadable)} images labelled into {storage.redact(mirror.url)}/{CSV}")
+    print(f"predict: {len(paths) - len(unreadable)} images labelled by {model.name} into {storage.redact(mirror.url)}/{CSV}")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,13 @@ class Outputs:
             raise UserError(f"{storage.redact(self.location)} holds another run's outputs ({', '.join(found)}): "
                             f"continue that run with --resume auto, replace it with --overwrite, or choose another "
                             f"--output_url")
+        if args.overwrite and not continues:  # the replaced run's models are not to be served beside this run's
+            files = self.files
+            self.discard(files.best_mindir, files.best_onnx, files.best_air)
+
+    def discard(self, *paths):
+        """Delete outputs that no longer belong to this run: here, and at the remote location at the next push."""
+        self.mirror.discard(*(Path(path).name for path in paths))
 
     def push(self):
         """Copy what is new or changed to the remote locations (after every epoch, at the end, after a failure)."""

@@ -25,6 +25,7 @@ import staging  # noqa: E402
 import storage  # noqa: E402
 import tracking  # noqa: E402
 import train_step  # noqa: E402
+import trained_model  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
@@ -280,9 +281,10 @@ def export_extra(net, args, path, what):
 def check_onnx(net, path, inputs):
     """Keeps the ONNX file only if onnxruntime reproduces MindSpore's logits on `inputs` (the validation preview),
     when onnxruntime is installed; otherwise one warning, and the file is removed."""
-    import importlib.util
-    if importlib.util.find_spec("onnxruntime") is None:
-        print(f"export: {path.name} written, not checked (onnxruntime is not installed)")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:  # not installed, or installed but broken: the file stays, unchecked
+        print(f"export: {path.name} written, not checked (onnxruntime cannot be imported: {exc})")
         return
     try:
         worst = export.onnx_difference(path, net, inputs)
@@ -297,18 +299,23 @@ def check_onnx(net, path, inputs):
     print(f"warning: {path.name} was not kept: {why}; the checkpoint and MindIR are unaffected", file=sys.stderr)
 
 
-def finish(net, history, args, outputs, check_inputs, only_missing=False):
-    """The best epoch's weights as the servable MindIR (and ONNX, checked on `check_inputs`), and the learning
-    curves (with `only_missing`, just those a finished job is missing, e.g. after a kill during the export); then
-    the final upload."""
-    import mindspore as ms
+def finish(history, args, outputs, check_inputs, only_missing=False):
+    """The best epoch's weights as the servable MindIR (and ONNX, checked on `check_inputs`, and AIR), and the
+    learning curves (with `only_missing`, just those a finished job is missing or that are older than the best
+    weights, e.g. after a kill during the export); then the final upload."""
     files = outputs.files
-    exported = files.best_mindir.exists() and (files.best_onnx.exists() or not args.export_onnx) and \
-        (files.best_air.exists() or not args.export_air)
-    if not (only_missing and exported):
-        if not files.best_checkpoint.is_file():
-            raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
-        ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
+    if not files.best_checkpoint.is_file():
+        raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
+    best_written = files.best_checkpoint.stat().st_mtime_ns
+
+    def current(path):
+        return path.exists() and path.stat().st_mtime_ns >= best_written
+
+    # AIR is left out: one that fails on an Ascend would otherwise redo every export at each resume
+    if not (only_missing and current(files.best_mindir) and (current(files.best_onnx) or not args.export_onnx)):
+        outputs.discard(files.best_onnx, files.best_air)  # no earlier export may outlive these weights
+        # A fresh fp32 network, as inference loads it: the trained one may have been cast to fp16 in place (amp O2)
+        net = trained_model.checkpoint_network(files.best_checkpoint, args.arch)
         export.export_graph(net, args.image_size, files.best_mindir)
         if args.export_onnx and export_extra(net, args, files.best_onnx, "ONNX"):
             check_onnx(net, files.best_onnx, check_inputs)
@@ -368,7 +375,7 @@ def main(args):
               f"nothing left to train")
         if source.test and workers.writes_outputs and not files.test.exists():  # stopped before the test
             evaluate_test(net, source, args, num_classes, weights, files, None, callbacks.best_epoch(resumed.history))
-        return finish(net, resumed.history, args, outputs, training.preview[1], only_missing=True)
+        return finish(resumed.history, args, outputs, training.preview[1], only_missing=True)
     datasets.skip_finished_epochs(training.train_data, resumed.epochs_done, args.resume_exact)
 
     meter = callbacks.StepMeter()
@@ -405,7 +412,7 @@ def main(args):
             tracker.close(failing=sys.exc_info()[0] is not None)  # a failure in flight is the one to report
         finally:
             outputs.push()  # also after a failure: keep what the finished epochs made
-    finish(net, recorder.history, args, outputs, training.preview[1])
+    finish(recorder.history, args, outputs, training.preview[1])
 
 
 def run(argv=None):

@@ -5,7 +5,6 @@ as a graph with no network code; an `.onnx` runs on onnxruntime, without MindSpo
 (inference/predictor.py), evaluation (eval.py) and prediction (predict.py) load models here, and choose among a
 folder's models here (`choose`).
 """
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,11 +30,19 @@ def read_labels(path):
 MODEL_SUFFIXES = (".onnx", ".ckpt", ".mindir")  # preference: onnxruntime is the fastest and needs no MindSpore
 
 
-def choose(folder):
-    """The model to serve from a folder of train.py's outputs (or the pod's inference/): an .onnx when
-    onnxruntime is installed, else a .ckpt, else a .mindir; of each kind, one named *best* first. None if there is
-    no model."""
-    ranks = MODEL_SUFFIXES if importlib.util.find_spec("onnxruntime") else MODEL_SUFFIXES[1:] + MODEL_SUFFIXES[:1]
+def onnxruntime_works():
+    try:
+        import onnxruntime  # noqa: F401
+        return True
+    except ImportError:  # not installed, or a build that does not load here
+        return False
+
+
+def choose(folder, device="CPU"):
+    """The model to serve from a folder of train.py's outputs (or the pod's inference/): on CPU an .onnx when
+    onnxruntime can be imported, else a .ckpt, else a .mindir; on a GPU or Ascend the .ckpt first (onnxruntime runs
+    on the CPU). Of each kind, one named *best* first. None if there is no model."""
+    ranks = MODEL_SUFFIXES if device == "CPU" and onnxruntime_works() else MODEL_SUFFIXES[1:] + MODEL_SUFFIXES[:1]
     found = [p for p in Path(folder).iterdir() if p.suffix.lower() in ranks and p.is_file()]
     return min(found, key=lambda p: (ranks.index(p.suffix.lower()), "best" not in p.name, p.name), default=None)
 
@@ -43,22 +50,24 @@ def choose(folder):
 def load_network(model_path, labels):
     """The ResNet of resnet.py with the checkpoint's weights (of any family train.py reads), in inference mode,
     padded as the weights were trained."""
+    return checkpoint_network(model_path, labels.get("arch", "resnet50"), len(labels["class_names"]))
+
+
+def checkpoint_network(model_path, arch, classes_named=0):
+    """`arch` built for the checkpoint's class count and padding, in fp32, with its weights, in inference mode."""
     import mindspore as ms
     from checkpoints import read_pretrained
     from resnet import ARCHS, create_model
-    if labels.get("arch", "resnet50") not in ARCHS:
-        raise UserError(f"labels.json names the network {labels['arch']!r}, which is none of "
-                        f"{', '.join(sorted(ARCHS))}")
+    if arch not in ARCHS:
+        raise UserError(f"labels.json names the network {arch!r}, which is none of {', '.join(sorted(ARCHS))}")
     checkpoint = read_pretrained(model_path)
     padding, params = checkpoint.padding, checkpoint.weights
     head = params.get("fc.weight")
     if head is None:
         raise UserError(f"{model_path} has no classifier (fc) weights to predict with")
-    arch = labels.get("arch", "resnet50")
     num_classes = head.shape[0]
-    if num_classes < len(labels["class_names"]):
-        raise UserError(f"{model_path} has {num_classes} outputs but labels.json names "
-                        f"{len(labels['class_names'])} classes")
+    if num_classes < classes_named:
+        raise UserError(f"{model_path} has {num_classes} outputs but labels.json names {classes_named} classes")
     net = create_model(arch, num_classes, padding)
     not_loaded, _ = ms.load_param_into_net(net, params)
     if not_loaded:
@@ -68,14 +77,14 @@ def load_network(model_path, labels):
     return net
 
 
-def stage(args):
-    """Local paths of `args.model_url` (a .ckpt, a .mindir, or a folder of train.py's outputs: its best model) and
-    of its labels.json when that is not beside it (`args.labels`, or beside a remote model)."""
+def stage(args, device="CPU"):
+    """Local paths of `args.model_url` (a model file, or a folder of train.py's outputs: the model `choose` takes
+    for `device`) and of its labels.json when that is not beside it (`args.labels`, or beside a remote model)."""
     import staging
     import storage
     model = staging.stage_in(args.model_url, "model_url", args.cache_dir, io_timeout=args.io_timeout)
     if model.is_dir():
-        found = choose(model)
+        found = choose(model, device)
         if found is None:
             raise UserError(f"model_url {storage.redact(args.model_url)} holds no .onnx, .ckpt or .mindir")
         model = found
@@ -138,11 +147,15 @@ def onnx_forward(model_path, labels=None):
     """A batch forward on onnxruntime; with `labels`, a graph for another image size or fewer classes than
     labels.json names is refused here, not at the first request."""
     session, run = onnx_session(model_path)
-    inputs, outputs = session.get_inputs()[0].shape, session.get_outputs()[0].shape
-    if len(inputs) != 4 or len(outputs) != 2:
-        raise UserError(f"{model_path} is not an image classifier as train.py exports (input shape {inputs}, "
-                        f"output shape {outputs})")
+    (graph_input, *more), output = session.get_inputs(), session.get_outputs()[0]
+    inputs, outputs = graph_input.shape, output.shape
+    if more or graph_input.type != "tensor(float)" or len(inputs) != 4 or inputs[1] != 3 or len(outputs) != 2:
+        raise UserError(f"{model_path} is not an image classifier as train.py exports (inputs "
+                        f"{[(i.type, i.shape) for i in session.get_inputs()]}; train.py's take one float32 batch "
+                        f"of N x 3 x H x W images)")
     (batch_dim, _, height, width), outputs = inputs, outputs[1]
+    if isinstance(batch_dim, int) and batch_dim != 1:
+        raise UserError(f"{model_path} takes exactly {batch_dim} images at a time; train.py's take any number")
     if labels and isinstance(height, int) and [height, width] != [int(labels["image_size"])] * 2:
         raise UserError(f"{model_path} takes {height}x{width} images, but labels.json says image_size "
                         f"{labels['image_size']}: they are from different runs")
