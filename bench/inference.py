@@ -63,7 +63,10 @@ def main():
     from PIL import Image
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or untrained_model(Path(tmp), args.arch, args.image_size, 10)
-        models = {suffix: sorted(folder.glob(f"*best.{suffix}"))[0] for suffix in ("onnx", "ckpt", "mindir")}
+        models = {suffix: found[0] for suffix in ("onnx", "ckpt", "mindir")
+                  if (found := sorted(folder.glob(f"*best.{suffix}")))}
+        if "onnx" not in models:
+            sys.exit(f"error: no *best.onnx in {folder}: train with --export_onnx true (the app is measured on it)")
         image_path = Path(tmp) / "photo.jpg"
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(image_path)
 

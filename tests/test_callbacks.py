@@ -39,7 +39,12 @@ def test_the_meter_reads_each_step_once_and_the_records_are_built_from_it(tmp_pa
             steps.append((loss, correct, meter.last))
 
     files = run_state.RunFiles(tmp_path, "dense")
-    recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, "run-id")
+    replaced = []  # what the best checkpoint was whenever new best weights were about to be saved
+
+    def before_new_best():
+        replaced.append(files.best_checkpoint.stat().st_mtime_ns if files.best_checkpoint.exists() else None)
+    recorder = callbacks.EpochRecorder(meter, net, files, trainer.train_network, "run-id",
+                                       before_new_best=before_new_best)
     trainer.fit(EPOCHS, separable(BATCH * STEPS, 0), valid_dataset=separable(24, 1),
                 callbacks=[meter, Spy(), recorder], dataset_sink_mode=False)
 
@@ -54,6 +59,8 @@ def test_the_meter_reads_each_step_once_and_the_records_are_built_from_it(tmp_pa
     assert first["images_per_second"] > 0 and first["seconds"] > 0
     assert read_json(files.metrics) == recorder.history
     assert files.last_checkpoint.is_file() and files.best_checkpoint.is_file()
+    assert len(replaced) == sum(r["best"] for r in recorder.history) and replaced[0] is None  # called before saving
+    assert all(mtime < files.best_checkpoint.stat().st_mtime_ns for mtime in replaced[1:])
     resume = ms.load_checkpoint(str(files.resume))
     assert int(resume["epoch"]) == 2 and str(resume["aim_run"]) == "run-id"
     assert "moments.weight" in resume  # the optimiser's state, not just the weights

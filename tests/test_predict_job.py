@@ -58,3 +58,16 @@ def test_a_missing_model_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = stderr_lines(result)
     assert line.startswith("error: model_url") and "does not exist" in line
+
+
+def test_a_sliver_is_listed_as_unreadable_not_resized_to_gigabytes(tmp_path):
+    """1 x 40000 pixels is a few hundred bytes of PNG; resized to 37 on its shorter side for a 32 crop it would be
+    37 x 1480000 x 3 bytes. It is listed; a photo of the same kind goes through."""
+    import predict
+    sliver, photo = tmp_path / "sliver.png", tmp_path / "photo.png"
+    Image.new("RGB", (40000, 1), "white").save(sliver)
+    Image.new("RGB", (300, 200), "white").save(photo)
+    source = predict._Decoded([sliver, photo], 8, {"image_size": 32, "data_format": "imagefolder"})
+    assert source[0][1] == -1 and source[1][1] == 1 and source[1][0].shape == (200, 300, 3)
+    as_cifar = predict._Decoded([sliver], 8, {"image_size": 32, "data_format": "cifar10"})  # resized whole: fine
+    assert as_cifar[0][1] == 0

@@ -179,6 +179,14 @@ def test_a_file_the_job_deleted_is_deleted_remotely_and_no_other(store, bucket, 
     assert mirror.push() == 0
     assert "resnet18-epoch2.ckpt" not in listing()
 
+    # A discarded file goes there too, though this job never wrote it: an export of weights it replaced
+    (tmp_path / "old.onnx").write_text("an earlier run's model")
+    mirror._store.copy(tmp_path / "old.onnx", f"{remote}/resnet18-best.onnx")
+    assert "resnet18-best.onnx" in listing()
+    mirror.discard("resnet18-best.onnx", "resnet18-best.air")  # the second was never there: fine
+    assert mirror.push() == 0
+    assert listing() == ["metrics.json", "notes.txt", "resnet18-epoch3.ckpt", "resnet18-epoch9.ckpt"]
+
 
 def test_output_mirror_pulls_files_and_folders_a_restarted_job_needs(bucket, tmp_path):
     remote = f"s3://{bucket}/out"

@@ -146,13 +146,13 @@ def epochs_without_improvement(history, monitor, min_delta=0.0):
 
 class EpochRecorder(Callback):
     """After each epoch: the epoch's record in `history` and metrics.json, the last and best checkpoints (best by
-    `selection.monitor`, and the `selection.keep` best epochs' own), and the resume state (when given the train
-    step)."""
+    `selection.monitor`, and the `selection.keep` best epochs' own; `before_new_best` is called before the best
+    is replaced), and the resume state (when given the train step)."""
 
     def __init__(self, meter, net, files, train_step=None, run_id="", resumed=run_state.ResumeState(),
-                 selection=Selection()):
+                 selection=Selection(), before_new_best=lambda: None):
         super().__init__()
-        self.meter, self.net, self.files = meter, net, files
+        self.meter, self.net, self.files, self.before_new_best = meter, net, files, before_new_best
         self.train_step, self.run_id, self.selection = train_step, run_id or "", selection
         self.history = list(resumed.history)
         scores = [monitor_score(r, selection.monitor) for r in self.history]
@@ -173,6 +173,7 @@ class EpochRecorder(Callback):
         record["best"] = score > self.best_score
         if record["best"]:
             self.best_score = score
+            self.before_new_best()  # first: a kill in between leaves no export beside weights it is not of
             save_checkpoint(self.net, self.files.best_checkpoint)
         record["seconds"] = self.meter.epoch_seconds()
         record["images_per_second"] = totals.images_per_second

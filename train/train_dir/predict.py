@@ -34,10 +34,12 @@ CSV, JSONL, UNREADABLE = "predictions.csv", "predictions.jsonl", "unreadable.txt
 
 
 class _Decoded:
-    """The pipeline's source: image i decoded, or (a blank of the right size and -1 - i) when it cannot be."""
+    """The pipeline's source: image i decoded, or (a blank of the right size and -1 - i) when it cannot be, or when
+    it is a sliver that the validation transform's resize would make gigabytes of (1 x 20000 pixels)."""
 
-    def __init__(self, paths, side):
+    def __init__(self, paths, side, labels):
         self.paths, self.blank = paths, np.zeros((side, side, 3), np.uint8)
+        self.image_size, self.data_format = int(labels["image_size"]), labels.get("data_format", "imagefolder")
 
     def __len__(self):
         return len(self.paths)
@@ -46,7 +48,10 @@ class _Decoded:
         try:
             if os.path.getsize(self.paths[index]) == 0:
                 raise ValueError("empty file")
-            return images.read_rgb(self.paths[index]), np.int64(index)
+            pixels = images.read_rgb(self.paths[index])
+            if datasets.eval_resized_pixels(*pixels.shape[:2], self.image_size, self.data_format) > images.MAX_PIXELS:
+                raise ValueError("too narrow to resize")
+            return pixels, np.int64(index)
         except Exception:  # a hostile file breaks decoders in many ways; it is listed, and the rest go on
             return self.blank, np.int64(-1 - index)
 
@@ -62,7 +67,7 @@ def image_files(root):
 def pipeline(paths, labels, batch_size):
     import mindspore.dataset as ds
     workers = datasets.worker_count(None)
-    data = ds.GeneratorDataset(_Decoded(paths, 8), ["image", "index"], shuffle=False, num_parallel_workers=workers,
+    data = ds.GeneratorDataset(_Decoded(paths, 8, labels), ["image", "index"], shuffle=False, num_parallel_workers=workers,
                                python_multiprocessing=False)  # threads: PIL decodes without the GIL
     transforms = datasets.eval_transforms(int(labels["image_size"]), labels.get("data_format", "imagefolder"))
     return data.map(operations=transforms, input_columns="image", num_parallel_workers=workers).batch(batch_size)

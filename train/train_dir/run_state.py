@@ -76,6 +76,7 @@ class Outputs:
         self.files = RunFiles(self.mirror.local, args.arch)
         self.location = self.mirror.remote or self.mirror.local
         self._lock = _lock_folder(self.files.folder, self.location)
+        self._exports_may_exist = True  # an earlier run's, here or at the remote location
 
     def previous_run(self):
         """The names of another run's outputs already in the output folder (locally, or at its remote location)."""
@@ -110,13 +111,15 @@ class Outputs:
             raise UserError(f"{storage.redact(self.location)} holds another run's outputs ({', '.join(found)}): "
                             f"continue that run with --resume auto, replace it with --overwrite, or choose another "
                             f"--output_url")
-        if args.overwrite and not continues:  # the replaced run's models are not to be served beside this run's
-            files = self.files
-            self.discard(files.best_mindir, files.best_onnx, files.best_air)
 
-    def discard(self, *paths):
-        """Delete outputs that no longer belong to this run: here, and at the remote location at the next push."""
-        self.mirror.discard(*(Path(path).name for path in paths))
+    def discard_exports(self):
+        """Before new best weights are saved: the exported models (MindIR, ONNX, AIR) are of the weights they
+        replace, or of a run that --overwrite replaces, so they go, here and at the remote location at the next
+        push; finish() exports the best weights again. Once is enough until then."""
+        if self._exports_may_exist:
+            files = self.files
+            self.mirror.discard(*(path.name for path in (files.best_mindir, files.best_onnx, files.best_air)))
+            self._exports_may_exist = False
 
     def push(self):
         """Copy what is new or changed to the remote locations (after every epoch, at the end, after a failure)."""

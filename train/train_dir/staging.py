@@ -324,12 +324,11 @@ class OutputMirror:
         return len(changed)
 
     def discard(self, *names):
-        """Delete these files here; with `deletes`, also at the remote location (at the next push) where it has
-        them."""
+        """Delete these files here; with `deletes`, also at the remote location at the next push."""
         for name in names:
             (self.local / name).unlink(missing_ok=True)
-            if self.remote is not None and self.deletes and (name in self._pushed or self.remote_has(name)):
-                self._pushed[name] = None  # pushed or not, push() deletes there what is gone here
+            if self.remote is not None and self.deletes:
+                self._pushed[name] = None  # pushed or not, push() deletes there what is gone here (gone: fine)
 
     def pull_matching(self, pattern):
         """Pull the files directly in the remote folder whose names match `pattern` (fnmatch)."""

@@ -283,7 +283,7 @@ def check_onnx(net, path, inputs):
     when onnxruntime is installed; otherwise one warning, and the file is removed."""
     try:
         import onnxruntime  # noqa: F401
-    except ImportError as exc:  # not installed, or installed but broken: the file stays, unchecked
+    except Exception as exc:  # not installed, or installed but broken: the file stays, unchecked
         print(f"export: {path.name} written, not checked (onnxruntime cannot be imported: {exc})")
         return
     try:
@@ -301,19 +301,15 @@ def check_onnx(net, path, inputs):
 
 def finish(history, args, outputs, check_inputs, only_missing=False):
     """The best epoch's weights as the servable MindIR (and ONNX, checked on `check_inputs`, and AIR), and the
-    learning curves (with `only_missing`, just those a finished job is missing or that are older than the best
-    weights, e.g. after a kill during the export); then the final upload."""
+    learning curves (with `only_missing`, just those a finished job is missing, e.g. after a kill during the
+    export, or that are older than metrics.json); then the final upload."""
     files = outputs.files
-    if not files.best_checkpoint.is_file():
-        raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
-    best_written = files.best_checkpoint.stat().st_mtime_ns
-
-    def current(path):
-        return path.exists() and path.stat().st_mtime_ns >= best_written
-
-    # AIR is left out: one that fails on an Ascend would otherwise redo every export at each resume
-    if not (only_missing and current(files.best_mindir) and (current(files.best_onnx) or not args.export_onnx)):
-        outputs.discard(files.best_onnx, files.best_air)  # no earlier export may outlive these weights
+    # Exports are deleted whenever new best weights are saved (EpochRecorder), so one that exists is of these.
+    # AIR is left out: one that fails on an Ascend would otherwise redo every export at each resume.
+    exported = files.best_mindir.exists() and (files.best_onnx.exists() or not args.export_onnx)
+    if not (only_missing and exported) and not outputs.scratch:  # ranks > 0: nothing of theirs is kept
+        if not files.best_checkpoint.is_file():
+            raise UserError(f"{files.best_checkpoint} is missing: the best weights cannot be exported")
         # A fresh fp32 network, as inference loads it: the trained one may have been cast to fp16 in place (amp O2)
         net = trained_model.checkpoint_network(files.best_checkpoint, args.arch)
         export.export_graph(net, args.image_size, files.best_mindir)
@@ -321,7 +317,9 @@ def finish(history, args, outputs, check_inputs, only_missing=False):
             check_onnx(net, files.best_onnx, check_inputs)
         if args.export_air:
             export_extra(net, args, files.best_air, "AIR")
-    if history and not (only_missing and files.curves.exists()):
+    curves_current = files.curves.exists() and files.metrics.exists() and \
+        files.curves.stat().st_mtime_ns >= files.metrics.stat().st_mtime_ns
+    if history and not (only_missing and curves_current):
         export.plot_curves(history, files.curves)
     outputs.push()
     best = next((r for r in history if r["epoch"] == callbacks.best_epoch(history)), None)
@@ -382,7 +380,8 @@ def main(args):
     hparams = hyperparameters(args, source, device, num_classes, workers, plan)
     tracker = start_tracking(args, outputs, source, hparams, meter, training, resumed, steps_per_epoch)
     recorder = callbacks.EpochRecorder(meter, kept, files, trainer.train_network, tracker.hash, resumed,
-                                       callbacks.Selection(args.monitor, args.keep_checkpoints, args))
+                                       callbacks.Selection(args.monitor, args.keep_checkpoints, args),
+                                       outputs.discard_exports)
     early_stop = callbacks.EarlyStop(recorder, args.monitor, args.early_stop, args.min_delta, tracker) \
         if args.early_stop else None
     where = f"outputs only on rank 0 (this worker's scratch: {files.folder})" if not workers.writes_outputs else \

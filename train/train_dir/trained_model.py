@@ -34,17 +34,18 @@ def onnxruntime_works():
     try:
         import onnxruntime  # noqa: F401
         return True
-    except ImportError:  # not installed, or a build that does not load here
+    except Exception:  # not installed, or a build that does not load here
         return False
 
 
 def choose(folder, device="CPU"):
     """The model to serve from a folder of train.py's outputs (or the pod's inference/): on CPU an .onnx when
     onnxruntime can be imported, else a .ckpt, else a .mindir; on a GPU or Ascend the .ckpt first (onnxruntime runs
-    on the CPU). Of each kind, one named *best* first. None if there is no model."""
+    on the CPU). A model named *best* before any other; never the resume state. None if there is no model."""
     ranks = MODEL_SUFFIXES if device == "CPU" and onnxruntime_works() else MODEL_SUFFIXES[1:] + MODEL_SUFFIXES[:1]
-    found = [p for p in Path(folder).iterdir() if p.suffix.lower() in ranks and p.is_file()]
-    return min(found, key=lambda p: (ranks.index(p.suffix.lower()), "best" not in p.name, p.name), default=None)
+    found = [p for p in Path(folder).iterdir()
+             if p.suffix.lower() in ranks and p.name != run_state.RESUME and p.is_file()]
+    return min(found, key=lambda p: ("best" not in p.name, ranks.index(p.suffix.lower()), p.name), default=None)
 
 
 def load_network(model_path, labels):
