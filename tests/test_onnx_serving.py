@@ -287,16 +287,8 @@ def small_run(data, out, *extra):
 
 
 @pytest.mark.slow
-def test_an_overwritten_run_leaves_none_of_the_replaced_runs_models(small_job, tmp_path):
-    out = tmp_path / "out"
-    small_run(small_job, out)
-    assert (out / "resnet18-best.onnx").is_file()
-    small_run(small_job, out, "--overwrite", "--export_onnx", "false")
-    assert not (out / "resnet18-best.onnx").exists() and (out / "resnet18-best.mindir").is_file()
-
-
-@pytest.mark.slow
-def test_a_resumed_run_exports_what_a_kill_left_missing_and_nothing_more(small_job, tmp_path):
+def test_exports_are_made_again_only_when_missing_and_an_overwrite_leaves_none_of_the_replaced_run(small_job,
+                                                                                                   tmp_path):
     out = tmp_path / "out"
     small_run(small_job, out)
     onnx = out / "resnet18-best.onnx"
@@ -306,3 +298,6 @@ def test_a_resumed_run_exports_what_a_kill_left_missing_and_nothing_more(small_j
     untouched = onnx.stat().st_mtime_ns
     quiet = small_run(small_job, out, "--resume", "auto")  # everything there: nothing exported again
     assert "agrees with the model" not in quiet.stdout and onnx.stat().st_mtime_ns == untouched
+
+    small_run(small_job, out, "--overwrite", "--export_onnx", "false")  # its first best weights retire the export
+    assert not onnx.exists() and (out / "resnet18-best.mindir").is_file()
