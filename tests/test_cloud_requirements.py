@@ -118,6 +118,7 @@ def test_the_job_runs_on_python_3_9_and_the_local_aim_shows_its_run(cloud_python
                             "--arch", "resnet18", "--image_size", "32", "--batch_size", "16", "--output_url",
                             str(tmp_path / "cloud")], env=env, capture_output=True, text=True, timeout=900)
     assert cloud.returncode == 0, cloud.stderr[-3000:]
+    assert "export: resnet18-best.onnx agrees with the model on 16 validation images" in cloud.stdout, cloud.stderr
     assert runs_seen_by_aim_up(cloud_python, tmp_path / "cloud") > 1000
     assert runs_seen_by_aim_up(Path(sys.executable).parent, tmp_path / "cloud") > 1000
 

@@ -301,3 +301,30 @@ def test_exports_are_made_again_only_when_missing_and_an_overwrite_leaves_none_o
 
     small_run(small_job, out, "--overwrite", "--export_onnx", "false")  # its first best weights retire the export
     assert not onnx.exists() and (out / "resnet18-best.mindir").is_file()
+
+
+def test_freeing_the_batch_axis_also_frees_a_reshape_to_a_batch_1_constant(tmp_path):
+    """MindSpore up to 2.2 (the platform's image) exports ResNet's flatten as Reshape(x, Constant [1, 2048]): a
+    graph that takes only one image until the constant keeps the batch instead."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    import export
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 3])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["images"], ["pooled"], axes=[2, 3], keepdims=1),
+         helper.make_node("Constant", [], ["flat_shape"], value=shape),
+         helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"])], "mindspore-2.0-like",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [3, 2], [1, 0, 0, 1, 1, 1])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    export.free_batch_axis(path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).random((5, 3, 8, 8), np.float32)
+    means = images.mean(axis=(2, 3))
+    np.testing.assert_allclose(session.run(None, {"images": images})[0],
+                               np.stack([means[:, 0] + means[:, 2], means[:, 1] + means[:, 2]], 1), rtol=1e-5)

@@ -128,15 +128,26 @@ def export_graph(net, image_size, path):
 
 
 def free_batch_axis(path):
-    """Names the first axis of an ONNX graph's inputs and outputs "batch" instead of 1. ResNet's graph has no
-    reshape to a batch-1 constant (global pooling, then Gemm), and the export check runs a whole batch through it."""
+    """Names the first axis of an ONNX graph's inputs and outputs "batch" instead of 1, and makes a reshape to a
+    constant batch-1 shape (MindSpore up to 2.2 flattens the pooled features so: [1, 2048]) keep the batch instead
+    (0: Reshape's "copy this axis"). The export check then runs a whole batch through the graph."""
     try:
         import onnx
+        from onnx import numpy_helper
     except ImportError:
         return
     model = onnx.load(str(path))
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    constants.update({node.output[0]: attribute.t for node in model.graph.node if node.op_type == "Constant"
+                      for attribute in node.attribute if attribute.name == "value"})
+    for node in model.graph.node:
+        shape = constants.get(node.input[1]) if node.op_type == "Reshape" else None
+        values = numpy_helper.to_array(shape) if shape is not None else None
+        if values is not None and values.ndim == 1 and len(values) > 1 and values[0] == 1:
+            shape.CopyFrom(numpy_helper.from_array(np.concatenate([[0], values[1:]]).astype(values.dtype),
+                                                   shape.name))
     del model.graph.value_info[:]  # inner shapes MindSpore recorded for batch 1; onnxruntime infers them again
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
