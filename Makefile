@@ -23,13 +23,14 @@ demo: $(STAMP)
 		--experiment demo-shapes --image_size 32 --batch_size 32 --epochs 8 --lr 0.01 --warmup_epochs 1 --overwrite
 
 # Two workers, each taking whole test files (module fixtures train once): a single pytest process keeps only one
-# of the two cores busy for half of the run (compiling graphs, starting interpreters, waiting on servers).
+# of the two cores busy for half of the run (compiling graphs, starting interpreters, waiting on servers). Files go
+# out longest first (tests/conftest.py FILE_MINUTES), not by xdist's count of tests.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # Needs the network: resolves the training job's and the inference pod's requirement files for Python 3.9 (x86_64
 # and aarch64, wheels only), runs the job and the app in Python 3.9 venvs built from them, and runs the job on an
