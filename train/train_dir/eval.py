@@ -134,7 +134,8 @@ def main(args):
         run_hash = track(args, report, subset, folder, pictures, names)
         print(f"aim: scores in run {run_hash} of {storage.redact(args.aim_repo)}")
     mirror.push()
-    print(f"eval: {model.name} on the {subset} split of {source.root}, {report['images']} images: accuracy {report['accuracy']:.4f}, "
+    print(f"eval: {model.name} on the {subset} split of {source.root}, {report['images']} images: "
+          f"accuracy {report['accuracy']:.4f}, "
           f"macro F1 {report['macro']['f1']:.4f}; report in {storage.redact(mirror.url)}")
 
 

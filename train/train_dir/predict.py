@@ -67,7 +67,8 @@ def image_files(root):
 def pipeline(paths, labels, batch_size):
     import mindspore.dataset as ds
     workers = datasets.worker_count(None)
-    data = ds.GeneratorDataset(_Decoded(paths, 8, labels), ["image", "index"], shuffle=False, num_parallel_workers=workers,
+    data = ds.GeneratorDataset(_Decoded(paths, 8, labels), ["image", "index"], shuffle=False,
+                               num_parallel_workers=workers,
                                python_multiprocessing=False)  # threads: PIL decodes without the GIL
     transforms = datasets.eval_transforms(int(labels["image_size"]), labels.get("data_format", "imagefolder"))
     return data.map(operations=transforms, input_columns="image", num_parallel_workers=workers).batch(batch_size)
@@ -111,7 +112,8 @@ def main(args):
         warn(f"{len(unreadable)} image file(s) could not be read and have no prediction (listed in {UNREADABLE}): "
              f"{named([path.relative_to(base).as_posix() for path in unreadable])}")
     mirror.push()
-    print(f"predict: {len(paths) - len(unreadable)} images labelled by {model.name} into {storage.redact(mirror.url)}/{CSV}")
+    print(f"predict: {len(paths) - len(unreadable)} images labelled by {model.name} into "
+          f"{storage.redact(mirror.url)}/{CSV}")
 
 
 if __name__ == "__main__":
