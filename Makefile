@@ -50,9 +50,8 @@ $(ARM64_ROOT)/usr/bin/python3.9:
 		--include=python3.9,libpython3.9-stdlib,python3-distutils,libgomp1,libstdc++6 bullseye $(ARM64_ROOT) \
 		$(DEBIAN_MIRROR)
 
-# Speed against the seed tutorial's loop and PyTorch (CPU wheel, installed here only for this), ~8 min on 2 cores.
+# Speed against the seed tutorial's loop and PyTorch (in requirements.txt for the tests), ~8 min on 2 cores.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/speed.py --rounds 3
 
 clean:

@@ -2,7 +2,7 @@
 what the step consumes, and inference (batch-1 latency, batch-32 throughput) of the .onnx, .mindir and .ckpt
 against PyTorch eager; peak memory of each.
 
-    make bench                                  # installs torch==2.13.0 (CPU) from bench/requirements.txt, then this
+    make bench                                  # PyTorch comes with requirements.txt
     .venv/bin/python bench/speed.py --rounds 3  # the same
     .venv/bin/python bench/speed.py --only train --shapes 32x32 --rounds 5
     .venv/bin/python bench/speed.py --only inference --rounds 5
@@ -333,7 +333,7 @@ def main():
         have_torch = True
     except ImportError:
         have_torch = False
-        print("torch is not installed: `make bench` installs bench/requirements.txt; PyTorch columns skipped")
+        print("torch is not installed: requirements.txt pins it (make venv); PyTorch columns skipped")
 
     print(f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}, "
           f"median of {args.rounds} interleaved rounds; images/s unless marked", flush=True)

@@ -69,8 +69,10 @@ def get_args_parser():
                     help="CIFAR-10 binary files or train/ and val/ class folders, searched recursively: a local "
                          "folder, an obs:// or s3:// folder, or a .zip/.tar/.tar.gz archive (also over http(s))")
     io.add_argument("--pretrain_url", "--pretrain_path", dest="pretrain_url", default=None,
-                    help="a .ckpt to start from (e.g. ImageNet weights), local, obs://, s3:// or http(s)://; "
-                         "a head of another size is re-initialised")
+                    help="weights to start from (e.g. ImageNet's), local, obs://, s3:// or http(s)://: a MindSpore "
+                         ".ckpt (tutorial, MindCV, mindvision, mindspore models), torchvision's or timm's .pth/.bin "
+                         "(needs PyTorch, else convert with torch_weights.py) or .safetensors, or a Hugging Face "
+                         "folder of timm weights; a head of another size is re-initialised")
     _add_output_folder(io, "checkpoints, the MindIR export, labels.json, metrics.json and curves.png")
     io.add_argument("--aim_repo", default=None,
                     help="folder that holds the Aim repo (.aim is created inside), local, obs:// or s3://, or an "

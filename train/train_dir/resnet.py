@@ -7,8 +7,9 @@ Two tutorial bugs are fixed: the basic block's conv2 takes `out_channel` inputs 
 and the classifier uses global average pooling, so any input size works.
 
 Convolutions pad the way the weights were trained: "same" (the tutorial, mindspore models) or "explicit"
-symmetric (k-1)/2 padding (MindCV, mindvision), which shifts strided convolutions by a pixel. A checkpoint written by
-this code records its padding as `resnet_padding`, and labels.json as `padding`.
+symmetric (k-1)/2 padding (MindCV, mindvision), which shifts strided convolutions by a pixel; "pytorch"
+(torchvision, timm) also pads the stem's max pool by one pixel on every side, where the others pad it "same". A
+checkpoint written by this code records its padding as `resnet_padding`, and labels.json as `padding`.
 
 On CPU, a convolution whose output map is 2x2 or smaller runs as one matmul over the batch (`Conv2d`), which makes
 training at 32x32 about 1.8x faster.
@@ -21,7 +22,7 @@ from mindspore.common.initializer import HeNormal
 HEAD_PREFIX = "fc."
 
 
-PADDINGS = ("same", "explicit")
+PADDINGS = ("same", "explicit", "pytorch")
 
 
 SMALL_MAP_PIXELS = 4  # output maps up to 2x2 pixels run as one matmul on CPU ...
@@ -88,7 +89,8 @@ class Conv2d(nn.Conv2d):
 
 def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
     # He init (the tutorial's N(0, 0.02) makes from-scratch training of deep nets diverge)
-    pad = {"pad_mode": "pad", "padding": (kernel_size - 1) // 2} if padding == "explicit" else {"pad_mode": "same"}
+    symmetric = padding in ("explicit", "pytorch")
+    pad = {"pad_mode": "pad", "padding": (kernel_size - 1) // 2} if symmetric else {"pad_mode": "same"}
     return Conv2d(in_channel, out_channel, kernel_size=kernel_size, stride=stride,
                   weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), **pad)
 
@@ -141,6 +143,15 @@ class Bottleneck(nn.Cell):
         return self.relu(out + identity)
 
 
+def _stem_pool(padding):
+    """3x3 max pool, stride 2. PyTorch pads one pixel on each side; zeros then do what its -inf would, because the
+    pool's input has passed a ReLU (no value below 0), and a zero pad runs on every MindSpore version and in ONNX."""
+    if padding != "pytorch":
+        return nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")  # MindSpore's families
+    return nn.SequentialCell([nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1))),
+                              nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")])
+
+
 def _make_layer(in_channel, block, channel, block_count, stride=1, padding="same"):
     out_channel = channel * block.expansion
     down_sample = None
@@ -161,7 +172,7 @@ class ResNet(nn.Cell):
         self.conv1 = _conv(3, 64, 7, stride=2, padding=padding)
         self.norm = _norm(64)
         self.relu = nn.ReLU()
-        self.max_pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same")  # in every family
+        self.max_pool = _stem_pool(padding)
         self.layer1 = _make_layer(64, block, 64, layer_counts[0], padding=padding)
         self.layer2 = _make_layer(64 * block.expansion, block, 128, layer_counts[1], 2, padding)
         self.layer3 = _make_layer(128 * block.expansion, block, 256, layer_counts[2], 2, padding)

@@ -104,6 +104,7 @@ def build_network(args, num_classes, pretrained):
     net = create_model(args.arch, num_classes, weights.padding if weights else "same")
     if weights:
         load_pretrained(net, weights)
+        warn_if_normalised_otherwise(weights)
     elif args.freeze:
         print("warning: --freeze without --pretrain_url trains a head on a randomly initialised backbone",
               file=sys.stderr)
@@ -112,6 +113,17 @@ def build_network(args, num_classes, pretrained):
     elif args.trainable:
         net.train_only(args.trainable)
     return net
+
+
+def warn_if_normalised_otherwise(weights):
+    """timm's config.json says how its weights saw images; this job normalises with ImageNet's mean and std."""
+    config = weights.config or {}
+    ours = (np.array(datasets.IMAGENET_MEAN) / 255, np.array(datasets.IMAGENET_STD) / 255)
+    for what, theirs, own in (("mean", config.get("mean"), ours[0]), ("std", config.get("std"), ours[1])):
+        if theirs is not None and not np.allclose(np.asarray(theirs, dtype=float), own, atol=1e-3):
+            print(f"warning: {weights.path} was trained on images normalised with {what} {list(theirs)}, this job "
+                  f"uses ImageNet's {[round(v, 3) for v in own]}: fine-tuning adapts, but the features start off",
+                  file=sys.stderr)
 
 
 def predictor(net):
