@@ -33,7 +33,7 @@ FILE_MINUTES = {"test_onnx_serving.py": 5.4, "test_resume.py": 4.6, "test_remote
                 "test_run_job.py": 3.0, "test_resnet.py": 2.7, "test_aim_runs.py": 2.3, "test_inference.py": 2.1,
                 "test_faults_data.py": 2.0, "test_faults_run.py": 2.0, "test_recipes.py": 1.9,
                 "test_bad_input.py": 1.8, "test_partial_training.py": 1.6, "test_aim_fallback.py": 1.5,
-                "test_faults_flags.py": 1.4, "test_eval_job.py": 1.0, "test_faults_staging.py": 1.0,
+                "test_faults_flags.py": 1.4, "test_torch_weights.py": 1.8, "test_eval_job.py": 1.0, "test_faults_staging.py": 1.0,
                 "test_predict_job.py": 0.8}
 
 
@@ -67,6 +67,25 @@ def run_script(script, *args, timeout=900, cwd=None, env=None):
     """A job script in a fresh interpreter, as a user or the platform runs it."""
     return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
+
+
+def without(tmp_path, *modules):
+    """An environment whose Python refuses to import `modules` (a sitecustomize on PYTHONPATH), and the file where
+    every attempt is written, so a test can prove the module was never even tried."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    attempts = tmp_path / "import-attempts.txt"
+    (guard / "sitecustomize.py").write_text(f"""
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {set(modules)!r}:
+            with open({str(attempts)!r}, "a") as log:
+                log.write(name + "\\n")
+            raise ImportError(f"{{name}} is not installed (refused by the test)")
+sys.meta_path.insert(0, Refuse())
+""")
+    return {"PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")])}, attempts
 
 
 def run_train(*args, timeout=900, cwd=None, env=None, onnx=False):

@@ -27,6 +27,9 @@ def test_never_pins_mindspore_and_keeps_numpy_below_2():
     local = (ROOT / "requirements.txt").read_text()
     assert re.search(r"^aim==([\d.]+)", local, re.M).group(1) == re.search(r"aim==([\d.]+)", names["aim"]).group(1)
     assert 'platform_machine == "x86_64"' in names["aim"]  # no aim build exists for aarch64: left out there
+    assert "safetensors" in names and not {"torch", "torchvision", "timm"} & set(names)  # PyTorch: tests only
+    assert not {"torch", "torchvision", "timm"} & set(re.findall(r"^([\w-]+)", INFERENCE_REQUIREMENTS.read_text(),
+                                                               re.M))
 
 
 network = pytest.mark.skipif(os.environ.get("RUN_NETWORK_TESTS") != "1",
@@ -47,6 +50,7 @@ def test_resolves_for_python_3_9_from_wheels(platform, aim):
     resolved = dict(line.split("==") for line in result.stdout.splitlines() if "==" in line and not line.startswith(" "))
     assert resolved.get("aim") == aim and resolved["numpy"].startswith("1.")
     assert "mindspore" not in resolved and {"onnx", "onnxruntime"} <= set(resolved)  # the export is checked there too
+    assert "safetensors" in resolved and "torch" not in resolved  # timm's weights load without PyTorch
 
 
 def python_3_9():
@@ -110,14 +114,20 @@ def runs_seen_by_aim_up(bin_dir, repo):
 @network
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the job's aim is installed on x86_64 only")
 def test_the_job_runs_on_python_3_9_and_the_local_aim_shows_its_run(cloud_python, tmp_path):
-    """The cloud job's Python and requirements train and track a run, which `aim up` of this machine's venv (the
-    local pin) shows, as a user who downloads the job's outputs would see it."""
+    """The cloud job's Python and requirements fine-tune torchvision's weights (a .safetensors, no PyTorch there)
+    and track a run, which `aim up` of this machine's venv (the local pin) shows, as a user who downloads the job's
+    outputs would see it."""
     data = write_cifar(tmp_path / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
+    weights = tmp_path / "resnet18.safetensors"
+    subprocess.run([sys.executable, "-c", "import sys, torchvision; from safetensors.torch import save_file; "
+                    "save_file(torchvision.models.resnet18().state_dict(), sys.argv[1])", str(weights)], check=True)
     env = {**os.environ, "PATH": f"{cloud_python}:{os.environ['PATH']}"}
     cloud = subprocess.run([str(cloud_python / "python"), str(TRAIN_PY), "--data_url", str(data), "--epochs", "1",
                             "--arch", "resnet18", "--image_size", "32", "--batch_size", "16", "--output_url",
-                            str(tmp_path / "cloud")], env=env, capture_output=True, text=True, timeout=900)
+                            str(tmp_path / "cloud"), "--pretrain_url", str(weights)],
+                           env=env, capture_output=True, text=True, timeout=900)
     assert cloud.returncode == 0, cloud.stderr[-3000:]
+    assert "(torchvision/timm checkpoint, pytorch padding); 100/100 backbone" in cloud.stdout
     assert "export: resnet18-best.onnx agrees with the model on 16 validation images" in cloud.stdout, cloud.stderr
     assert runs_seen_by_aim_up(cloud_python, tmp_path / "cloud") > 1000
     assert runs_seen_by_aim_up(Path(sys.executable).parent, tmp_path / "cloud") > 1000

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAINED, read_json, run_train
+from conftest import ROOT, TRAINED, read_json, run_train, without
 
 import datasets
 
@@ -115,25 +115,6 @@ def test_the_onnx_graph_takes_any_batch_size(trained):
     one_at_a_time = np.concatenate([run(image[None]) for image in batch])
     np.testing.assert_allclose(run(batch), one_at_a_time, atol=1e-4, rtol=1e-4)
     assert "agrees with the model on 16 validation images" in trained["result"].stdout
-
-
-def without(tmp_path, *modules):
-    """An environment whose Python refuses to import `modules` (a sitecustomize on PYTHONPATH), and the file where
-    every attempt is written, so a test can prove the module was never even tried."""
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    attempts = tmp_path / "import-attempts.txt"
-    (guard / "sitecustomize.py").write_text(f"""
-import sys
-class Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {set(modules)!r}:
-            with open({str(attempts)!r}, "a") as log:
-                log.write(name + "\\n")
-            raise ImportError(f"{{name}} is not installed (refused by the test)")
-sys.meta_path.insert(0, Refuse())
-""")
-    return {"PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")])}, attempts
 
 
 @pytest.mark.slow
