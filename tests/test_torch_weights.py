@@ -118,6 +118,24 @@ def test_broken_or_foreign_weights_get_one_clear_error(torch_files, tmp_path, ma
         read_pretrained(make(tmp_path, torch_files))
 
 
+def test_a_hugging_face_folder_in_a_bucket_and_a_file_over_http_load_like_local_ones(torch_files, bucket,
+                                                                                     http_server, tmp_path):
+    """As the platform passes them: an obs:// folder (config.json + model.safetensors), a .pth over http(s)."""
+    import staging
+    import storage
+    storage.FsspecStorage().copy_parallel(torch_files / "hf-timm-resnet50", f"s3://{bucket}/timm/resnet50.a1_in1k")
+    base, served = http_server
+    shutil.copy(torch_files / "torchvision-resnet18.pth", served / "resnet18-f37072fd.pth")
+    inputs, expected = np.load(torch_files / "inputs.npz"), np.load(torch_files / "logits.npz")
+    for url, arch, classes, model in ((f"obs://{bucket}/timm/resnet50.a1_in1k/", "resnet50", 10, "timm-resnet50"),
+                                      (f"{base}/resnet18-f37072fd.pth", "resnet18", 1000, "torchvision-resnet18")):
+        local = staging.stage_in(url, "pretrain_url", tmp_path / "cache")
+        messages = []
+        np.testing.assert_allclose(our_logits(local, arch, classes, inputs["75"], log=messages.append),
+                                   expected[f"{model}/75"], rtol=0, atol=1e-4, err_msg=url)
+        assert "(torchvision/timm checkpoint" in messages[0]
+
+
 def truncated(tmp_path, source):
     target = tmp_path / source.name
     target.write_bytes(source.read_bytes()[: source.stat().st_size // 2])

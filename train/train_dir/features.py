@@ -18,6 +18,7 @@ import mindspore.nn as nn
 import numpy as np
 
 import datasets
+import torch_weights
 from errors import UserError
 from export import atomic_write
 
@@ -49,7 +50,7 @@ def extract(backbone, dataset, batch_size):
 
 def cache_key(source, args, pretrained):
     """What the features depend on: the weights, the data, the transform and the views."""
-    weights = Path(pretrained).stat() if pretrained else None
+    weights = torch_weights.weights_file(pretrained).stat() if pretrained else None  # a folder: the file in it
     parts = {"pretrained": [str(pretrained), weights.st_size, weights.st_mtime_ns] if weights else None,
              "data": [str(source.root), source.kind, source.sizes], "arch": args.arch, "seed": args.seed,
              "image_size": args.image_size, "views": args.feature_views}
