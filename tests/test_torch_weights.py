@@ -49,6 +49,7 @@ def our_logits(path, arch, classes, images, log=None):
     ("hf-timm-resnet34-bin", "timm-resnet34", "resnet34", 7, " of resnet34 random"),  # config.json + .bin
     ("torchvision-resnet18.safetensors", "torchvision-resnet18", "resnet18", 1000, ""),
     ("wrapped-resnet18.pth", "torchvision-resnet18", "resnet18", 1000, ""),  # {"state_dict": {"module.conv1...
+    ("tutorial-style.pth", "torchvision-resnet18", "resnet18", 1000, ""),  # {"model_state_dict": ..., "epoch": 3}
 ])
 def test_our_network_computes_what_pytorch_computes(torch_files, weights, model, arch, classes, family_note):
     inputs, expected = np.load(torch_files / "inputs.npz"), np.load(torch_files / "logits.npz")
@@ -73,10 +74,15 @@ def test_the_max_pool_padding_is_what_makes_them_equal(torch_files):
     assert np.abs(net(ms.Tensor(inputs["224"])).asnumpy() - expected["torchvision-resnet18/224"]).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["hostile.pth", "hostile-legacy.pth", "whole-model.pth"])
-def test_pickles_that_hold_code_or_objects_are_refused_and_never_run(torch_files, name):
+@pytest.mark.parametrize("name, message", [
+    ("hostile.pth", "holds Python objects besides tensors.*not unpickled.*state_dict"),
+    ("whole-model.pth", "holds Python objects besides tensors.*not unpickled.*state_dict"),
+    ("hostile-legacy.pth", r"is a pickle that PyTorch's restricted unpickler does not read \(Unsupported operand "
+                           r"\d+\), and it is not unpickled otherwise, as that could run any code$"),
+])
+def test_pickles_that_hold_code_or_objects_are_refused_and_never_run(torch_files, name, message):
     marker = torch_files / "PWNED"
-    with pytest.raises(UserError, match="holds Python objects besides tensors.*not unpickled.*state_dict"):
+    with pytest.raises(UserError, match=message):
         read_pretrained(torch_files / name)
     assert not marker.exists()
 
@@ -112,6 +118,16 @@ def hf_folder(tmp_path, torch_files, config, weights="torchvision-resnet18.safet
     (lambda tmp, files: truncated(tmp, files / "torchvision-resnet18.safetensors"),
      "is not a readable safetensors file"),
     (lambda tmp, files: truncated(tmp, files / "torchvision-resnet18.pth"), "is not a readable PyTorch file"),
+    (lambda tmp, files: hf_folder(tmp, files, {"architecture": ["resnet18"]}), "is not timm's config.json"),
+    (lambda tmp, files: hf_folder(tmp, files, {"architecture": "resnet18", "pretrained_cfg": "in1k"}),
+     "is not timm's config.json"),
+    (lambda tmp, files: hf_folder(tmp, files, {"pretrained_cfg": {"mean": [0.5, 0.5, 0.5, 0.5]}}),
+     r"pretrained_cfg.mean is not three numbers \(\[0.5, 0.5, 0.5, 0.5\]\)"),
+    (lambda tmp, files: written(tmp / "page.pth", b"<!DOCTYPE html><html>model card</html>"),
+     "page.pth is a web page, not PyTorch weights \\(for Hugging Face, download the file's resolve/ URL"),
+    (lambda tmp, files: written(tmp / "renamed.bin", (files / "torchvision-resnet18.safetensors").read_bytes()),
+     "renamed.bin is a safetensors file, not PyTorch weights: name it renamed.safetensors"),
+    (lambda tmp, files: files / "with-a-string.pth", r"is not a state dict of tensors: it holds note \(str\)$"),
 ])
 def test_broken_or_foreign_weights_get_one_clear_error(torch_files, tmp_path, make, message):
     with pytest.raises(UserError, match=message):
@@ -134,6 +150,11 @@ def test_a_hugging_face_folder_in_a_bucket_and_a_file_over_http_load_like_local_
         np.testing.assert_allclose(our_logits(local, arch, classes, inputs["75"], log=messages.append),
                                    expected[f"{model}/75"], rtol=0, atol=1e-4, err_msg=url)
         assert "(torchvision/timm checkpoint" in messages[0]
+
+
+def written(path, data):
+    path.write_bytes(data)
+    return path
 
 
 def truncated(tmp_path, source):
@@ -222,6 +243,59 @@ def test_without_pytorch_the_pth_is_refused_with_the_command_and_its_conversion_
     assert len(read_json(out / "metrics.json")) == 2
     labels = read_json(out / "labels.json")
     assert labels["padding"] == "pytorch"
+    # Resuming must build the same network: without the weights that set its padding, it is refused
+    resumed = run_train("--data_url", learnable, "--output_url", out, "--resume", "auto", "--epochs", 3, *QUICK,
+                        env=env)
+    assert resumed.returncode == 2 and stderr_lines(resumed)[-1] == (
+        f"error: {out / 'resume.ckpt'} is of a network padded 'pytorch' (as the weights it started from were "
+        f"trained), this job's is padded 'same': resume it with the same --pretrain_url")
+    assert len(read_json(out / "metrics.json")) == 2 and read_json(out / "labels.json") == labels
+
+
+def test_converting_a_folder_keeps_its_config_and_nothing_is_ever_overwritten(torch_files, tmp_path):
+    folder = tmp_path / "resnet34.a1_in1k"  # a dot in the name: the default target stays inside the folder
+    shutil.copytree(torch_files / "hf-timm-resnet34-bin", folder)
+    converted = run_script(TRAIN_DIR / "torch_weights.py", folder)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert converted.stdout.strip() == f"wrote 218 tensors to {folder / 'model.safetensors'}"
+    (folder / "pytorch_model.bin").unlink()  # as on a machine without PyTorch: the folder is read from the new file
+    inputs, expected = np.load(torch_files / "inputs.npz"), np.load(torch_files / "logits.npz")
+    messages = []
+    np.testing.assert_allclose(our_logits(folder, "resnet34", 7, inputs["75"], log=messages.append),
+                               expected["timm-resnet34/75"], rtol=0, atol=1e-4)
+    assert "(torchvision/timm checkpoint of resnet34 random, pytorch padding)" in messages[0]
+    before = (folder / "model.safetensors").read_bytes()
+    for args, message in (([folder], "model.safetensors exists already"),
+                          ([torch_files / "torchvision-resnet18.pth", torch_files / "torchvision-resnet18.pth"],
+                           "the converted weights are safetensors: name the file *.safetensors"),
+                          ([torch_files / "torchvision-resnet18.pth", folder / "model.safetensors"],
+                           "exists already")):
+        refused = run_script(TRAIN_DIR / "torch_weights.py", *args)
+        assert refused.returncode == 2 and message in stderr_lines(refused)[-1], refused.stderr
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+def test_bfloat16_safetensors_are_converted_to_float32(torch_files, tmp_path):
+    from safetensors.numpy import load_file
+    source = tmp_path / "resnet18-bf16.safetensors"
+    shutil.copy(torch_files / "resnet18-bf16.safetensors", source)
+    converted = run_script(TRAIN_DIR / "torch_weights.py", source)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    arrays = load_file(str(tmp_path / "resnet18-bf16-float32.safetensors"))
+    assert arrays["conv1.weight"].dtype == np.float32
+    original = load_file(str(torch_files / "torchvision-resnet18.safetensors"))["conv1.weight"]
+    np.testing.assert_allclose(arrays["conv1.weight"], original, rtol=1 / 128, atol=1e-6)  # bfloat16's 8 bits
+    assert read_pretrained(tmp_path / "resnet18-bf16-float32.safetensors").padding == "pytorch"
+
+
+def test_an_archived_hugging_face_folder_is_found_inside_its_archive(torch_files, tmp_path):
+    import tarfile
+
+    import staging
+    with tarfile.open(tmp_path / "resnet50.a1_in1k.tar.gz", "w:gz") as archive:
+        archive.add(torch_files / "hf-timm-resnet50", arcname="resnet50.a1_in1k")
+    staged = staging.stage_in(tmp_path / "resnet50.a1_in1k.tar.gz", "pretrain_url", tmp_path / "cache")
+    assert read_pretrained(staged).config["architecture"] == "resnet50"
 
 
 def test_converting_refuses_what_it_cannot_read_safely_and_leaves_no_partial_file(torch_files, tmp_path):

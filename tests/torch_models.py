@@ -71,6 +71,8 @@ def main(out):
     torch.save(models["torchvision-resnet50"].state_dict(), out / "torchvision-resnet50.pth")
     torch.save(models["torchvision-resnet18"].state_dict(), out / "torchvision-resnet18.pth")
     save_file(models["torchvision-resnet18"].state_dict(), str(out / "torchvision-resnet18.safetensors"))
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in
+               models["torchvision-resnet18"].state_dict().items()}, str(out / "resnet18-bf16.safetensors"))
     save_for_hf(models["timm-resnet50"], out / "hf-timm-resnet50", safe_serialization=True,
                 model_config={"pretrained_cfg": {"tag": "random", "mean": [0.485, 0.456, 0.406],
                                                  "std": [0.229, 0.224, 0.225]}})
@@ -80,6 +82,8 @@ def main(out):
     resnet18 = models["torchvision-resnet18"].state_dict()
     torch.save({"epoch": 90, "state_dict": {f"module.{k}": v for k, v in resnet18.items()}},
                out / "wrapped-resnet18.pth")
+    torch.save({"epoch": 3, "model_state_dict": resnet18, "optimizer_state_dict": {}}, out / "tutorial-style.pth")
+    torch.save({**resnet18, "note": "trained on cats"}, out / "with-a-string.pth")
     torch.save(models["torchvision-resnet18"], out / "whole-model.pth")
     torch.save({"conv1.weight": resnet18["conv1.weight"], "payload": RunsACommand(out / "PWNED")},
                out / "hostile.pth")

@@ -183,7 +183,15 @@ def save_resume(train_step, path, epoch, args, aim_run):
     sums) and where the run is: its epoch, the flags it must keep, its Aim run."""
     from export import save_checkpoint
     kept = {f"flag_{name}": getattr(args, name) for name in KEPT_FLAGS if hasattr(args, name)}
-    save_checkpoint(train_step, path, {"epoch": epoch, "aim_run": aim_run or "", **kept})
+    padding = network_padding(train_step)
+    save_checkpoint(train_step, path, {"epoch": epoch, "aim_run": aim_run or "", **kept,
+                                       **({"resnet_padding": padding} if padding else {})})
+
+
+def network_padding(train_step):
+    """The padding of the ResNet a train step trains (set by its pretrained weights), or None (a head alone)."""
+    from resnet import ResNet
+    return next((cell.padding for _, cell in train_step.cells_and_names() if isinstance(cell, ResNet)), None)
 
 
 def load_resume(args, outputs, train_step):
@@ -243,6 +251,10 @@ def _read_resume(path, train_step, args):
     state.pop("best_accuracy", None)  # written by earlier versions
     state.pop("monitor", None)
     flags = {name: _flag_value(state.pop(f"flag_{name}")) for name in KEPT_FLAGS if f"flag_{name}" in state}
+    saved_padding, padding = state.pop("resnet_padding", None), network_padding(train_step)
+    if saved_padding is not None and padding is not None and str(saved_padding) != padding:
+        raise UserError(f"{path} is of a network padded '{saved_padding}' (as the weights it started from were "
+                        f"trained), this job's is padded '{padding}': resume it with the same --pretrain_url")
     for name, value in flags.items():  # before the parameters: a changed flag explains missing ones best
         if not _same_flag(value, getattr(args, name)):
             raise UserError(f"{path} is of a run with --{name} {value} (its best epoch, schedule and state depend "
