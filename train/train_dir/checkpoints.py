@@ -171,7 +171,7 @@ def load_pretrained(net, pretrained, log=print):
     own = {name: param for name, param in net.parameters_and_names()}
     theirs, ours = weights_arch(ckpt), weights_arch(own)
     if theirs and ours and theirs != ours:
-        raise UserError(f"{path} holds {theirs} weights, which do not fit this architecture ({ours}): "
+        raise UserError(f"{path} does not fit this architecture ({ours}): it holds {theirs} weights, "
                         f"add --arch {theirs}")
     loaded, skipped = {}, []
     for name, value in ckpt.items():
