@@ -11,12 +11,11 @@ import time
 from typing import NamedTuple, Optional
 
 import mindspore as ms
-import mindspore.nn as nn
-import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Callback
 
 import run_state
+import runtime
 from errors import Diverged, Interrupted
 from export import save_checkpoint, write_json
 from train_step import macro_f1
@@ -338,30 +337,17 @@ class SyncBatchNormStatistics(Callback):
         self.statistics = [p for net in nets for p in net.get_parameters()
                            if p.name.endswith(("moving_mean", "moving_variance"))]
         self.workers, self.steps_per_epoch = workers, steps_per_epoch
-        self.all_reduce = None
 
     def on_train_step_end(self, run_context):
         if run_context.original_args().cur_step_num % self.steps_per_epoch:
             return  # validation runs right after the epoch's last step, before on_train_epoch_end
-        if self.all_reduce is None:
-            self.all_reduce = _AllReduceMean(self.workers)
         flat = np.concatenate([p.asnumpy().reshape(-1) for p in self.statistics])
-        mean = self.all_reduce(ms.Tensor(flat)).asnumpy()
+        mean = runtime.sum_over_workers(flat) / np.float32(self.workers)
         offset = 0
         for param in self.statistics:
             size = int(np.prod(param.shape))
             param.set_data(ms.Tensor(mean[offset:offset + size].reshape(param.shape), param.dtype))
             offset += size
-
-
-class _AllReduceMean(nn.Cell):
-    def __init__(self, workers):
-        super().__init__()
-        self.all_reduce = ops.AllReduce()
-        self.workers = workers
-
-    def construct(self, x):
-        return self.all_reduce(x) / self.workers
 
 
 def create_callbacks(meter, recorder, tracker, net, workers, epochs, steps_per_epoch, after_epoch,

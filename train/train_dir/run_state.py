@@ -194,11 +194,52 @@ def network_padding(train_step):
     return next((cell.padding for _, cell in train_step.cells_and_names() if isinstance(cell, ResNet)), None)
 
 
-def load_resume(args, outputs, train_step):
+def load_resume(args, outputs, train_step, workers=None):
     """With `--resume` ('auto' or the path of a resume.ckpt), load the saved state into `train_step` and return
-    where the run continues; a fresh start without it, or when 'auto' finds nothing to resume."""
+    where the run continues; a fresh start without it, or when 'auto' finds nothing to resume.
+
+    With several workers only rank 0 reads the state (from the output folder, which only it has, fetched once from
+    a bucket); every other worker receives it from rank 0 through the collective, on whatever node it runs, so all
+    continue from the same epoch with the same weights."""
     if not args.resume:
         return ResumeState()
+    state = _load_resume(args, outputs, train_step) if workers is None or workers.writes_outputs else None
+    if workers is not None and workers.size > 1:
+        state = _share_resume(state, train_step)
+    return state
+
+
+def _share_resume(state, train_step):
+    """Rank 0's resume state on every worker: where the run continues, then every parameter of the train step
+    (weights, moments, step counts), summed over the workers with zeros from all but rank 0 (exact: x + 0 = x)."""
+    import mindspore as ms
+    import numpy as np
+    from runtime import sum_over_workers
+    leader = state is not None
+    meta = json.dumps({"epochs_done": state.epochs_done, "history": state.history, "flags": state.flags}
+                      if leader else {}).encode()
+    length = int(sum_over_workers(np.array([len(meta) if leader else 0]))[0])
+    payload = np.zeros(length, np.float32)
+    if leader:
+        payload[:] = np.frombuffer(meta, np.uint8)
+    shared = json.loads(sum_over_workers(payload).astype(np.uint8).tobytes())
+    if shared["epochs_done"] == 0:
+        return state if leader else ResumeState()
+    params = [param for _, param in train_step.parameters_and_names()]
+    sizes = [int(np.prod(param.shape)) for param in params]
+    flat = (np.concatenate([param.asnumpy().astype(np.float32).reshape(-1) for param in params]) if leader
+            else np.zeros(sum(sizes), np.float32))
+    summed, offset = sum_over_workers(flat), 0
+    if not leader:
+        for param, size in zip(params, sizes):
+            param.set_data(ms.Tensor(summed[offset:offset + size].reshape(param.shape), param.dtype))
+            offset += size
+        print(f"resume: continuing after epoch {shared['epochs_done']} with rank 0's state")
+    return state if leader else ResumeState(shared["epochs_done"], None, shared["history"], None,
+                                            shared["flags"])
+
+
+def _load_resume(args, outputs, train_step):
     if args.resume == "auto":
         outputs.pull_for_resume()
         path = outputs.files.resume

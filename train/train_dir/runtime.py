@@ -121,16 +121,119 @@ class Workers(NamedTuple):
         return f" x {self.size} workers (rank {self.rank}), global batch {batch_size * self.size}, lr {lr:g}"
 
 
+class Launch(NamedTuple):
+    """How this process was started, read from the environment alone (before joining the others)."""
+    launcher: str = "single process"  # or "msrun", "rank table", "mpirun"
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    nodes: int = 1
+
+    def describe(self):
+        return (f"launch: {self.launcher}, rank {self.rank} of {self.size} workers (local rank {self.local_rank}), "
+                f"{self.nodes} node{'s' if self.nodes != 1 else ''}")
+
+
+def _number(environ, name, default=None):
+    value = environ.get(name, "")
+    if value.strip() == "":
+        if default is None:
+            raise UserError(f"the launch sets no {name}, which it needs")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}={value[:40]!r} is not a whole number") from None
+
+
+def platform_nodes(environ):
+    """The node count a ModelArts job states (MA_NUM_HOSTS, or Volcano's VC_WORKER_NUM), else 1."""
+    return max(_number(environ, "MA_NUM_HOSTS", 0) or _number(environ, "VC_WORKER_NUM", 0), 1)
+
+
+def _rank_table_nodes(path):
+    """Servers in an HCCL rank table (server_count, or the length of server_list), None when unreadable."""
+    import json
+    try:
+        table = json.loads(open(path).read())
+        return int(table.get("server_count") or len(table["server_list"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def detect_launch(environ=os.environ):
+    """Which launcher started this process and its place among the workers:
+    - msrun (MindSpore 2.3+): MS_ROLE=MS_WORKER, MS_WORKER_NUM, RANK_ID, DEVICE_ID (the local rank); its
+      scheduler process (MS_ROLE=MS_SCHED) runs the script too, and serves the others inside init();
+    - an HCCL rank table (ModelArts' Ascend images, MindSpore 2.2 too: the boot file starts once per card):
+      RANK_TABLE_FILE, RANK_ID (global), RANK_SIZE, DEVICE_ID or ASCEND_DEVICE_ID;
+    - mpirun (GPU): OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE;
+    - else one process. A ModelArts job of several nodes (MA_NUM_HOSTS / VC_WORKER_NUM) that started train.py
+      alone on each node is refused: every node would train alone, on all the data, into the same outputs."""
+    nodes = platform_nodes(environ)
+    if environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED"):  # msrun also runs the script as its scheduler
+        size = _number(environ, "MS_WORKER_NUM")
+        rank = _number(environ, "RANK_ID", _number(environ, "MS_NODE_ID", 0))
+        return Launch("msrun", rank, size, _number(environ, "DEVICE_ID", 0), nodes)
+    if _number(environ, "OMPI_COMM_WORLD_SIZE", 1) > 1:
+        size, local_size = _number(environ, "OMPI_COMM_WORLD_SIZE"), _number(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", 0)
+        return Launch("mpirun", _number(environ, "OMPI_COMM_WORLD_RANK"), size,
+                      _number(environ, "OMPI_COMM_WORLD_LOCAL_RANK"), -(-size // local_size) if local_size else nodes)
+    if environ.get("RANK_TABLE_FILE") and _number(environ, "RANK_SIZE", 1) > 1:
+        table = environ["RANK_TABLE_FILE"]
+        if not os.path.isfile(table):
+            raise UserError(f"RANK_TABLE_FILE {table} does not exist")
+        local_rank = _number(environ, "DEVICE_ID", _number(environ, "ASCEND_DEVICE_ID", -1))
+        if local_rank < 0:
+            raise UserError("the rank table launch sets neither DEVICE_ID nor ASCEND_DEVICE_ID: which card is this?")
+        return Launch("rank table", _number(environ, "RANK_ID"), _number(environ, "RANK_SIZE"), local_rank,
+                      _rank_table_nodes(table) or nodes)
+    if _number(environ, "RANK_SIZE", 1) > 1:
+        raise UserError(f"RANK_SIZE={environ['RANK_SIZE']} says this is one of several workers, but neither msrun "
+                        f"(MS_ROLE), a rank table (RANK_TABLE_FILE) nor mpirun (OMPI_COMM_WORLD_*) started it")
+    if nodes > 1:
+        raise UserError(f"this job has {nodes} nodes (MA_NUM_HOSTS / VC_WORKER_NUM) but train.py runs alone on "
+                        f"each: boot launch.py instead, which runs msrun across the nodes (MindSpore 2.3+), or "
+                        f"choose one node")
+    return Launch()
+
+
 def launched_workers(environ=os.environ):
-    """Whether this process is one of several workers: msrun sets MS_ROLE, a ModelArts multi-card job RANK_SIZE."""
-    return environ.get("MS_ROLE") == "MS_WORKER" or int(environ.get("RANK_SIZE") or 1) > 1
+    """Whether this process is one of several workers."""
+    return detect_launch(environ).size > 1
 
 
-def join_data_parallel(environ=os.environ):
+def join_data_parallel(device="CPU", environ=os.environ, log=print):
     """Join the other workers (data parallel, gradients averaged over them), or stay a single process."""
-    if not launched_workers(environ):
+    launch = detect_launch(environ)
+    if launch.size == 1:
         return Workers()
+    if launch.launcher == "mpirun" and device == "CPU":
+        raise UserError("mpirun on CPU: MindSpore's CPU collectives do not start under it (init fails); launch with "
+                        "msrun instead")
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
     init()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
-    return Workers(get_rank(), get_group_size(), get_local_rank())
+    workers = Workers(get_rank(), get_group_size(), get_local_rank())
+    log(launch._replace(rank=workers.rank, size=workers.size, local_rank=workers.local_rank).describe())
+    return workers
+
+
+_all_reduce = []  # one cell for the process: its graphs are compiled once per shape
+
+
+def sum_over_workers(array):
+    """The element-wise sum of a float32 array over all workers (a collective: every worker must call it)."""
+    import numpy as np
+    if not _all_reduce:
+        _all_reduce.append(_AllReduceSum())
+    return _all_reduce[0](ms.Tensor(np.ascontiguousarray(array, dtype=np.float32))).asnumpy()
+
+
+class _AllReduceSum(ms.nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ms.ops.AllReduce()
+
+    def construct(self, x):
+        return self.all_reduce(x)

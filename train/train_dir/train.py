@@ -353,7 +353,7 @@ def main(args):
     device = runtime.setup_device(args.device_target)
     args.export_air = runtime.exports_air(args.export_air, device)
     plan = runtime.plan_training(device, args.amp_level, args.dataset_sink)
-    workers = runtime.join_data_parallel()
+    workers = runtime.join_data_parallel(device)
     data_dir, pretrained = stage_inputs(args, workers)  # inputs first: no output folder on a typo
     outputs = run_state.Outputs(args, workers)
     files = outputs.files
@@ -375,7 +375,7 @@ def main(args):
     training = training._replace(predict=predictor(kept)) if average else training
     trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights, args.label_smoothing,
                                         args.clip_grad_norm, args.accumulate, average)
-    resumed = run_state.load_resume(args, outputs, trainer.train_network)
+    resumed = run_state.load_resume(args, outputs, trainer.train_network, workers)
     outputs.claim(args, resumed)  # every input is checked: from here on the job writes
     outputs.adopt_best(resumed)
     stopped = args.early_stop and callbacks.epochs_without_improvement(resumed.history, args.monitor,
