@@ -214,7 +214,11 @@ def join_data_parallel(device="CPU", environ=os.environ, log=print):
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
     init()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
-    workers = Workers(get_rank(), get_group_size(), get_local_rank())
+    try:
+        local_rank = get_local_rank()
+    except (RuntimeError, ValueError):  # not on every backend of older MindSpore (GPU before 2.3): the launcher's
+        local_rank = launch.local_rank
+    workers = Workers(get_rank(), get_group_size(), local_rank)
     log(launch._replace(rank=workers.rank, size=workers.size, local_rank=workers.local_rank).describe())
     return workers
 
