@@ -175,21 +175,9 @@ def same_weights(first, second):
 
 
 @pytest.mark.slow
-def test_two_nodes_train_together_into_one_set_of_outputs(two_nodes, data, tmp_path):
-    out = tmp_path / "out"
-    codes, logs = run_nodes(two_nodes, tmp_path, lambda node: [
-        "--data_url", data, "--output_url", out, "--cache_dir", tmp_path / f"cache{node}", "--epochs", 2, *COMMON])
-    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    for rank in (0, 1):
-        assert f"launch: msrun, rank {rank} of 2 workers (local rank 0), 2 nodes" in logs[rank]
-        assert "x 2 workers (rank %d), global batch 32" % rank in logs[rank]
-    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2]
-    assert not (tmp_path / "cache0" / "rank-0").exists()  # rank 0 writes the outputs, rank 1 only its scratch
-    assert same_weights(out / "resnet18-last.ckpt", tmp_path / "cache1" / "rank-1" / "resnet18-last.ckpt")
-
-
-@pytest.mark.slow
-def test_two_nodes_killed_after_an_epoch_resume_together_from_rank_0s_state(two_nodes, data, tmp_path):
+def test_two_nodes_train_together_and_resume_together_after_both_are_killed(two_nodes, data, tmp_path):
+    """Both nodes train one job into one set of outputs; killed after an epoch, restarted on fresh disks with
+    --resume auto, both continue from rank 0's state and end with identical weights."""
     out = tmp_path / "out"
     namespaces, addresses = two_nodes
     first = tmp_path / "first"
@@ -212,6 +200,10 @@ def test_two_nodes_killed_after_an_epoch_resume_together_from_rank_0s_state(two_
     codes, logs = run_nodes(two_nodes, again, lambda node: [*args, "--resume", "auto",
                                                             "--cache_dir", again / f"cache{node}"])
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for rank in (0, 1):
+        assert f"launch: msrun, rank {rank} of 2 workers (local rank 0), 2 nodes" in logs[rank]
+        assert "x 2 workers (rank %d), global batch 32" % rank in logs[rank]
+    assert not (again / "cache0" / "rank-0").exists()  # rank 0 writes the outputs, rank 1 only its scratch
     resumed_after = int(re.search(r"resume: continuing after epoch (\d+) of 4", logs[0]).group(1))
     assert f"resume: continuing after epoch {resumed_after} with rank 0's state" in logs[1]
     assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3, 4]
