@@ -67,6 +67,22 @@ def test_mpirun_on_cpu_is_refused_before_it_hangs():
                                            "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
 
 
+def test_a_group_list_rank_table_in_a_folder_counts_its_servers(tmp_path):
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "jobstart_hccl.json").write_text(json.dumps({"group_list": [{"instance_count": "16", "instance_list": [
+        {"server_id": f"192.0.2.{i // 8}", "devices": [{"device_id": str(i % 8)}]} for i in range(16)]}]}))
+    environ = {"RANK_TABLE_FILE": str(folder), "RANK_ID": "8", "RANK_SIZE": "16", "ASCEND_DEVICE_ID": "0"}
+    assert tuple(runtime.detect_launch(environ)) == ("rank table", 8, 16, 0, 2)
+
+
+def test_the_launcher_started_once_per_card_leaves_the_node_to_card_0(monkeypatch, capsys):
+    monkeypatch.setenv("ASCEND_DEVICE_ID", "3")
+    monkeypatch.delenv("VC_WORKER_HOSTS", raising=False)
+    assert launch.main(["--data_url", "/d"]) == 0
+    assert "card 3's copy leaves this node to card 0's" in capsys.readouterr().out
+
+
 def test_the_launcher_reads_the_nodes_from_modelarts_variables():
     environ = {"VC_WORKER_HOSTS": "127.0.0.1,localhost", "VC_TASK_INDEX": "1", "VC_WORKER_NUM": "2",
                "MA_NUM_GPUS": "8"}
@@ -89,26 +105,34 @@ def can_make_namespaces():
 def two_nodes():
     """Two network namespaces, each a "node" with its own address on a veth pair (10.231.N.1 and .2, made and
     removed here): msrun on 127.0.0.1 twice would make each node its own master. Each node also gets its own host
-    name (start_node)."""
+    name (start_node). Teardown kills whatever still runs in them and removes only what this fixture made."""
     if not can_make_namespaces():
         pytest.skip("making network namespaces needs root and iproute2")
-    tag = f"{os.getpid() % 10000}"
-    names, link = [f"t22n{tag}a", f"t22n{tag}b"], [f"t22v{tag}a", f"t22v{tag}b"]
-    subnet = f"10.231.{os.getpid() % 250}"
-    commands = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
-                ["ip", "link", "add", link[0], "type", "veth", "peer", "name", link[1]]]
-    for i in (0, 1):
-        commands += [["ip", "link", "set", link[i], "netns", names[i]],
-                     ["ip", "-n", names[i], "addr", "add", f"{subnet}.{i + 1}/30", "dev", link[i]],
-                     ["ip", "-n", names[i], "link", "set", link[i], "up"],
-                     ["ip", "-n", names[i], "link", "set", "lo", "up"]]
+    import uuid
+    tag = uuid.uuid4().hex[:6]
+    names, link = [f"t22{tag}a", f"t22{tag}b"], [f"v22{tag}a", f"v22{tag}b"]
+    subnet = f"10.231.{int(tag, 16) % 250}"
+    made_namespaces, made_link = [], False
     try:
-        for command in commands:
-            subprocess.run(command, check=True, capture_output=True)
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+            made_namespaces.append(name)
+        subprocess.run(["ip", "link", "add", link[0], "type", "veth", "peer", "name", link[1]], check=True,
+                       capture_output=True)
+        made_link = True
+        for i in (0, 1):
+            for command in (["ip", "link", "set", link[i], "netns", names[i]],
+                            ["ip", "-n", names[i], "addr", "add", f"{subnet}.{i + 1}/30", "dev", link[i]],
+                            ["ip", "-n", names[i], "link", "set", link[i], "up"],
+                            ["ip", "-n", names[i], "link", "set", "lo", "up"]):
+                subprocess.run(command, check=True, capture_output=True)
         yield names, [f"{subnet}.1", f"{subnet}.2"]
     finally:
-        for name in names:
+        kill([], made_namespaces)
+        for name in made_namespaces:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if made_link:  # a veth pair still in this namespace (a failed move); gone with its namespace otherwise
+            subprocess.run(["ip", "link", "del", link[0]], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +149,7 @@ def start_node(namespaces, addresses, node, port, root, *train_args):
     """launch.py on one node, as ModelArts starts it there: its own session, so a test can kill the node whole."""
     env = {**os.environ, "VC_WORKER_HOSTS": ",".join(addresses), "VC_TASK_INDEX": str(node), "VC_WORKER_NUM": "2",
            "MA_NUM_GPUS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    root.mkdir(parents=True, exist_ok=True)
     log = open(root / f"node{node}.log", "w")
     # its own host name too (a UTS namespace): MindSpore counts workers with the same host name as one node's
     return subprocess.Popen(["ip", "netns", "exec", namespaces[node], "unshare", "--uts", "sh", "-c",
@@ -213,3 +238,46 @@ def test_two_nodes_train_together_and_resume_together_after_both_are_killed(two_
     lines = [[validation.search(line).groups() for line in log.splitlines() if "  train_loss" in line]
              for log in logs]
     assert lines[0] == lines[1] and len(lines[0]) == 4 - resumed_after
+
+    # A resume that rank 0 refuses stops every worker with the reason, on both nodes, instead of leaving rank 1
+    # waiting for a rank that is gone
+    (out / "metrics.json").write_text("{damaged")
+    codes, logs = run_nodes(two_nodes, tmp_path / "refused", lambda node: [
+        *args, "--epochs", 5, "--resume", "auto", "--cache_dir", tmp_path / "refused" / f"cache{node}"],
+        timeout=300)
+    assert codes[0] != 0 and codes[1] != 0
+    assert f"error: {out / 'metrics.json'} is damaged" in logs[0]
+    assert f"error: rank 0 stopped: {out / 'metrics.json'} is damaged" in logs[1]
+    assert "worker_1: error: rank 0 stopped:" in (tmp_path / "refused" / "node1.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_reaches_every_worker_and_resume_continues(data, tmp_path):
+    """The platform's preemption: SIGTERM to launch.py (one node, two workers on 127.0.0.1) ends every worker cleanly
+    (exit 143, the finished epochs kept, no process left), and --resume auto goes on from there."""
+    out = tmp_path / "out"
+    env = {**os.environ, "VC_WORKER_HOSTS": "127.0.0.1", "VC_TASK_INDEX": "0", "VC_WORKER_NUM": "1",
+           "MA_NUM_GPUS": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [sys.executable, str(TRAIN_DIR / "launch.py"), "--master_port", str(free_port()), "--data_url", data,
+               "--output_url", out, "--epochs", 3, *COMMON]
+    first = subprocess.Popen([*map(str, command), "--msrun_log_dir", str(tmp_path / "logs"), "--cache_dir",
+                              str(tmp_path / "cache")], env=env, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.json").is_file():
+            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 143, first.stderr.read()[-3000:]
+        assert "error: stopped by SIGTERM" in first.stderr.read()
+        left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+        assert not left, "workers outlived the launcher"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
+    done = len(read_json(out / "metrics.json"))
+    again = subprocess.run([*map(str, command), "--resume", "auto", "--msrun_log_dir", str(tmp_path / "logs2"),
+                            "--cache_dir", str(tmp_path / "cache2")], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3] and done < 3

@@ -11,7 +11,9 @@ The platform names the nodes: VC_WORKER_HOSTS (every node's host name, the first
 msrun's: 0 only when every worker of this node finished.
 
 On the MindSpore 2.2 images (no msrun) boot train.py itself: the Ascend images start it once per card with a rank
-table (RANK_TABLE_FILE), which train.py joins.
+table (RANK_TABLE_FILE), which train.py joins. Started once per card anyway (ASCEND_DEVICE_ID set), only card 0's
+copy runs msrun for its node. SIGTERM and Ctrl-C reach every worker, which saves its finished epochs; the exit code
+is then 128 + the signal's number, and a failed worker's `error:` line is repeated here.
 """
 import argparse
 import os
@@ -73,6 +75,10 @@ def main(argv=None):
     parser.add_argument("--msrun_log_dir", default=None, help="the workers' logs (default: msrun-logs/ in the "
                         "working folder)")
     ours, train_args = parser.parse_known_args(argv)
+    card = os.environ.get("ASCEND_DEVICE_ID", "").strip()
+    if card not in ("", "0"):  # an image that starts the boot file once per card: card 0's copy runs the node
+        print(f"launch: card {card}'s copy leaves this node to card 0's, whose msrun starts a worker per card")
+        return 0
     master, node_rank, nodes, per_node = node_plan(os.environ, ours.local_workers)
     log_dir = Path(ours.msrun_log_dir or "msrun-logs").resolve()
     command = msrun_command(master, node_rank, nodes, per_node, ours.master_port, log_dir, train_args)
@@ -81,12 +87,53 @@ def main(argv=None):
     print(f"launch: node {node_rank} of {nodes}, {per_node} worker(s) each, master {master}:{ours.master_port}; "
           f"logs in {log_dir}", flush=True)
     msrun = subprocess.Popen(command, env=env)
-    for signum in (signal.SIGTERM, signal.SIGINT):  # the platform's preemption reaches the workers, which save
-        signal.signal(signum, lambda number, _: msrun.send_signal(number))
+    stopped = []
+
+    def stop(signum, _):
+        """The platform's preemption (SIGTERM) or Ctrl-C: msrun starts its workers in sessions of their own and
+        passes no signal on, so SIGTERM goes to each of its descendants: they save what they finished and end."""
+        stopped.append(signum)
+        for pid in descendants(msrun.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     code = msrun.wait()
-    if code != 0:
-        print(f"error: msrun ended with exit code {code}; the workers' logs are in {log_dir}", file=sys.stderr)
-    return code
+    if code == 0 and not stopped:
+        return 0
+    for line in worker_errors(log_dir):
+        print(line, file=sys.stderr)
+    print(f"error: msrun ended with exit code {code}; the workers' logs are in {log_dir}", file=sys.stderr)
+    return 128 + stopped[0] if stopped else (128 - code if code < 0 else code)
+
+
+def descendants(pid):
+    """Every process below `pid` (Linux /proc), children first."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def worker_errors(log_dir):
+    """The `error:` line each worker of this node ended with: what msrun's own exit code does not say."""
+    lines = []
+    for log in sorted(Path(log_dir).glob("worker_*.log")):
+        errors = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+        if errors:
+            lines.append(f"{log.stem}: {errors[-1]}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -203,40 +203,21 @@ def load_resume(args, outputs, train_step, workers=None):
     continue from the same epoch with the same weights."""
     if not args.resume:
         return ResumeState()
-    state = _load_resume(args, outputs, train_step) if workers is None or workers.writes_outputs else None
-    if workers is not None and workers.size > 1:
-        state = _share_resume(state, train_step)
-    return state
+    if workers is None or workers.size == 1:
+        return _load_resume(args, outputs, train_step)
+    from runtime import share_from_rank0, share_parameters_from_rank0
+    loaded = []  # rank 0's state; every worker gets what it says and, when it continues a run, its parameters
 
-
-def _share_resume(state, train_step):
-    """Rank 0's resume state on every worker: where the run continues, then every parameter of the train step
-    (weights, moments, step counts), summed over the workers with zeros from all but rank 0 (exact: x + 0 = x)."""
-    import mindspore as ms
-    import numpy as np
-    from runtime import sum_over_workers
-    leader = state is not None
-    meta = json.dumps({"epochs_done": state.epochs_done, "history": state.history, "flags": state.flags}
-                      if leader else {}).encode()
-    length = int(sum_over_workers(np.array([len(meta) if leader else 0]))[0])
-    payload = np.zeros(length, np.float32)
-    if leader:
-        payload[:] = np.frombuffer(meta, np.uint8)
-    shared = json.loads(sum_over_workers(payload).astype(np.uint8).tobytes())
-    if shared["epochs_done"] == 0:
-        return state if leader else ResumeState()
-    params = [param for _, param in train_step.parameters_and_names()]
-    sizes = [int(np.prod(param.shape)) for param in params]
-    flat = (np.concatenate([param.asnumpy().astype(np.float32).reshape(-1) for param in params]) if leader
-            else np.zeros(sum(sizes), np.float32))
-    summed, offset = sum_over_workers(flat), 0
-    if not leader:
-        for param, size in zip(params, sizes):
-            param.set_data(ms.Tensor(summed[offset:offset + size].reshape(param.shape), param.dtype))
-            offset += size
-        print(f"resume: continuing after epoch {shared['epochs_done']} with rank 0's state")
-    return state if leader else ResumeState(shared["epochs_done"], None, shared["history"], None,
-                                            shared["flags"])
+    def on_rank_0():
+        loaded.append(_load_resume(args, outputs, train_step))
+        return {"epochs_done": loaded[0].epochs_done, "history": loaded[0].history, "flags": loaded[0].flags}
+    shared = share_from_rank0(workers, on_rank_0)
+    if shared["epochs_done"]:
+        share_parameters_from_rank0(workers, [param for _, param in train_step.parameters_and_names()])
+        if workers.rank:
+            print(f"resume: continuing after epoch {shared['epochs_done']} with rank 0's state")
+    return loaded[0] if loaded else ResumeState(shared["epochs_done"], None, shared["history"], None,
+                                                shared["flags"])
 
 
 def _load_resume(args, outputs, train_step):

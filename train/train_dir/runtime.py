@@ -152,10 +152,19 @@ def platform_nodes(environ):
 
 
 def _rank_table_nodes(path):
-    """Servers in an HCCL rank table (server_count, or the length of server_list), None when unreadable."""
+    """Servers in an HCCL rank table: server_count or server_list (format 1.0), or the distinct server_id of
+    group_list's instances (ModelArts' jobstart_hccl.json, in a folder RANK_TABLE_FILE may name); None when
+    unreadable."""
+    import glob
     import json
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.json")))
+        path = found[0] if found else path
     try:
         table = json.loads(open(path).read())
+        if "group_list" in table:
+            return len({instance["server_id"] for group in table["group_list"]
+                        for instance in group["instance_list"]})
         return int(table.get("server_count") or len(table["server_list"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -181,7 +190,7 @@ def detect_launch(environ=os.environ):
                       _number(environ, "OMPI_COMM_WORLD_LOCAL_RANK"), -(-size // local_size) if local_size else nodes)
     if environ.get("RANK_TABLE_FILE") and _number(environ, "RANK_SIZE", 1) > 1:
         table = environ["RANK_TABLE_FILE"]
-        if not os.path.isfile(table):
+        if not os.path.exists(table):
             raise UserError(f"RANK_TABLE_FILE {table} does not exist")
         local_rank = _number(environ, "DEVICE_ID", _number(environ, "ASCEND_DEVICE_ID", -1))
         if local_rank < 0:
@@ -212,6 +221,8 @@ def join_data_parallel(device="CPU", environ=os.environ, log=print):
         raise UserError("mpirun on CPU: MindSpore's CPU collectives do not start under it (init fails); launch with "
                         "msrun instead")
     from mindspore.communication import get_group_size, get_local_rank, get_rank, init
+    if launch.launcher == "rank table" and not environ.get("DEVICE_ID"):  # MindSpore reads DEVICE_ID only
+        ms.set_context(device_id=launch.local_rank)
     init()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
     try:
@@ -221,6 +232,49 @@ def join_data_parallel(device="CPU", environ=os.environ, log=print):
     workers = Workers(get_rank(), get_group_size(), local_rank)
     log(launch._replace(rank=workers.rank, size=workers.size, local_rank=workers.local_rank).describe())
     return workers
+
+
+def share_from_rank0(workers, make):
+    """What `make()` returns on rank 0 (anything JSON can hold), on every worker; a UserError that `make` raises
+    on rank 0 is raised on every worker, so none is left waiting in a collective for a rank that stopped. Every
+    worker must call it; `make` runs on rank 0 only."""
+    import json
+    import numpy as np
+    if workers.size == 1:
+        return make()
+    message = b""
+    if workers.rank == 0:
+        try:
+            message = json.dumps({"value": make()}).encode()
+        except UserError as exc:
+            message = json.dumps({"error": str(exc)}).encode()
+    length = int(sum_over_workers(np.array([len(message)]))[0])  # below 2**24: exact in float32
+    payload = np.zeros(length, np.float32)
+    payload[:len(message)] = np.frombuffer(message, np.uint8)
+    shared = json.loads(sum_over_workers(payload).astype(np.uint8).tobytes())
+    if "error" in shared:
+        raise UserError(shared["error"] if workers.rank == 0 else f"rank 0 stopped: {shared['error']}")
+    return shared["value"]
+
+
+def share_parameters_from_rank0(workers, params):
+    """Rank 0's values of `params` (MindSpore Parameters, the same list on every worker) on every worker: a sum over
+    the workers in which the others contribute zeros. Floating point values (float32, and float16 as float32) come
+    back exactly, a negative zero as a positive one; integer and boolean ones travel as their bytes."""
+    import numpy as np
+    arrays = [param.asnumpy() for param in params]
+    floating = [np.issubdtype(a.dtype, np.floating) for a in arrays]
+    pieces = [a.astype(np.float32).reshape(-1) if f else np.frombuffer(a.tobytes(), np.uint8).astype(np.float32)
+              for a, f in zip(arrays, floating)]
+    flat = np.concatenate(pieces) if workers.rank == 0 else np.zeros(sum(map(len, pieces)), np.float32)
+    summed, offset = sum_over_workers(flat), 0
+    for param, array, is_float, piece in zip(params, arrays, floating, pieces):
+        part = summed[offset:offset + len(piece)]
+        offset += len(piece)
+        value = (part.astype(array.dtype) if is_float else
+                 np.frombuffer(part.astype(np.uint8).tobytes(), array.dtype)).reshape(array.shape)
+        if workers.rank != 0:
+            param.set_data(ms.Tensor(value, param.dtype))
 
 
 _all_reduce = []  # one cell for the process: its graphs are compiled once per shape

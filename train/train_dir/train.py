@@ -55,16 +55,20 @@ def stage_inputs(args, workers):
     return data_dir, pretrained
 
 
-def load_data(args, data_dir, outputs):
+def load_data(args, data_dir, outputs, workers):
     """The dataset found under `data_dir` (never the job's own outputs), and its class count (--num_classes may
-    leave room for more)."""
-    saved = args.split and staging.stage_in(args.split, "split", args.cache_dir, io_timeout=args.io_timeout)
-    if not saved and args.resume == "auto":
-        saved = outputs.saved_split()
-    elif not saved and args.resume and storage.is_local(args.resume):  # the split beside the state resumed
-        beside = storage.local_path(args.resume).parent / run_state.SPLIT
-        saved = beside if beside.is_file() else None
-    plan = datasets.SplitPlan(args.val_split, args.seed, datasets.read_split(saved) if saved else None)
+    leave room for more). Class folders are split as a saved split says (--split, or the run resumed), which rank 0
+    reads and every other worker receives: all train and validate on the same files."""
+    def split_to_keep():
+        saved = args.split and staging.stage_in(args.split, "split", args.cache_dir, io_timeout=args.io_timeout)
+        if not saved and args.resume == "auto":
+            saved = outputs.saved_split()
+        elif not saved and args.resume and storage.is_local(args.resume):  # the split beside the state resumed
+            beside = storage.local_path(args.resume).parent / run_state.SPLIT
+            saved = beside if beside.is_file() else None
+        return (str(saved), datasets.read_split(saved)) if saved else None
+    saved, split = runtime.share_from_rank0(workers, split_to_keep) or (None, None)
+    plan = datasets.SplitPlan(args.val_split, args.seed, split)
     source = datasets.find_data(data_dir, exclude=[outputs.files.folder, outputs.aim_repo], split=plan)
     if args.split and not source.split:
         print(f"warning: --split is for class folders and labelled images; {source.root} has splits of its own, "
@@ -359,7 +363,7 @@ def main(args):
     files = outputs.files
     ms.set_seed(args.seed)  # before the network is built: same initial weights on every run (and rank)
 
-    source, num_classes = load_data(args, data_dir, outputs)
+    source, num_classes = load_data(args, data_dir, outputs, workers)
     net = build_network(args, num_classes, pretrained)
     training = prepare_training(args, net, source, pretrained, workers, num_classes)
     steps_per_epoch = training.train_data.get_dataset_size()
