@@ -33,7 +33,7 @@ FILE_MINUTES = {"test_onnx_serving.py": 5.4, "test_resume.py": 4.6, "test_remote
                 "test_run_job.py": 3.0, "test_resnet.py": 2.7, "test_aim_runs.py": 2.3, "test_inference.py": 2.1,
                 "test_faults_data.py": 2.0, "test_faults_run.py": 2.0, "test_recipes.py": 1.9,
                 "test_bad_input.py": 1.8, "test_partial_training.py": 1.6, "test_aim_fallback.py": 1.5,
-                "test_faults_flags.py": 1.4, "test_torch_weights.py": 2.0, "test_multi_node.py": 3.1,
+                "test_faults_flags.py": 1.4, "test_torch_weights.py": 2.0, "test_multi_node.py": 2.1,
                 "test_eval_job.py": 1.0, "test_faults_staging.py": 1.0, "test_predict_job.py": 0.8}
 
 

@@ -1,6 +1,6 @@
 """Several nodes: how each launch is recognised (from the environment alone), and two msrun "nodes" on this machine,
-each in its own network namespace joined by a veth pair, started by launch.py from ModelArts' variables, that train
-together, and resume together after both are killed."""
+each in its own network namespace joined by a veth pair, started by launch_nodes.py from ModelArts' variables, that
+train together, and resume together after both are killed."""
 import json
 import os
 import re
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import TRAIN_DIR, free_port, read_json
 
-import launch
+import launch_nodes
 import runtime
 from errors import UserError
 from make_demo_data import make_split, write_cifar
@@ -52,7 +52,7 @@ def test_each_launch_is_recognised_from_its_variables(tmp_path, environ, expecte
     ({"RANK_TABLE_FILE": "TABLE", "RANK_SIZE": "8", "DEVICE_ID": "0"}, "the launch sets no RANK_ID, which it needs"),
     ({"RANK_TABLE_FILE": "TABLE", "RANK_ID": "0", "RANK_SIZE": "8"}, "neither DEVICE_ID nor ASCEND_DEVICE_ID"),
     ({"RANK_SIZE": "8"}, "RANK_SIZE=8 says this is one of several workers, but neither msrun"),
-    ({"MA_NUM_HOSTS": "2"}, "this job has 2 nodes .* but train.py runs alone on each: boot launch.py instead"),
+    ({"MA_NUM_HOSTS": "2"}, "this job has 2 nodes .* but train.py runs alone on each: boot launch_nodes.py instead"),
     ({"MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "two"}, "MS_WORKER_NUM='two' is not a whole number"),
 ])
 def test_an_incomplete_launch_is_one_clear_error(tmp_path, environ, message):
@@ -79,20 +79,20 @@ def test_a_group_list_rank_table_in_a_folder_counts_its_servers(tmp_path):
 def test_the_launcher_started_once_per_card_leaves_the_node_to_card_0(monkeypatch, capsys):
     monkeypatch.setenv("ASCEND_DEVICE_ID", "3")
     monkeypatch.delenv("VC_WORKER_HOSTS", raising=False)
-    assert launch.main(["--data_url", "/d"]) == 0
+    assert launch_nodes.main(["--data_url", "/d"]) == 0
     assert "card 3's copy leaves this node to card 0's" in capsys.readouterr().out
 
 
 def test_the_launcher_reads_the_nodes_from_modelarts_variables():
     environ = {"VC_WORKER_HOSTS": "127.0.0.1,localhost", "VC_TASK_INDEX": "1", "VC_WORKER_NUM": "2",
                "MA_NUM_GPUS": "8"}
-    assert launch.node_plan(environ) == ("127.0.0.1", 1, 2, 8)
-    assert launch.node_plan(environ, local_workers=2) == ("127.0.0.1", 1, 2, 2)
+    assert launch_nodes.node_plan(environ) == ("127.0.0.1", 1, 2, 8)
+    assert launch_nodes.node_plan(environ, local_workers=2) == ("127.0.0.1", 1, 2, 2)
     for broken, message in (({"VC_TASK_INDEX": "2"}, "do not describe node 2 of 2"),
                             ({"VC_WORKER_HOSTS": ""}, "VC_WORKER_HOSTS is not set"),
                             ({"VC_WORKER_NUM": "x"}, "VC_WORKER_NUM='x' is not a whole number")):
         with pytest.raises(UserError, match=message):
-            launch.node_plan({**environ, **broken})
+            launch_nodes.node_plan({**environ, **broken})
 
 
 # ---------------------------------------------------------------- two nodes on this machine
@@ -137,7 +137,7 @@ def two_nodes():
 
 @pytest.fixture(scope="module")
 def data(module_tmp):
-    return write_cifar(module_tmp / "cifar", make_split(256, 4, 0), make_split(64, 4, 1),
+    return write_cifar(module_tmp / "cifar", make_split(128, 4, 0), make_split(32, 4, 1),
                        ["red_circle", "blue_square", "red_square", "blue_circle"])
 
 
@@ -146,7 +146,7 @@ COMMON = ["--arch", "resnet18", "--image_size", "32", "--batch_size", "16", "--l
 
 
 def start_node(namespaces, addresses, node, port, root, *train_args):
-    """launch.py on one node, as ModelArts starts it there: its own session, so a test can kill the node whole."""
+    """launch_nodes.py on one node, as ModelArts starts it there: its own session, so a test can kill the node whole."""
     env = {**os.environ, "VC_WORKER_HOSTS": ",".join(addresses), "VC_TASK_INDEX": str(node), "VC_WORKER_NUM": "2",
            "MA_NUM_GPUS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def start_node(namespaces, addresses, node, port, root, *train_args):
     # its own host name too (a UTS namespace): MindSpore counts workers with the same host name as one node's
     return subprocess.Popen(["ip", "netns", "exec", namespaces[node], "unshare", "--uts", "sh", "-c",
                              'hostname "$0" && exec "$@"', f"{namespaces[node]}-host", sys.executable,
-                             str(TRAIN_DIR / "launch.py"),
+                             str(TRAIN_DIR / "launch_nodes.py"),
                              "--master_port", str(port), "--msrun_log_dir", str(root / f"logs{node}"),
                              *map(str, train_args)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -208,7 +208,7 @@ def test_two_nodes_train_together_and_resume_together_after_both_are_killed(two_
     first = tmp_path / "first"
     first.mkdir()
     port = free_port()
-    args = ["--data_url", data, "--output_url", out, "--epochs", 4, *COMMON]
+    args = ["--data_url", data, "--output_url", out, "--epochs", 3, *COMMON]
     nodes = [start_node(namespaces, addresses, node, port, first, *args, "--cache_dir", first / f"cache{node}")
              for node in (0, 1)]
     deadline = time.monotonic() + 600
@@ -218,7 +218,7 @@ def test_two_nodes_train_together_and_resume_together_after_both_are_killed(two_
         time.sleep(0.2)
     kill(nodes, namespaces)  # both nodes at once, mid-run, as a lost job
     done = len(read_json(out / "metrics.json"))
-    assert 1 <= done < 4
+    assert 1 <= done < 3
 
     again = tmp_path / "again"  # fresh scratch folders: new machines
     again.mkdir()
@@ -229,21 +229,21 @@ def test_two_nodes_train_together_and_resume_together_after_both_are_killed(two_
         assert f"launch: msrun, rank {rank} of 2 workers (local rank 0), 2 nodes" in logs[rank]
         assert "x 2 workers (rank %d), global batch 32" % rank in logs[rank]
     assert not (again / "cache0" / "rank-0").exists()  # rank 0 writes the outputs, rank 1 only its scratch
-    resumed_after = int(re.search(r"resume: continuing after epoch (\d+) of 4", logs[0]).group(1))
+    resumed_after = int(re.search(r"resume: continuing after epoch (\d+) of 3", logs[0]).group(1))
     assert f"resume: continuing after epoch {resumed_after} with rank 0's state" in logs[1]
-    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3]
     assert same_weights(out / "resnet18-last.ckpt", again / "cache1" / "rank-1" / "resnet18-last.ckpt")
     # validation on both ranks saw the same network every resumed epoch
     validation = re.compile(r"val_loss (\S+)  val_accuracy (\S+)")
     lines = [[validation.search(line).groups() for line in log.splitlines() if "  train_loss" in line]
              for log in logs]
-    assert lines[0] == lines[1] and len(lines[0]) == 4 - resumed_after
+    assert lines[0] == lines[1] and len(lines[0]) == 3 - resumed_after
 
     # A resume that rank 0 refuses stops every worker with the reason, on both nodes, instead of leaving rank 1
     # waiting for a rank that is gone
     (out / "metrics.json").write_text("{damaged")
     codes, logs = run_nodes(two_nodes, tmp_path / "refused", lambda node: [
-        *args, "--epochs", 5, "--resume", "auto", "--cache_dir", tmp_path / "refused" / f"cache{node}"],
+        *args, "--epochs", 4, "--resume", "auto", "--cache_dir", tmp_path / "refused" / f"cache{node}"],
         timeout=300)
     assert codes[0] != 0 and codes[1] != 0
     assert f"error: {out / 'metrics.json'} is damaged" in logs[0]
@@ -252,14 +252,14 @@ def test_two_nodes_train_together_and_resume_together_after_both_are_killed(two_
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_reaches_every_worker_and_resume_continues(data, tmp_path):
-    """The platform's preemption: SIGTERM to launch.py (one node, two workers on 127.0.0.1) ends every worker cleanly
-    (exit 143, the finished epochs kept, no process left), and --resume auto goes on from there."""
+def test_sigterm_to_the_launcher_reaches_every_worker(data, tmp_path):
+    """The platform's preemption: SIGTERM to launch_nodes.py (one node, two workers on 127.0.0.1) ends every worker
+    cleanly: exit 143, the finished epochs kept, no process left (the two-node test resumes through the launcher)."""
     out = tmp_path / "out"
     env = {**os.environ, "VC_WORKER_HOSTS": "127.0.0.1", "VC_TASK_INDEX": "0", "VC_WORKER_NUM": "1",
            "MA_NUM_GPUS": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    command = [sys.executable, str(TRAIN_DIR / "launch.py"), "--master_port", str(free_port()), "--data_url", data,
-               "--output_url", out, "--epochs", 3, *COMMON]
+    command = [sys.executable, str(TRAIN_DIR / "launch_nodes.py"), "--master_port", str(free_port()),
+               "--data_url", data, "--output_url", out, "--epochs", 2, *COMMON]
     first = subprocess.Popen([*map(str, command), "--msrun_log_dir", str(tmp_path / "logs"), "--cache_dir",
                               str(tmp_path / "cache")], env=env, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -275,9 +275,4 @@ def test_sigterm_to_the_launcher_reaches_every_worker_and_resume_continues(data,
         assert not left, "workers outlived the launcher"
     finally:
         os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
-    done = len(read_json(out / "metrics.json"))
-    again = subprocess.run([*map(str, command), "--resume", "auto", "--msrun_log_dir", str(tmp_path / "logs2"),
-                            "--cache_dir", str(tmp_path / "cache2")], env=env, capture_output=True, text=True,
-                           timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert [r["epoch"] for r in read_json(out / "metrics.json")] == [1, 2, 3] and done < 3
+    assert len(read_json(out / "metrics.json")) == 1 and (out / "resume.ckpt").is_file()

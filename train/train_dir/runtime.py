@@ -202,7 +202,7 @@ def detect_launch(environ=os.environ):
                         f"(MS_ROLE), a rank table (RANK_TABLE_FILE) nor mpirun (OMPI_COMM_WORLD_*) started it")
     if nodes > 1:
         raise UserError(f"this job has {nodes} nodes (MA_NUM_HOSTS / VC_WORKER_NUM) but train.py runs alone on "
-                        f"each: boot launch.py instead, which runs msrun across the nodes (MindSpore 2.3+), or "
+                        f"each: boot launch_nodes.py instead, which runs msrun across the nodes (MindSpore 2.3+), or "
                         f"choose one node")
     return Launch()
 

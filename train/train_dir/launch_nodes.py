@@ -3,7 +3,7 @@
 Boot this file instead of train.py when the job has several nodes and starts its boot file once per node; it takes
 train.py's flags unchanged:
 
-    python launch.py --data_url ... --output_url obs://bucket/out --epochs 30      # on every node
+    python launch_nodes.py --data_url ... --output_url obs://bucket/out --epochs 30      # on every node
 
 The platform names the nodes: VC_WORKER_HOSTS (every node's host name, the first is the master), VC_TASK_INDEX
 (this node's index) and VC_WORKER_NUM or MA_NUM_HOSTS (the node count); the cards per node are MA_NUM_GPUS (or
@@ -34,7 +34,7 @@ def node_plan(environ, local_workers=None):
     """(master address, node rank, nodes, workers per node) from the platform's variables."""
     hosts = [host.strip() for host in environ.get("VC_WORKER_HOSTS", "").split(",") if host.strip()]
     if not hosts:
-        raise UserError("VC_WORKER_HOSTS is not set: launch.py runs a ModelArts job of several nodes; on one "
+        raise UserError("VC_WORKER_HOSTS is not set: launch_nodes.py runs a ModelArts job of several nodes; on one "
                         "machine run msrun or train.py directly")
     nodes = _whole(environ, "VC_WORKER_NUM") or _whole(environ, "MA_NUM_HOSTS") or len(hosts)
     node_rank = _whole(environ, "VC_TASK_INDEX", -1)
