@@ -101,5 +101,5 @@ def test_validation_matches_a_single_process_at_the_same_global_batch(two_worker
 
 def test_a_single_process_does_not_join_a_group():
     assert runtime.join_data_parallel("CPU", {}) == (0, 1, 0)
-    assert not runtime.launched_workers({"RANK_SIZE": "1"})
-    assert runtime.launched_workers({"MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "2"})
+    assert runtime.detect_launch({"RANK_SIZE": "1"}).size == 1
+    assert runtime.detect_launch({"MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "2"}).size == 2

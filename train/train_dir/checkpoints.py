@@ -2,7 +2,7 @@
 models) and PyTorch's (torchvision, timm; files read by torch_weights.py) recognised by their parameter names, mapped
 onto resnet.py's names and padding, and loaded shape by shape."""
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mindspore as ms
 import numpy as np
@@ -116,7 +116,7 @@ class Pretrained:
     family: Family
     padding: str
     weights: dict
-    config: dict = None
+    config: dict = field(default_factory=dict)
 
 
 def read_pretrained(path):
@@ -197,8 +197,7 @@ def load_pretrained(net, pretrained, log=print):
     ms.load_param_into_net(net, loaded, strict_load=False)
     head_kept = all(n in loaded for n in own if n.startswith(HEAD_PREFIX))
     missing = [n for n in backbone if n not in loaded]
-    config = pretrained.config or {}
-    described = " ".join(filter(None, (config.get("architecture"), config.get("tag"))))
+    described = " ".join(filter(None, (pretrained.config.get("architecture"), pretrained.config.get("tag"))))
     log(f"pretrained: loaded {len(loaded)} of {len(own)} parameters from {path} ({family.name} checkpoint"
         f"{f' of {described}' if described else ''}, {padding} padding); {matched}/{len(backbone)} backbone, "
         f"head {'loaded' if head_kept else 're-initialised'}")

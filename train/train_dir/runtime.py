@@ -207,11 +207,6 @@ def detect_launch(environ=os.environ):
     return Launch()
 
 
-def launched_workers(environ=os.environ):
-    """Whether this process is one of several workers."""
-    return detect_launch(environ).size > 1
-
-
 def join_data_parallel(device="CPU", environ=os.environ, log=print):
     """Join the other workers (data parallel, gradients averaged over them), or stay a single process."""
     launch = detect_launch(environ)
@@ -264,17 +259,20 @@ def share_parameters_from_rank0(workers, params):
     import numpy as np
     arrays = [param.asnumpy() for param in params]
     floating = [np.issubdtype(a.dtype, np.floating) for a in arrays]
-    pieces = [a.astype(np.float32).reshape(-1) if f else np.frombuffer(a.tobytes(), np.uint8).astype(np.float32)
-              for a, f in zip(arrays, floating)]
-    flat = np.concatenate(pieces) if workers.rank == 0 else np.zeros(sum(map(len, pieces)), np.float32)
+    sizes = [a.size if f else a.nbytes for a, f in zip(arrays, floating)]
+    if workers.rank == 0:
+        flat = np.concatenate([a.astype(np.float32).reshape(-1) if f else np.frombuffer(a.tobytes(), np.uint8)
+                               for a, f in zip(arrays, floating)]).astype(np.float32)
+    else:
+        flat = np.zeros(sum(sizes), np.float32)
     summed, offset = sum_over_workers(flat), 0
-    for param, array, is_float, piece in zip(params, arrays, floating, pieces):
-        part = summed[offset:offset + len(piece)]
-        offset += len(piece)
-        value = (part.astype(array.dtype) if is_float else
-                 np.frombuffer(part.astype(np.uint8).tobytes(), array.dtype)).reshape(array.shape)
-        if workers.rank != 0:
-            param.set_data(ms.Tensor(value, param.dtype))
+    if workers.rank == 0:
+        return
+    for param, array, is_float, size in zip(params, arrays, floating, sizes):
+        part = summed[offset:offset + size]
+        offset += size
+        value = part.astype(array.dtype) if is_float else np.frombuffer(part.astype(np.uint8).tobytes(), array.dtype)
+        param.set_data(ms.Tensor(value.reshape(array.shape), param.dtype))
 
 
 _all_reduce = []  # one cell for the process: its graphs are compiled once per shape

@@ -121,9 +121,9 @@ def build_network(args, num_classes, pretrained):
 
 def warn_if_normalised_otherwise(weights):
     """timm's config.json says how its weights saw images; this job normalises with ImageNet's mean and std."""
-    config = weights.config or {}
     ours = (np.array(datasets.IMAGENET_MEAN) / 255, np.array(datasets.IMAGENET_STD) / 255)
-    for what, theirs, own in (("mean", config.get("mean"), ours[0]), ("std", config.get("std"), ours[1])):
+    for what, own in (("mean", ours[0]), ("std", ours[1])):
+        theirs = weights.config.get(what)
         if theirs is not None and not np.allclose(np.asarray(theirs, dtype=float), own, atol=1e-3):
             print(f"warning: {weights.path} was trained on images normalised with {what} {list(theirs)}, this job "
                   f"uses ImageNet's {[round(v, 3) for v in own]}: fine-tuning adapts, but the features start off",
