@@ -307,3 +307,12 @@ def test_converting_refuses_what_it_cannot_read_safely_and_leaves_no_partial_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pth"] and not (torch_files / "PWNED").exists()
     missing = run_script(TRAIN_DIR / "torch_weights.py", tmp_path / "nothing.pth")
     assert missing.returncode == 2 and stderr_lines(missing)[-1] == f"error: {tmp_path / 'nothing.pth'} does not exist"
+
+
+def test_weights_normalised_otherwise_get_a_warning_and_imagenets_none(torch_files, capsys):
+    import train
+    train.warn_if_normalised_otherwise(read_pretrained(torch_files / "hf-timm-resnet34-bin"))  # mean/std 0.5
+    train.warn_if_normalised_otherwise(read_pretrained(torch_files / "hf-timm-resnet50"))  # ImageNet's
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" was trained")[0] for line in lines] == [f"warning: {torch_files / 'hf-timm-resnet34-bin'}"] * 2
+    assert "normalised with mean [0.5, 0.5, 0.5]" in lines[0] and "normalised with std [0.5, 0.5, 0.5]" in lines[1]
