@@ -11,7 +11,13 @@ DEMO_OUTPUT := demo/output
 
 venv: $(STAMP)
 
+# oneDNN's headers and library (Debian's libdnnl-dev), for the CPU convolutions of train/train_dir/onednn_conv.cc:
+# installed where apt-get works (as root); elsewhere training uses MindSpore's convolutions and says so.
 $(STAMP): requirements.txt
+	@[ -e /usr/include/oneapi/dnnl/dnnl.hpp ] || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -qq libdnnl-dev >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq libdnnl-dev >/dev/null) || \
+		echo "note: libdnnl-dev did not install: CPU training will use MindSpore's convolutions"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt

@@ -89,11 +89,12 @@ def train_ours(image_size, batch_size, steps, small_maps_as_matmul=True):
     import runtime
     import train_step
     from callbacks import StepMeter, StopOnNonFiniteLoss
-    from resnet import Conv2d, create_model
+    from resnet import Conv2d, create_model, use_onednn_convolutions
     runtime.tune_cpu_env()
     device = runtime.setup_device("CPU")
     ms.set_context(**context_overrides())
     net = create_model(ARCH, CLASSES)
+    print(use_onednn_convolutions(net), file=sys.stderr)
     for _, cell in net.cells_and_names():
         if isinstance(cell, Conv2d):
             cell.small_maps_as_matmul &= small_maps_as_matmul
@@ -165,6 +166,100 @@ def train_torch(image_size, batch_size, steps):
         loss.item()
         ends.append(time.perf_counter())
     return images_per_second(ends, batch_size)
+
+
+# ---------------------------------------------------------------- each convolution alone
+
+def convolution_layers(image_size, batch_size):
+    """ResNet50's convolutions as training meets them: [(names, in_channels, out_channels, kernel, stride, input
+    shape)], one entry per distinct geometry (found by running the network once in PyNative mode)."""
+    import mindspore as ms
+    from resnet import Conv2d, create_model
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    net = create_model(ARCH, CLASSES)
+    seen = {}
+
+    def record(name):
+        def hook(cell, inputs):
+            key = (cell.in_channels, cell.out_channels, cell.kernel_size[0], cell.stride[0],
+                   (batch_size,) + tuple(inputs[0].shape[1:]))
+            seen.setdefault(key, []).append(name)
+        return hook
+
+    handles = [cell.register_forward_pre_hook(record(name)) for name, cell in net.cells_and_names()
+               if isinstance(cell, Conv2d)]
+    net(ms.Tensor(np.zeros((1, 3, image_size, image_size), np.float32)))
+    for handle in handles:
+        handle.remove()
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return [(names, *key) for key, names in seen.items()]
+
+
+CONVOLUTION_PATHS = {"mindspore": 0, "matmul": 1, "onednn": 2}  # resnet.AS_CONVOLUTION, AS_MATMUL, ON_ONEDNN
+
+
+def convolutions(image_size, batch_size, repeats=5):
+    """Forward + backward of each convolution on MindSpore's path (resnet.Conv2d as before oneDNN) and on oneDNN's
+    blocked kernels, interleaved in this one process; ms per call (median), and each layer's count."""
+    import mindspore as ms
+    from mindspore import nn, ops
+    import runtime
+    from resnet import Conv2d
+    runtime.tune_cpu_env()
+    runtime.setup_device("CPU")
+    import onednn_conv
+    library, reason = onednn_conv.load()
+    if library is None:
+        raise SystemExit(f"oneDNN convolutions unavailable: {reason}")
+
+    class Loss(nn.Cell):  # sum(y * r): a backward pass with a dense incoming gradient
+        def __init__(self, conv, direction):
+            super().__init__()
+            self.conv, self.direction = conv, direction
+
+        def construct(self, x):
+            return (self.conv(x) * self.direction).sum()
+
+    class Gradients(nn.Cell):
+        def __init__(self, loss, input_gradient):
+            super().__init__()
+            self.loss = loss
+            self.grad = ops.GradOperation(get_all=input_gradient, get_by_list=True)
+            self.weights = ms.ParameterTuple(loss.trainable_params())
+
+        def construct(self, x):
+            return self.grad(self.loss, self.weights)(x)
+
+    class Forced(Conv2d):  # a Conv2d that always computes one way
+        def choose_kernel(self, batch, in_channels, out_pixels):
+            return self.forced
+
+    def wait(value):
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            wait(item) if isinstance(item, (tuple, list)) else item.asnumpy()
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for names, cin, cout, kernel, stride, shape in convolution_layers(image_size, batch_size):
+        runs = {}
+        x = ms.Tensor(rng.normal(size=shape).astype(np.float32))
+        for path, way in CONVOLUTION_PATHS.items():
+            conv = Forced(cin, cout, kernel, stride, pad_mode="same")
+            conv.forced = way
+            conv.set_train()
+            conv.input_needs_gradient = names != ["conv1"]
+            conv.onednn_forward = library.forward(conv.output_shape)
+            direction = ms.Tensor(rng.normal(size=conv.output_shape(shape)).astype(np.float32))
+            runs[path] = Gradients(Loss(conv, direction), conv.input_needs_gradient)
+        times = {path: [] for path in runs}
+        for _ in range(repeats + 1):  # the first of each is the graph compile
+            for path, run in runs.items():
+                start = time.perf_counter()
+                wait(run(x))
+                times[path].append(time.perf_counter() - start)
+        rows.append({"layers": names, "in": cin, "out": cout, "kernel": kernel, "stride": stride,
+                     "input": list(shape), **{path: statistics.median(t[1:]) * 1000 for path, t in times.items()}})
+    return rows
 
 
 # ---------------------------------------------------------------- data pipeline
@@ -266,7 +361,7 @@ def untrained_model(folder, arch=ARCH, image_size=224, num_classes=CLASSES):
     return folder
 
 
-CHILDREN = {"train-ours": train_ours, "train-seed": train_seed, "train-torch": train_torch,
+CHILDREN = {"convolutions": convolutions, "train-ours": train_ours, "train-seed": train_seed, "train-torch": train_torch,
             "pipeline": pipeline, "infer": infer, "infer-torch": infer_torch}
 
 
@@ -294,7 +389,8 @@ def measure(name, arguments, env_changes):
 
 
 STOCK = {"ONEDNN_MAX_CPU_ISA": None}
-AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+DISABLE_ONEDNN = "RESNET_ONEDNN_CONV"
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_WAIT_POLICY": "PASSIVE"}  # as train.py runs (onednn_conv.quiet_openmp)
 
 
 def parse_shape(text):
@@ -364,6 +460,8 @@ def main():
                             record(("ours, tried", size, batch), "train-ours", steps, {**AVX2, **ours_env})
                     if "ours conv" in wanted:  # what resnet.Conv2d's small-map matmul gains
                         record(("ours conv", size, batch), "train-ours", steps + [False], AVX2)
+                    if "ours mindspore" in wanted:  # what oneDNN's blocked kernels gain
+                        record(("ours mindspore", size, batch), "train-ours", steps, {**AVX2, DISABLE_ONEDNN: "0"})
                     if "seed AVX2" in wanted:
                         record(("seed AVX2", size, batch), "train-seed", steps, AVX2)
                     if "seed stock" in wanted and (size <= 64 or args.stock_224):
@@ -406,7 +504,7 @@ def report(results, args, shapes):
         tried = f"; tried: {' '.join(args.env + args.context)}" if args.env or args.context else ""
         print(f"\ntraining step, {ARCH}, fp32 (peak RSS in MB){tried}")
         print(f"{'':<12}" + "".join(f"{f'{s}x{s} b{b}':>22}" for s, b in shapes))
-        for name in ("ours", "ours, tried", "ours conv", "seed AVX2", "seed stock", "torch"):
+        for name in ("ours", "ours, tried", "ours mindspore", "ours conv", "seed AVX2", "seed stock", "torch"):
             if not any((name, size, batch) in results for size, batch in shapes):
                 continue
             cells = []
@@ -420,11 +518,14 @@ def report(results, args, shapes):
             if not ours:
                 continue
             line = [f"{size}x{size} b{batch}:"]
-            for name in ("ours conv", "seed stock", "seed AVX2", "torch"):
+            for name in ("ours mindspore", "ours conv", "seed stock", "seed AVX2", "torch"):
                 if (name, size, batch) in results:
                     line.append(f"ours/{name} {median(ours) / median(results[(name, size, batch)]):.2f}x")
             if ("ours, tried", size, batch) in results:
                 line.append("tried/ours per round: " + per_round(results[("ours, tried", size, batch)], ours))
+            if ("ours mindspore", size, batch) in results:
+                line.append("(ours/ours mindspore per round: "
+                            + per_round(ours, results[("ours mindspore", size, batch)]) + ")")
             if ("torch", size, batch) in results:
                 line.append(f"(ours/torch per round: {per_round(ours, results[('torch', size, batch)])})")
             print("  ratio " + "  ".join(line))

@@ -16,6 +16,9 @@ sys.path[:0] = [str(TRAIN_DIR), str(ROOT / "train"), str(Path(__file__).parent)]
 os.environ.setdefault("GLOG_v", "3")
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
+import onednn_conv  # noqa: E402
+
+onednn_conv.quiet_openmp()  # as train.py does, before MindSpore loads OpenMP
 from make_demo_data import make_demo_data  # noqa: E402
 from run_state import RunFiles  # noqa: E402
 

@@ -12,12 +12,15 @@ symmetric (k-1)/2 padding (MindCV, mindvision), which shifts strided convolution
 checkpoint written by this code records its padding as `resnet_padding`, and labels.json as `padding`.
 
 On CPU, a convolution whose output map is 2x2 or smaller runs as one matmul over the batch (`Conv2d`), which makes
-training at 32x32 about 1.8x faster.
+training at 32x32 about 1.8x faster; while training, larger maps run on oneDNN's blocked kernels where those are
+faster (`use_onednn_convolutions`, onednn_conv.py).
 """
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore.common.initializer import HeNormal
+
+import onednn_conv
 
 HEAD_PREFIX = "fc."
 
@@ -27,6 +30,7 @@ PADDINGS = ("same", "explicit", "pytorch")
 
 SMALL_MAP_PIXELS = 4  # output maps up to 2x2 pixels run as one matmul on CPU ...
 MATMUL_MIN_BATCH = 8  # ... in batches of 8 or more: a single image's GEMM is no narrower than its convolution's
+AS_CONVOLUTION, AS_MATMUL, ON_ONEDNN = 0, 1, 2  # how a Conv2d computes (Conv2d.choose_kernel)
 
 
 class Conv2d(nn.Conv2d):
@@ -44,6 +48,8 @@ class Conv2d(nn.Conv2d):
         self.small_maps_as_matmul = (ms.get_context("device_target") == "CPU" and self.group == 1
                                      and self.dilation in ((1, 1), (1, 1, 1, 1)) and self.data_format == "NCHW")
         self.matmul_by_weight = ops.MatMul(transpose_b=True)
+        self.onednn_forward = None  # set by use_onednn_convolutions
+        self.input_needs_gradient = True  # False for the network's first convolution: nothing reads the images' one
 
     def pads(self, in_h, in_w):
         """(top, bottom, left, right) as the convolution pads a map of this size."""
@@ -61,13 +67,32 @@ class Conv2d(nn.Conv2d):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         top, bottom, left, right = self.pads(in_h, in_w)
         out_h, out_w = (in_h + top + bottom - kh) // sh + 1, (in_w + left + right - kw) // sw + 1
-        if not self.small_maps_as_matmul or out_h * out_w > SMALL_MAP_PIXELS or n < MATMUL_MIN_BATCH:
-            output = self.conv2d(x, self.weight)
-        else:
+        kernel = self.choose_kernel(n, self.in_channels, out_h * out_w)
+        if kernel == AS_MATMUL:
             output = self.as_matmul(x, (top, bottom, left, right), (out_h, out_w))
+        elif kernel == ON_ONEDNN:
+            geometry = ms.Tensor([sh, sw, top, bottom, left, right, int(self.input_needs_gradient)], ms.int64)
+            output = self.onednn_forward(x, self.weight, geometry)
+        else:
+            output = self.conv2d(x, self.weight)
         if self.has_bias:
             output = self.bias_add(output, self.bias)
         return output
+
+    def choose_kernel(self, batch, in_channels, out_pixels):
+        """How this layer computes, by what measured fastest for its shape (`bench/speed.py --only convolutions`,
+        README, Performance)."""
+        if self.small_maps_as_matmul and out_pixels <= SMALL_MAP_PIXELS and batch >= MATMUL_MIN_BATCH:
+            return AS_MATMUL
+        if self.training and self.onednn_forward is not None:
+            return ON_ONEDNN
+        return AS_CONVOLUTION
+
+    def output_shape(self, x_shape):
+        n, _, in_h, in_w = x_shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        top, bottom, left, right = self.pads(in_h, in_w)
+        return [n, self.out_channels, (in_h + top + bottom - kh) // sh + 1, (in_w + left + right - kw) // sw + 1]
 
     def as_matmul(self, x, pads, out_shape):
         n, c, _, _ = x.shape
@@ -85,6 +110,19 @@ class Conv2d(nn.Conv2d):
         # weights stay (out, in * kh * kw): transposing them in the matmul, not in memory, keeps it fast
         output = self.matmul_by_weight(columns, self.weight.reshape(self.out_channels, -1))
         return output.reshape(n, out_h, out_w, -1).transpose(0, 3, 1, 2)
+
+
+def use_onednn_convolutions(net):
+    """Training on CPU: the convolutions that oneDNN's blocked kernels run faster run there (inference and exports
+    keep MindSpore's). Returns the log line saying which convolutions training uses (None off CPU)."""
+    if ms.get_context("device_target") != "CPU":
+        return None
+    library, _ = onednn_conv.load()
+    if library is not None:
+        for _, cell in net.cells_and_names():
+            if isinstance(cell, Conv2d) and cell.small_maps_as_matmul:
+                cell.onednn_forward = library.forward(cell.output_shape)
+    return onednn_conv.describe()
 
 
 def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
@@ -170,6 +208,7 @@ class ResNet(nn.Cell):
         super().__init__()
         self.padding = padding
         self.conv1 = _conv(3, 64, 7, stride=2, padding=padding)
+        self.conv1.input_needs_gradient = False
         self.norm = _norm(64)
         self.relu = nn.ReLU()
         self.max_pool = _stem_pool(padding)

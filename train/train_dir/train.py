@@ -12,6 +12,10 @@ from typing import NamedTuple
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only, so the job's own lines stay readable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling modules, from any working directory
 
+import onednn_conv  # noqa: E402
+
+onednn_conv.quiet_openmp()  # before MindSpore loads OpenMP
+
 import numpy as np  # noqa: E402
 
 import callbacks  # noqa: E402
@@ -29,7 +33,7 @@ import trained_model  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from resnet import create_model  # noqa: E402
+from resnet import create_model, use_onednn_convolutions  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
 URL_ARGS = ("data_url", "pretrain_url", "output_url", "aim_repo", "resume", "split")
@@ -106,6 +110,9 @@ def build_network(args, num_classes, pretrained):
                             "alone: add --feature_cache off, or leave --ema out")
     weights = read_pretrained(pretrained) if pretrained else None  # read once: its padding shapes the network
     net = create_model(args.arch, num_classes, weights.padding if weights else "same")
+    convolutions = use_onednn_convolutions(net)
+    if convolutions:
+        print(convolutions)
     if weights:
         load_pretrained(net, weights)
         warn_if_normalised_otherwise(weights)

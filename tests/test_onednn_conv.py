@@ -1,0 +1,209 @@
+"""resnet.Conv2d on oneDNN's blocked kernels (train/train_dir/onednn_conv.cc) against MindSpore's convolution: the
+same outputs and gradients for every convolution ResNet has, the same training on the demo data, and today's path,
+with one line saying why, wherever the library cannot be built."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onednn_conv
+from conftest import TRAIN_DIR, read_json, run_train
+from make_demo_data import make_demo_data
+
+LIBRARY, WHY_NOT = onednn_conv.load()
+needs_library = pytest.mark.skipif(LIBRARY is None, reason=f"oneDNN convolutions unavailable: {WHY_NOT}")
+
+# (kernel, stride, input map) for each padding: every convolution ResNet18-101 has (7x7/2 stem, 1x1 and 3x3 at
+# strides 1 and 2), on even and odd maps (a "same" strided convolution pads one side more on even ones), down to
+# the 1x1 maps of layer4 at 32x32 inputs.
+GEOMETRIES = [(7, 2, 32), (7, 2, 33), (1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 1, 7), (3, 2, 8), (3, 2, 7),
+              (3, 1, 2), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2)]
+PADDINGS = ("same", "pytorch")
+
+
+def convolution_cells(padding, on_onednn):
+    """One convolution per geometry: MindSpore's nn.Conv2d, or resnet.Conv2d computing on oneDNN at every size."""
+    import mindspore.nn as nn
+    import resnet
+
+    class OnOneDnn(resnet.Conv2d):
+        def choose_kernel(self, batch, in_channels, out_pixels):
+            return resnet.ON_ONEDNN
+
+    cells = []
+    for kernel, stride, _ in GEOMETRIES:
+        in_channels = 3 if kernel == 7 else 32
+        pad = {"pad_mode": "same"} if padding == "same" else {"pad_mode": "pad", "padding": (kernel - 1) // 2}
+        if on_onednn:
+            cell = OnOneDnn(in_channels, 48, kernel, stride, **pad)
+            cell.onednn_forward = LIBRARY.forward(cell.output_shape)
+        else:
+            cell = nn.Conv2d(in_channels, 48, kernel, stride, **pad)
+        cells.append(cell)
+    return cells
+
+
+def outputs_and_gradients(cells, inputs, directions, weights):
+    """Each convolution's output, and the gradients of sum(output * direction) for its input and weight, in
+    GRAPH_MODE and in training mode (where resnet.Conv2d uses oneDNN)."""
+    import mindspore as ms
+    import mindspore.nn as nn
+    import mindspore.ops as ops
+
+    class All(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.CellList(cells)
+
+        def construct(self, *xs):
+            return tuple(conv(x) for conv, x in zip(self.convs, xs))
+
+    class Loss(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def construct(self, *xs):
+            total = 0
+            for y, r in zip(self.net(*xs), directions):
+                total = total + (y * r).sum()
+            return total
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = All()
+    for cell, weight in zip(cells, weights):
+        cell.weight.set_data(ms.Tensor(weight))
+    net.set_train()
+    outputs = [y.asnumpy() for y in net(*inputs)]
+    loss = Loss(net)
+    loss.set_train()
+    input_grads, weight_grads = ops.GradOperation(get_all=True, get_by_list=True)(
+        loss, ms.ParameterTuple(net.trainable_params()))(*inputs)
+    return outputs, [g.asnumpy() for g in input_grads], [g.asnumpy() for g in weight_grads]
+
+
+def relative_error(ours, reference):
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+@needs_library
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_every_resnet_convolution_matches_mindspore_forward_and_backward(padding):
+    import mindspore as ms
+    rng = np.random.default_rng(0)
+    reference_cells = convolution_cells(padding, on_onednn=False)
+    inputs = tuple(ms.Tensor(rng.normal(size=(4, cell.in_channels, size, size)).astype(np.float32))
+                   for cell, (_, _, size) in zip(reference_cells, GEOMETRIES))
+    weights = [rng.normal(scale=0.1, size=cell.weight.shape).astype(np.float32) for cell in reference_cells]
+    reference_shapes = [cell(x).shape for cell, x in zip(reference_cells, inputs)]
+    directions = tuple(ms.Tensor(rng.normal(size=shape).astype(np.float32)) for shape in reference_shapes)
+
+    expected = outputs_and_gradients(reference_cells, inputs, directions, weights)
+    got = outputs_and_gradients(convolution_cells(padding, on_onednn=True), inputs, directions, weights)
+    for name, ours, theirs in zip(("output", "input gradient", "weight gradient"), got, expected):
+        for geometry, a, b in zip(GEOMETRIES, ours, theirs):
+            assert a.shape == b.shape, (name, geometry, a.shape, b.shape)
+            assert relative_error(a, b) < 2e-5, (name, geometry, relative_error(a, b))
+
+
+@needs_library
+def test_the_stem_skips_the_images_gradient_and_still_gets_its_weights_right():
+    """ResNet's first convolution leaves its input gradient at zero (nobody reads it) and saves that work."""
+    import mindspore as ms
+    import resnet
+    rng = np.random.default_rng(1)
+    reference = convolution_cells("same", on_onednn=False)[:1]
+    ours = convolution_cells("same", on_onednn=True)[:1]
+    ours[0].input_needs_gradient = False
+    x = (ms.Tensor(rng.normal(size=(2, 3, 32, 32)).astype(np.float32)),)
+    direction = (ms.Tensor(rng.normal(size=(2, 48, 16, 16)).astype(np.float32)),)
+    weights = [rng.normal(scale=0.1, size=(48, 3, 7, 7)).astype(np.float32)]
+    expected = outputs_and_gradients(reference, x, direction, weights)
+    got = outputs_and_gradients(ours, x, direction, weights)
+    assert relative_error(got[0][0], expected[0][0]) < 2e-5
+    assert relative_error(got[2][0], expected[2][0]) < 2e-5
+    assert not got[1][0].any() and expected[1][0].any()
+    assert resnet.create_model("resnet18", 2).conv1.input_needs_gradient is False
+
+
+@needs_library
+def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain():
+    """Inference, exports and other devices never meet the custom operator (a MindIR or ONNX file holds nn.Conv2d)."""
+    import resnet
+    net = resnet.create_model("resnet18", 2)
+    line = resnet.use_onednn_convolutions(net)
+    assert line.startswith("convolutions: oneDNN blocked kernels") and LIBRARY.version in line
+    conv = net.layer1[0].conv1
+    assert conv.onednn_forward is not None
+    conv.set_train(True)
+    assert conv.choose_kernel(8, 64, 56 * 56) == resnet.ON_ONEDNN
+    conv.set_train(False)
+    assert conv.choose_kernel(8, 64, 56 * 56) == resnet.AS_CONVOLUTION
+
+
+def test_without_a_compiler_or_the_library_training_keeps_mindspore_convolutions(tmp_path, monkeypatch):
+    import resnet
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built before
+    no_libdnnl_dev = tmp_path / "g++"  # the real compiler, on a machine whose include path has no oneDNN
+    (tmp_path / "include").mkdir()
+    no_libdnnl_dev.write_text(f'#!/bin/sh\nexec g++ -nostdinc -isystem {tmp_path / "include"} "$@"\n')
+    no_libdnnl_dev.chmod(0o755)
+    cases = {"/nonexistent/g++": "no C++ compiler (/nonexistent/g++ not found)",
+             str(no_libdnnl_dev): "fatal error: oneapi/dnnl/dnnl.hpp: No such file or directory (is libdnnl-dev "
+                                  "installed?)"}
+    try:
+        for compiler, reason in cases.items():
+            monkeypatch.setenv("CXX", compiler)
+            onednn_conv.load.cache_clear()
+            library, why_not = onednn_conv.load()
+            assert library is None and reason in why_not and "\n" not in why_not
+            net = resnet.create_model("resnet18", 2)
+            assert resnet.use_onednn_convolutions(net) == f"convolutions: MindSpore's ({why_not})"
+            assert all(getattr(cell, "onednn_forward", None) is None for _, cell in net.cells_and_names())
+        assert not list((tmp_path / "cache").rglob("*.so"))  # and no half-built file left behind
+    finally:
+        onednn_conv.load.cache_clear()
+
+
+@needs_library
+def test_two_jobs_building_at_once_and_a_damaged_build_both_end_with_a_working_library(tmp_path):
+    """Each build writes its own temporary file and renames it into place; a damaged cached file is rebuilt."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import onednn_conv; library, why = onednn_conv.load(); "
+            "print(library.path if library else 'none: ' + why)")
+    jobs = [subprocess.Popen([sys.executable, "-c", code, str(TRAIN_DIR)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = [job.communicate(timeout=300)[0].strip() for job in jobs]
+    assert paths[0] == paths[1] and paths[0].endswith(".so"), paths
+    built = Path(paths[0])
+    assert [p.name for p in (tmp_path / "cache" / "resnet-train").iterdir()] == [built.name]  # no temporaries
+    built.write_bytes(b"\0" * 100)  # a damaged file under the right name
+    again = subprocess.run([sys.executable, "-c", code, str(TRAIN_DIR)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.stdout.strip() == str(built) and built.read_bytes()[:4] == b"\x7fELF", again.stderr[-2000:]
+
+
+@needs_library
+@pytest.mark.slow
+def test_training_on_onednn_follows_mindspores_loss_curve(tmp_path):
+    """The demo's job (ResNet50 from scratch, 32x32) on oneDNN and, as on a machine without a compiler, on
+    MindSpore's convolutions: the same losses epoch by epoch, within float rounding."""
+    cifar, _ = make_demo_data(tmp_path / "data", train=384, val=96, num_classes=4, seed=5)
+    runs = {}
+    for name, env in (("onednn", {}), ("mindspore", {"CXX": "/nonexistent/g++"})):
+        result = run_train("--data_url", cifar, "--output_url", tmp_path / name, "--epochs", 3, "--batch_size", 32,
+                           "--image_size", 32, "--lr", 0.01, "--warmup_epochs", 0,
+                           env={**os.environ, **env})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (result.stdout, read_json(tmp_path / name / "metrics.json"))
+    assert "convolutions: oneDNN blocked kernels where faster" in runs["onednn"][0]
+    assert "convolutions: MindSpore's (no C++ compiler (/nonexistent/g++ not found))" in runs["mindspore"][0]
+    ours, theirs = runs["onednn"][1], runs["mindspore"][1]
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        for key in ("train_loss", "val_loss"):
+            assert abs(a[key] - b[key]) <= 2e-3 * abs(b[key]), (key, a, b)
+    assert ours[-1]["train_loss"] < ours[0]["train_loss"]  # it trains

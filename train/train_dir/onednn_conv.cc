@@ -1,0 +1,225 @@
+// Convolution forward, data gradient and weight gradient on oneDNN's blocked-layout kernels (jit:avx512_core and
+// the like), called from MindSpore as AOT custom operators (onednn_conv.py builds and loads this file).
+//
+// Tensors arrive and leave in MindSpore's layouts (NCHW activations, OIHW weights): each call reorders into the
+// layouts the kernel asked for, runs it, and reorders the result back, as PyTorch does for plain tensors.
+// geometry is int64 [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, input needs a gradient]:
+//   ConvForward(x, w, geometry) -> y
+//   ConvBackward(dy, x, w, geometry) -> (dx, dw)     one op, so that dy is reordered once for both
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+std::mutex g_lock;  // one call at a time: each already uses every core, and they share the buffers below
+
+engine &cpu() {
+  static engine e = [] {
+    // MindSpore's own oneDNN is capped at AVX2 through ONEDNN_MAX_CPU_ISA (its AVX-512 path is a reference
+    // kernel); this library's blocked kernels are the point of AVX-512, so it lifts the cap for itself only.
+    dnnl::set_max_cpu_isa(cpu_isa::all);
+    return engine(engine::kind::cpu, 0);
+  }();
+  return e;
+}
+
+stream &cpu_stream() {
+  static stream s(cpu());
+  return s;
+}
+
+struct Geometry {
+  memory::dims src, wei, dst, strides, pad_l, pad_r;
+  std::string key(char kind) const {
+    std::string k(1, kind);
+    for (const auto *d : {&src, &wei, &dst, &strides, &pad_l, &pad_r})
+      for (auto v : *d) k += "," + std::to_string(v);
+    return k;
+  }
+};
+
+size_t product(const int64_t *shape, int ndim) {
+  size_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= static_cast<size_t>(shape[i]);
+  return n;
+}
+
+memory::dims dims_of(int ndim, const int64_t *shape) { return memory::dims(shape, shape + ndim); }
+
+// Grow-only scratch buffers for tensors in blocked layouts (calls are serialised by g_lock).
+std::vector<char> g_scratch[6];
+void *scratch(int slot, size_t n) {
+  if (g_scratch[slot].size() < n) g_scratch[slot].resize(n);
+  return g_scratch[slot].data();
+}
+
+// One oneDNN kernel with, for each of its three tensors, MindSpore's plain layout and the layout the kernel wants.
+struct Kernel {
+  primitive kernel;
+  memory::desc plain[3], blocked[3];  // in src, weights, dst order
+  int args[3];
+  int output;  // which of the three the kernel writes
+};
+
+convolution_forward::primitive_desc forward_hint(const Geometry &g) {
+  memory::desc src(g.src, dt::f32, tag::any), wei(g.wei, dt::f32, tag::any), dst(g.dst, dt::f32, tag::any);
+  convolution_forward::desc d(prop_kind::forward_training, algorithm::convolution_direct, src, wei, dst, g.strides,
+                              g.pad_l, g.pad_r);
+  return convolution_forward::primitive_desc(d, cpu());
+}
+
+std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g) {
+  auto k = std::make_unique<Kernel>();
+  k->plain[0] = memory::desc(g.src, dt::f32, tag::nchw);
+  k->plain[1] = memory::desc(g.wei, dt::f32, tag::oihw);
+  k->plain[2] = memory::desc(g.dst, dt::f32, tag::nchw);
+  memory::desc src(g.src, dt::f32, tag::any), wei(g.wei, dt::f32, tag::any), dst(g.dst, dt::f32, tag::any);
+  auto hint = forward_hint(g);
+  if (kind == 'f') {
+    k->kernel = convolution_forward(hint);
+    k->blocked[0] = hint.src_desc(), k->blocked[1] = hint.weights_desc(), k->blocked[2] = hint.dst_desc();
+    k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DST;
+    k->output = 2;
+  } else if (kind == 'd') {
+    convolution_backward_data::desc d(algorithm::convolution_direct, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+    convolution_backward_data::primitive_desc pd(d, cpu(), hint);
+    k->kernel = convolution_backward_data(pd);
+    k->blocked[0] = pd.diff_src_desc(), k->blocked[1] = pd.weights_desc(), k->blocked[2] = pd.diff_dst_desc();
+    k->args[0] = DNNL_ARG_DIFF_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
+    k->output = 0;
+  } else {
+    convolution_backward_weights::desc d(algorithm::convolution_direct, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+    convolution_backward_weights::primitive_desc pd(d, cpu(), hint);
+    k->kernel = convolution_backward_weights(pd);
+    k->blocked[0] = pd.src_desc(), k->blocked[1] = pd.diff_weights_desc(), k->blocked[2] = pd.diff_dst_desc();
+    k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_DIFF_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
+    k->output = 1;
+  }
+  return k;
+}
+
+const Kernel &cached_kernel(char kind, const Geometry &g) {
+  static std::map<std::string, std::unique_ptr<Kernel>> kernels;
+  auto &slot = kernels[g.key(kind)];
+  if (!slot) slot = kernel_for(kind, g);
+  return *slot;
+}
+
+// Blocked copies of the inputs made during one call, so that two kernels reading the same tensor in the same
+// layout (dy in both gradients) reorder it once.
+struct Staged {
+  const void *plain;
+  memory::desc blocked;
+  memory mem;
+};
+
+// Runs the kernels in order on MindSpore's buffers (src, weights, dst roles of each).
+void run(const Geometry &g, std::initializer_list<std::pair<char, std::array<void *, 3>>> steps) {
+  auto &s = cpu_stream();
+  std::vector<Staged> staged;
+  int slot = 0;
+  for (const auto &step : steps) {
+    const Kernel &k = cached_kernel(step.first, g);
+    memory mem[3];
+    for (int i = 0; i < 3; ++i) {
+      void *data = step.second[i];
+      if (k.blocked[i] == k.plain[i]) {
+        mem[i] = memory(k.plain[i], cpu(), data);
+        continue;
+      }
+      if (i != k.output) {
+        bool found = false;
+        for (const auto &st : staged)
+          if (st.plain == data && st.blocked == k.blocked[i]) mem[i] = st.mem, found = true;
+        if (found) continue;
+      }
+      mem[i] = memory(k.blocked[i], cpu(), scratch(slot++, k.blocked[i].get_size()));
+      if (i != k.output) {
+        memory plain(k.plain[i], cpu(), data);
+        reorder(plain, mem[i]).execute(s, plain, mem[i]);
+        staged.push_back({data, k.blocked[i], mem[i]});
+      }
+    }
+    k.kernel.execute(s, {{k.args[0], mem[0]}, {k.args[1], mem[1]}, {k.args[2], mem[2]}});
+    int o = k.output;
+    if (!(k.blocked[o] == k.plain[o])) {
+      memory plain(k.plain[o], cpu(), step.second[o]);
+      reorder(mem[o], plain).execute(s, mem[o], plain);
+    }
+  }
+  s.wait();
+}
+
+Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int64_t *shape_dst, const int64_t *geo) {
+  Geometry g;
+  g.src = dims_of(4, shape_src);
+  g.wei = dims_of(4, shape_wei);
+  g.dst = dims_of(4, shape_dst);
+  g.strides = {geo[0], geo[1]};
+  g.pad_l = {geo[2], geo[4]};
+  g.pad_r = {geo[3], geo[5]};
+  return g;
+}
+
+template <class Body>
+int guarded(const char *name, Body body) {
+  try {
+    std::lock_guard<std::mutex> hold(g_lock);
+    body();
+    return 0;
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "onednn_conv %s: %s\n", name, e.what());
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                void *extra) {
+  // x, w, geometry -> y
+  Geometry g = geometry(shapes[0], shapes[1], shapes[3], static_cast<int64_t *>(params[2]));
+  return guarded("forward", [&] { run(g, {{'f', {params[0], params[1], params[3]}}}); });
+}
+
+int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+  // dy, x, w, geometry -> dx, dw
+  Geometry g = geometry(shapes[1], shapes[2], shapes[0], static_cast<int64_t *>(params[3]));
+  const int64_t *geo = static_cast<int64_t *>(params[3]);
+  return guarded("backward", [&] {
+    if (geo[6]) {
+      run(g, {{'d', {params[4], params[2], params[0]}}, {'w', {params[1], params[5], params[0]}}});
+    } else {  // the network's input: nobody reads its gradient
+      std::memset(params[4], 0, product(shapes[1], 4) * sizeof(float));
+      run(g, {{'w', {params[1], params[5], params[0]}}});
+    }
+  });
+}
+
+// "oneDNN X.Y.Z, <isa>" for the log line.
+const char *OneDnnVersion() {
+  static std::string text = [] {
+    cpu();  // applies the ISA setting first
+    const dnnl_version_t *v = dnnl_version();
+    return "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+  }();
+  return text.c_str();
+}
+}

@@ -1,0 +1,121 @@
+"""Convolutions for CPU training on oneDNN's blocked-layout kernels (onednn_conv.cc), as MindSpore custom operators.
+
+MindSpore's CPU convolution takes NCHW only and runs oneDNN's GEMM convolution one image at a time; PyTorch reorders
+into blocked layouts and runs oneDNN's direct kernels (jit:avx512_core on this machine), which are faster on most
+of ResNet's layers. `resnet.Conv2d` calls these operators while training on CPU, for the layers where they measured
+faster (README, Performance); the weights stay MindSpore's NCHW parameters, so checkpoints and exports are unchanged.
+
+The library is built on first use from onednn_conv.cc with the system's C++ compiler (`$CXX`, else g++) against the
+system's oneDNN (Debian's libdnnl-dev: `make venv` installs it where apt-get can), into a cache folder, once per
+source and compiler. Without either, `load()` says why and training uses MindSpore's convolution.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+DISABLE = "RESNET_ONEDNN_CONV"  # "0" turns the operators off (the benchmark's and tests' reference runs)
+# OpenMP threads that wait by sleeping. The library runs on OpenMP (libgomp, which MindSpore loads too), and
+# MindSpore calls an operator from whichever of its threads is free: each such thread gets its own team of OpenMP
+# threads, and spinning teams starve MindSpore's own threads (a 32x32 training step ran 6x slower). libgomp reads
+# this once, when it is loaded: before MindSpore is imported.
+OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def quiet_openmp(environ=os.environ):
+    """Sets OPENMP_ENV unless the user set it: call before importing MindSpore (train.py does, first thing)."""
+    for key, value in OPENMP_ENV.items():
+        environ.setdefault(key, value)
+
+
+class Library:
+    """The compiled operators: `path` for ops.Custom, `version` ("oneDNN 2.6.3") for the log line."""
+
+    def __init__(self, path, version):
+        self.path, self.version = path, version
+
+    def forward(self, output_shape):
+        """y = conv(x, w) with geometry [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dx?], and its
+        gradients through one backward operator. `output_shape(x_shape)` gives y's shape."""
+        import mindspore.ops as ops
+        backward = ops.Custom(f"{self.path}:ConvBackward", out_shape=lambda dy, x, w, geometry: (x, w),
+                              out_dtype=lambda dy, x, w, geometry: (x, w), func_type="aot")
+
+        def bprop(x, w, geometry, out, dout):
+            dx, dw = backward(dout, x, w, geometry)
+            return dx, dw, ops.zeros_like(geometry)
+
+        return ops.Custom(f"{self.path}:ConvForward", out_shape=lambda x, w, geometry: output_shape(x),
+                          out_dtype=lambda x, w, geometry: x, func_type="aot", bprop=bprop)
+
+
+def cache_dir(environ=os.environ):
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "resnet-train"
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """(Library, None) when the operators are usable here, else (None, why not)."""
+    if os.environ.get(DISABLE) == "0":
+        return None, f"{DISABLE}=0"
+    if os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
+        return None, "OMP_WAIT_POLICY is not PASSIVE (set it before MindSpore is imported, as train.py does)"
+    if platform.system() != "Linux":
+        return None, "custom CPU operators need Linux"
+    compiler = shutil.which(os.environ.get("CXX") or "g++")
+    if compiler is None:
+        return None, f"no C++ compiler ({os.environ.get('CXX') or 'g++'} not found)"
+    try:
+        path = build(compiler)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached build (its name is the source's hash): built again
+            path.unlink()
+            lib = ctypes.CDLL(str(build(compiler)))
+        lib.OneDnnVersion.restype = ctypes.c_char_p
+        return Library(path, lib.OneDnnVersion().decode()), None
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def build(compiler):
+    """The compiled library, built once per source and compiler; two jobs building at once each write their own
+    temporary file and rename it into place."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + version.encode() + platform.machine().encode()).hexdigest()[:16]
+    folder = cache_dir()
+    target = folder / f"onednn_conv-{tag}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onednn_conv-", suffix=".so")
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, "-O2", "-std=c++14", "-shared", "-fPIC", str(SOURCE), "-o", temporary,
+                                 "-ldnnl"], capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            first = next((line for line in result.stderr.splitlines() if "error" in line),
+                         (result.stderr.strip().splitlines() or ["?"])[0])
+            hint = " (is libdnnl-dev installed?)" if "dnnl" in first else ""
+            raise OSError(f"{Path(compiler).name} could not build {SOURCE.name}: {first.strip()}{hint}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def describe():
+    """One line for the job's log: which convolutions training runs on CPU."""
+    library, reason = load()
+    if library:
+        return f"convolutions: oneDNN blocked kernels where faster ({library.version}, built from {SOURCE.name})"
+    return f"convolutions: MindSpore's ({reason})"
