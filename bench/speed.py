@@ -6,6 +6,7 @@ against PyTorch eager; peak memory of each.
     .venv/bin/python bench/speed.py --rounds 3  # the same
     .venv/bin/python bench/speed.py --only train --shapes 32x32 --rounds 5
     .venv/bin/python bench/speed.py --only inference --rounds 5
+    .venv/bin/python bench/speed.py --only convolutions --shapes 224x224b8   # each convolution, three ways
 
 Every measurement runs in a fresh process (so peak RSS is its own, and oneDNN settings, which are read at the first
 op, can differ), and rounds are interleaved: ours, seed, torch, ours, seed, torch, ... The table shows the median over
@@ -13,6 +14,8 @@ rounds, and the ratios are taken from those medians, because absolute times on a
 
 - "ours" is the real fit path: `train_step.create_optimizer` + `train_step.create_trainer` + `Model.fit` (GRAPH_MODE, `TrainStep`),
   with `runtime.tune_cpu_env` applied, as train.py runs it.
+- "ours mindspore" is the same with oneDNN's blocked kernels turned off (RESNET_ONEDNN_CONV=0): the step as it was
+  before them, and as it is on a machine without a C++ compiler or libdnnl-dev.
 - "ours conv" is the same with `resnet.Conv2d`'s small-map matmul turned off (MindSpore's convolution everywhere):
   what that gains.
 - "seed" is the MindSpore ResNet50 tutorial's PyNative `value_and_grad` loop on its own ResNet50
@@ -199,8 +202,9 @@ CONVOLUTION_PATHS = {"mindspore": 0, "matmul": 1, "onednn": 2}  # resnet.AS_CONV
 
 
 def convolutions(image_size, batch_size, repeats=5):
-    """Forward + backward of each convolution on MindSpore's path (resnet.Conv2d as before oneDNN) and on oneDNN's
-    blocked kernels, interleaved in this one process; ms per call (median), and each layer's count."""
+    """Forward + backward of each distinct convolution three ways (MindSpore's convolution, resnet.Conv2d's matmul,
+    oneDNN's blocked kernels), interleaved in this one process: ms per call (median of `repeats`), and which way
+    resnet.Conv2d took before oneDNN and takes now."""
     import mindspore as ms
     from mindspore import nn, ops
     import runtime
@@ -257,8 +261,15 @@ def convolutions(image_size, batch_size, repeats=5):
                 start = time.perf_counter()
                 wait(run(x))
                 times[path].append(time.perf_counter() - start)
+        chooser = Conv2d(cin, cout, kernel, stride, pad_mode="same")
+        chooser.set_train()
+        out_pixels = int(np.prod(chooser.output_shape(shape)[2:]))
+        before = chooser.choose_kernel(batch_size, cin, out_pixels)  # without oneDNN: as before it existed
+        chooser.onednn_forward = runs["onednn"]
+        after = chooser.choose_kernel(batch_size, cin, out_pixels)
         rows.append({"layers": names, "in": cin, "out": cout, "kernel": kernel, "stride": stride,
-                     "input": list(shape), **{path: statistics.median(t[1:]) * 1000 for path, t in times.items()}})
+                     "input": list(shape), "before": before, "after": after,
+                     **{path: statistics.median(t[1:]) * 1000 for path, t in times.items()}})
     return rows
 
 
@@ -401,7 +412,7 @@ def parse_shape(text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=("train", "pipeline", "inference"), action="append")
+    parser.add_argument("--only", choices=("train", "convolutions", "pipeline", "inference"), action="append")
     parser.add_argument("--shapes", nargs="+", default=["32x32b32", "224x224b8"],
                         help="training shapes, SIZExSIZEbBATCH")
     parser.add_argument("--steps", type=int, default=8, help="training steps per measurement (2 are warm-up)")
@@ -419,7 +430,7 @@ def main():
     args, rest = parser.parse_known_args()
     if args.child:
         return child(args.child, json.loads(rest[0]))
-    parts = args.only or ["train", "pipeline", "inference"]
+    parts = args.only or ["train", "convolutions", "pipeline", "inference"]
     ours_env = dict(kv.split("=", 1) for kv in args.env)
     if args.context:
         ours_env["BENCH_MS_CONTEXT"] = json.dumps({k: json.loads(v) for k, v in (kv.split("=", 1)
@@ -468,6 +479,9 @@ def main():
                         record(("seed stock", size, batch), "train-seed", slow, STOCK)
                     if "torch" in wanted and have_torch:
                         record(("torch", size, batch), "train-torch", steps, {})
+            if "convolutions" in parts and round_ == 0:  # interleaved within the one process
+                for size, batch in shapes:
+                    record(("convolutions", size, batch), "convolutions", [size, batch], AVX2)
             if "pipeline" in parts:
                 record(("pipeline", 32, 32), "pipeline", [str(cifar), 32, 32, 60], AVX2)
                 record(("pipeline", 224, 8), "pipeline", [str(photos), 224, 8, 60], AVX2)
@@ -529,6 +543,9 @@ def report(results, args, shapes):
             if ("torch", size, batch) in results:
                 line.append(f"(ours/torch per round: {per_round(ours, results[('torch', size, batch)])})")
             print("  ratio " + "  ".join(line))
+    for size, batch in shapes:
+        if ("convolutions", size, batch) in results:
+            report_convolutions(results[("convolutions", size, batch)][0]["value"], size, batch)
     for size, batch in ((32, 32), (224, 8)):
         runs = results.get(("pipeline", size, batch))
         if runs:
@@ -539,6 +556,27 @@ def report(results, args, shapes):
                   f"({median(runs, 'peak_rss_mb'):.0f} MB){ratio}")
     if "onnx" in results:
         report_inference(results, args)
+
+
+def report_convolutions(rows, size, batch):
+    print(f"\neach convolution of {ARCH}'s training step at {size}x{size} b{batch}: ms forward+backward per call "
+          f"(median of 5, interleaved); before = MindSpore's convolution or resnet.Conv2d's matmul, after = what "
+          f"resnet.Conv2d chooses now")
+    print(f"{'layers':<26}{'in->out':>11} {'k':>2} {'s':>2} {'map':>4}  {'conv':>7} {'matmul':>7} {'oneDNN':>7}  "
+          f"{'before':>7} {'after':>7}  after/before")
+    totals = {"before": 0.0, "after": 0.0}
+    for row in rows:
+        count = len(row["layers"])
+        names = f"{row['layers'][0]}{f' +{count - 1}' if count > 1 else ''}"
+        times = [row[path] for path in CONVOLUTION_PATHS]
+        before, after = times[row["before"]], times[row["after"]]
+        totals["before"] += count * before
+        totals["after"] += count * after
+        print(f"{names:<26}{row['in']:>5}->{row['out']:<5} {row['kernel']:>2} {row['stride']:>2} "
+              f"{row['input'][-1]:>4}  " + " ".join(f"{t:>7.2f}" for t in times)
+              + f"  {before:>7.2f} {after:>7.2f}  {after / before:.2f}x")
+    print(f"all convolutions of a step: before {totals['before']:.0f} ms, after {totals['after']:.0f} ms "
+          f"({totals['before'] / totals['after']:.2f}x faster)")
 
 
 def report_inference(results, args):

@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,7 @@ memory::dims dims_of(int ndim, const int64_t *shape) { return memory::dims(shape
 // Grow-only scratch buffers for tensors in blocked layouts (calls are serialised by g_lock).
 std::vector<char> g_scratch[6];
 void *scratch(int slot, size_t n) {
+  if (slot >= 6) throw std::runtime_error("more blocked tensors than scratch buffers");
   if (g_scratch[slot].size() < n) g_scratch[slot].resize(n);
   return g_scratch[slot].data();
 }
@@ -213,13 +215,30 @@ int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const 
   });
 }
 
-// "oneDNN X.Y.Z, <isa>" for the log line.
+// "oneDNN X.Y.Z, <isa>" for the log line, or nullptr when oneDNN cannot run here.
 const char *OneDnnVersion() {
-  static std::string text = [] {
+  static std::string text;
+  try {
     cpu();  // applies the ISA setting first
     const dnnl_version_t *v = dnnl_version();
-    return "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
-  }();
-  return text.c_str();
+    const char *isa = "x64";
+    switch (get_effective_cpu_isa()) {
+      case cpu_isa::avx512_core_amx: isa = "avx512_core_amx"; break;
+      case cpu_isa::avx512_core_bf16: isa = "avx512_core_bf16"; break;
+      case cpu_isa::avx512_core_vnni: isa = "avx512_core_vnni"; break;
+      case cpu_isa::avx512_core: isa = "avx512_core"; break;
+      case cpu_isa::avx2_vnni: isa = "avx2_vnni"; break;
+      case cpu_isa::avx2: isa = "avx2"; break;
+      case cpu_isa::avx: isa = "avx"; break;
+      case cpu_isa::sse41: isa = "sse41"; break;
+      default: break;
+    }
+    text = "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch) +
+           ", " + isa;
+    return text.c_str();
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "onednn_conv: %s\n", e.what());
+    return nullptr;
+  }
 }
 }

@@ -80,7 +80,10 @@ def load():
             path.unlink()
             lib = ctypes.CDLL(str(build(compiler)))
         lib.OneDnnVersion.restype = ctypes.c_char_p
-        return Library(path, lib.OneDnnVersion().decode()), None
+        version = lib.OneDnnVersion()
+        if not version:
+            return None, "oneDNN does not start on this CPU"
+        return Library(path, version.decode()), None
     except (OSError, subprocess.SubprocessError) as error:
         return None, str(error).splitlines()[0] if str(error) else type(error).__name__
 
