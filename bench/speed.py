@@ -16,7 +16,7 @@ rounds, and the ratios are taken from those medians, because absolute times on a
   with `runtime.tune_cpu_env` applied, as train.py runs it.
 - "ours mindspore" is the same with oneDNN's blocked kernels turned off (RESNET_ONEDNN_CONV=0): the step as it was
   before them, and as it is on a machine without a C++ compiler or libdnnl-dev.
-- "ours conv" is the same with `resnet.Conv2d`'s small-map matmul turned off (MindSpore's convolution everywhere):
+- "ours conv" is the same with both turned off, oneDNN and `resnet.Conv2d`'s small-map matmul (MindSpore's convolution everywhere):
   what that gains.
 - "seed" is the MindSpore ResNet50 tutorial's PyNative `value_and_grad` loop on its own ResNet50
   (tests/tutorial_resnet.py), once with stock settings and once with ONEDNN_MAX_CPU_ISA=AVX2 as ours uses.
@@ -235,7 +235,7 @@ def convolutions(image_size, batch_size, repeats=5):
             return self.grad(self.loss, self.weights)(x)
 
     class Forced(Conv2d):  # a Conv2d that always computes one way
-        def choose_kernel(self, batch, in_channels, out_pixels):
+        def choose_kernel(self, batch, dtype, out_pixels):
             return self.forced
 
     def wait(value):
@@ -264,9 +264,9 @@ def convolutions(image_size, batch_size, repeats=5):
         chooser = Conv2d(cin, cout, kernel, stride, pad_mode="same")
         chooser.set_train()
         out_pixels = int(np.prod(chooser.output_shape(shape)[2:]))
-        before = chooser.choose_kernel(batch_size, cin, out_pixels)  # without oneDNN: as before it existed
+        before = chooser.choose_kernel(batch_size, ms.float32, out_pixels)  # without oneDNN: as before it existed
         chooser.onednn_forward = runs["onednn"]
-        after = chooser.choose_kernel(batch_size, cin, out_pixels)
+        after = chooser.choose_kernel(batch_size, ms.float32, out_pixels)
         rows.append({"layers": names, "in": cin, "out": cout, "kernel": kernel, "stride": stride,
                      "input": list(shape), "before": before, "after": after,
                      **{path: statistics.median(t[1:]) * 1000 for path, t in times.items()}})
@@ -422,7 +422,8 @@ def main():
                         help="extra environment for our runs (to try a setting)")
     parser.add_argument("--context", action="append", default=[], metavar="KEY=JSON",
                         help="extra mindspore.set_context setting for our runs, e.g. enable_graph_kernel=true")
-    parser.add_argument("--variants", nargs="+", default=["ours", "ours conv", "seed AVX2", "seed stock", "torch"],
+    parser.add_argument("--variants", nargs="+", default=["ours", "ours mindspore", "ours conv", "seed AVX2",
+                                                          "seed stock", "torch"],
                         help="which training variants to run ('ours conv': ours with convolutions on small maps too)")
     parser.add_argument("--repeats", type=int, default=30, help="inference: timed batch-1 calls per round")
     parser.add_argument("--batch", type=int, default=32, help="inference: the batch of the throughput column")
@@ -470,7 +471,7 @@ def main():
                         if ours_env:  # the setting being tried, right after the baseline, in every round
                             record(("ours, tried", size, batch), "train-ours", steps, {**AVX2, **ours_env})
                     if "ours conv" in wanted:  # what resnet.Conv2d's small-map matmul gains
-                        record(("ours conv", size, batch), "train-ours", steps + [False], AVX2)
+                        record(("ours conv", size, batch), "train-ours", steps + [False], {**AVX2, DISABLE_ONEDNN: "0"})
                     if "ours mindspore" in wanted:  # what oneDNN's blocked kernels gain
                         record(("ours mindspore", size, batch), "train-ours", steps, {**AVX2, DISABLE_ONEDNN: "0"})
                     if "seed AVX2" in wanted:

@@ -30,7 +30,7 @@ def convolution_cells(padding, on_onednn):
     import resnet
 
     class OnOneDnn(resnet.Conv2d):
-        def choose_kernel(self, batch, in_channels, out_pixels):
+        def choose_kernel(self, batch, dtype, out_pixels):
             return resnet.ON_ONEDNN
 
     cells = []
@@ -130,18 +130,30 @@ def test_the_stem_skips_the_images_gradient_and_still_gets_its_weights_right():
 
 
 @needs_library
-def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain():
-    """Inference, exports and other devices never meet the custom operator (a MindIR or ONNX file holds nn.Conv2d)."""
+def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
+    """Inference, exports and other devices never meet the custom operator (an ONNX file holds plain convolutions)."""
+    import mindspore as ms
+    import onnx
+
+    import export
     import resnet
     net = resnet.create_model("resnet18", 2)
     line = resnet.use_onednn_convolutions(net)
     assert line.startswith("convolutions: oneDNN blocked kernels") and LIBRARY.version in line
-    conv = net.layer1[0].conv1
-    assert conv.onednn_forward is not None
-    conv.set_train(True)
-    assert conv.choose_kernel(8, 64, 56 * 56) == resnet.ON_ONEDNN
-    conv.set_train(False)
-    assert conv.choose_kernel(8, 64, 56 * 56) == resnet.AS_CONVOLUTION
+    one_by_one, three_by_three = net.layer4[0].down_sample[0], net.layer4[0].conv2
+    assert one_by_one.onednn_forward is not None and three_by_three.onednn_forward is not None
+    net.set_train(True)
+    for conv in (one_by_one, three_by_three):
+        assert conv.choose_kernel(8, ms.float32, 56 * 56) == resnet.ON_ONEDNN
+        assert conv.choose_kernel(8, ms.float16, 56 * 56) == resnet.AS_CONVOLUTION  # the library is float32 only
+    assert three_by_three.choose_kernel(32, ms.float32, 1) == resnet.ON_ONEDNN
+    assert one_by_one.choose_kernel(32, ms.float32, 1) == resnet.AS_MATMUL  # to one pixel: a matmul is faster
+    net.set_train(False)
+    for conv in (one_by_one, three_by_three):
+        assert conv.choose_kernel(8, ms.float32, 56 * 56) == resnet.AS_CONVOLUTION
+    export.export_graph(net, 32, tmp_path / "net.onnx")
+    operators = {node.op_type for node in onnx.load(str(tmp_path / "net.onnx")).graph.node}
+    assert "Conv" in operators and not any("custom" in op.lower() for op in operators), operators
 
 
 def test_without_a_compiler_or_the_library_training_keeps_mindspore_convolutions(tmp_path, monkeypatch):

@@ -8,7 +8,13 @@
 //   ConvBackward(dy, x, w, geometry) -> (dx, dw)     one op, so that dy is reordered once for both
 #include <oneapi/dnnl/dnnl.hpp>
 
+#if DNNL_VERSION_MAJOR != 2
+#error "onednn_conv.cc is written for oneDNN 2.x (Debian 12's libdnnl-dev 2.6)"
+#endif
+
 #include <array>
+#include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +24,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace dnnl;
@@ -61,12 +68,23 @@ size_t product(const int64_t *shape, int ndim) {
 
 memory::dims dims_of(int ndim, const int64_t *shape) { return memory::dims(shape, shape + ndim); }
 
-// Grow-only scratch buffers for tensors in blocked layouts (calls are serialised by g_lock).
-std::vector<char> g_scratch[6];
+// Grow-only scratch buffers for tensors in blocked layouts, 64-byte aligned as oneDNN prefers (calls run one at a
+// time, on the worker thread below).
+struct Buffer {
+  void *data = nullptr;
+  size_t size = 0;
+};
+Buffer g_scratch[6];
 void *scratch(int slot, size_t n) {
   if (slot >= 6) throw std::runtime_error("more blocked tensors than scratch buffers");
-  if (g_scratch[slot].size() < n) g_scratch[slot].resize(n);
-  return g_scratch[slot].data();
+  Buffer &b = g_scratch[slot];
+  if (b.size < n) {
+    std::free(b.data);
+    b.data = nullptr, b.size = 0;
+    if (posix_memalign(&b.data, 64, n) != 0) throw std::bad_alloc();
+    b.size = n;
+  }
+  return b.data;
 }
 
 // One oneDNN kernel with, for each of its three tensors, MindSpore's plain layout and the layout the kernel wants.
@@ -177,16 +195,63 @@ Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int6
   return g;
 }
 
-template <class Body>
-int guarded(const char *name, Body body) {
+// Every call runs on this one thread, so OpenMP keeps one team of threads: MindSpore calls an operator from
+// whichever of its threads is free, and libgomp would give each of them a team of its own.
+class Worker {
+ public:
+  Worker() { std::thread([this] { loop(); }).detach(); }  // lives as long as the process
+
+  void run(const std::function<void()> &job) {
+    std::unique_lock<std::mutex> hold(lock_);
+    job_ = &job, error_ = nullptr;
+    wake_.notify_all();
+    done_.wait(hold, [this] { return job_ == nullptr; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> hold(lock_);
+    for (;;) {
+      wake_.wait(hold, [this] { return job_ != nullptr; });
+      try {
+        (*job_)();
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+      job_ = nullptr;
+      done_.notify_all();
+    }
+  }
+
+  std::mutex lock_;
+  std::condition_variable wake_, done_;
+  const std::function<void()> *job_ = nullptr;
+  std::exception_ptr error_;
+};
+
+// Checks what MindSpore passed (float32, 4-D, the operator's arity), then runs `body` on the worker; a failure is
+// one line on stderr and a non-zero return, which MindSpore raises as an error.
+int guarded(const char *name, int nparam, int expected, int *ndims, const char **dtypes,
+            const std::function<void()> &body) {
   try {
-    std::lock_guard<std::mutex> hold(g_lock);
-    body();
+    if (nparam != expected) throw std::runtime_error("expected " + std::to_string(expected) + " tensors");
+    for (int i = 0; i < nparam; ++i) {
+      bool geometry = ndims[i] == 1 && std::strcmp(dtypes[i], "int64") == 0;
+      if (!geometry && (ndims[i] != 4 || std::strcmp(dtypes[i], "float32") != 0))
+        throw std::runtime_error(std::string("float32 NCHW tensors only, got ") + dtypes[i] + " of rank " +
+                                 std::to_string(ndims[i]));
+    }
+    static Worker *worker = new Worker;  // never destroyed: its thread may outlive static destructors
+    std::lock_guard<std::mutex> one_call_at_a_time(g_lock);
+    worker->run(body);
     return 0;
   } catch (const std::exception &e) {
     std::fprintf(stderr, "onednn_conv %s: %s\n", name, e.what());
-    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "onednn_conv %s: unknown error\n", name);
   }
+  return 1;
 }
 
 }  // namespace
@@ -196,16 +261,18 @@ extern "C" {
 int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                 void *extra) {
   // x, w, geometry -> y
-  Geometry g = geometry(shapes[0], shapes[1], shapes[3], static_cast<int64_t *>(params[2]));
-  return guarded("forward", [&] { run(g, {{'f', {params[0], params[1], params[3]}}}); });
+  return guarded("forward", nparam, 4, ndims, dtypes, [&] {
+    Geometry g = geometry(shapes[0], shapes[1], shapes[3], static_cast<int64_t *>(params[2]));
+    run(g, {{'f', {params[0], params[1], params[3]}}});
+  });
 }
 
 int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                  void *extra) {
   // dy, x, w, geometry -> dx, dw
-  Geometry g = geometry(shapes[1], shapes[2], shapes[0], static_cast<int64_t *>(params[3]));
-  const int64_t *geo = static_cast<int64_t *>(params[3]);
-  return guarded("backward", [&] {
+  return guarded("backward", nparam, 6, ndims, dtypes, [&] {
+    const int64_t *geo = static_cast<int64_t *>(params[3]);
+    Geometry g = geometry(shapes[1], shapes[2], shapes[0], geo);
     if (geo[6]) {
       run(g, {{'d', {params[4], params[2], params[0]}}, {'w', {params[1], params[5], params[0]}}});
     } else {  // the network's input: nobody reads its gradient

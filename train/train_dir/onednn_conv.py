@@ -76,8 +76,10 @@ def load():
         path = build(compiler)
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError:  # a damaged cached build (its name is the source's hash): built again
-            path.unlink()
+        except OSError:
+            if path.read_bytes()[:4] == b"\x7fELF":
+                raise  # a sound file that does not load here (libdnnl.so.2 missing, a noexec cache): the reason
+            path.unlink(missing_ok=True)  # a damaged build under the source's hash: built again
             lib = ctypes.CDLL(str(build(compiler)))
         lib.OneDnnVersion.restype = ctypes.c_char_p
         version = lib.OneDnnVersion()
@@ -93,7 +95,9 @@ def build(compiler):
     temporary file and rename it into place."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + version.encode() + platform.machine().encode()).hexdigest()[:16]
+    headers = Path("/usr/include/oneapi/dnnl/dnnl_version.h")  # a new oneDNN gets a new build
+    library_version = headers.read_bytes() if headers.is_file() else b""
+    tag = hashlib.sha256(source + version.encode() + platform.machine().encode() + library_version).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"onednn_conv-{tag}.so"
     if target.is_file():
@@ -114,11 +118,3 @@ def build(compiler):
         if os.path.exists(temporary):
             os.unlink(temporary)
     return target
-
-
-def describe():
-    """One line for the job's log: which convolutions training runs on CPU."""
-    library, reason = load()
-    if library:
-        return f"convolutions: oneDNN blocked kernels where faster ({library.version}, built from {SOURCE.name})"
-    return f"convolutions: MindSpore's ({reason})"
