@@ -43,7 +43,7 @@ FILE_MINUTES = {"test_onnx_serving.py": 5.4, "test_resume.py": 4.3, "test_remote
                 "test_faults_flags.py": 1.4, "test_torch_weights.py": 2.0, "test_multi_node.py": 2.1,
                 "test_eval_job.py": 1.0, "test_faults_staging.py": 1.0, "test_predict_job.py": 0.8,
                 "test_train_step.py": 1.7, "test_checkpoint_families.py": 1.4, "test_staging.py": 1.1,
-                "test_callbacks.py": 0.4, "test_aim_ui.py": 0.2, "test_datasets.py": 0.1}
+                "test_onednn_conv.py": 2.0, "test_callbacks.py": 0.4, "test_aim_ui.py": 0.2, "test_datasets.py": 0.1}
 
 
 def pytest_collection_modifyitems(items):

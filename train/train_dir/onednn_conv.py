@@ -3,7 +3,8 @@
 MindSpore's CPU convolution takes NCHW only and runs oneDNN's GEMM convolution one image at a time; PyTorch reorders
 into blocked layouts and runs oneDNN's direct kernels (jit:avx512_core on this machine), which are faster on most
 of ResNet's layers. `resnet.Conv2d` calls these operators while training on CPU, for the layers where they measured
-faster (README, Performance); the weights stay MindSpore's NCHW parameters, so checkpoints and exports are unchanged.
+faster in a training step (3x3, 7x7, deep 1x1: README, Performance); the weights stay MindSpore's NCHW parameters,
+so checkpoints and exports are unchanged.
 
 The library is built on first use from onednn_conv.cc with the system's C++ compiler (`$CXX`, else g++) against the
 system's oneDNN (Debian's libdnnl-dev: `make venv` installs it where apt-get can), into a cache folder, once per
@@ -21,10 +22,9 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DISABLE = "RESNET_ONEDNN_CONV"  # "0" turns the operators off (the benchmark's and tests' reference runs)
-# OpenMP threads that wait by sleeping. The library runs on OpenMP (libgomp, which MindSpore loads too), and
-# MindSpore calls an operator from whichever of its threads is free: each such thread gets its own team of OpenMP
-# threads, and spinning teams starve MindSpore's own threads (a 32x32 training step ran 6x slower). libgomp reads
-# this once, when it is loaded: before MindSpore is imported.
+# OpenMP threads that wait by sleeping. The library runs on OpenMP (libgomp, which MindSpore loads too): between two
+# of its calls MindSpore's own threads run BatchNorm and the rest, and OpenMP threads spinning meanwhile starve them
+# (a 32x32 training step ran 6x slower). libgomp reads this once, when it is loaded: before MindSpore is imported.
 OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

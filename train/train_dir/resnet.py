@@ -31,6 +31,7 @@ PADDINGS = ("same", "explicit", "pytorch")
 SMALL_MAP_PIXELS = 4  # output maps up to 2x2 pixels run as one matmul on CPU ...
 MATMUL_MIN_BATCH = 8  # ... in batches of 8 or more: a single image's GEMM is no narrower than its convolution's
 AS_CONVOLUTION, AS_MATMUL, ON_ONEDNN = 0, 1, 2  # how a Conv2d computes (Conv2d.choose_kernel)
+ONEDNN_MIN_1X1_CHANNELS = 1024
 
 
 class Conv2d(nn.Conv2d):
@@ -40,7 +41,9 @@ class Conv2d(nn.Conv2d):
     ResNet's last two stages (32x32 inputs) it runs at a few GFLOP/s. Unfolding the batch into one matmul makes a
     convolution's forward and backward 1.4x (3x3 on 2x2) to 10x (1x1 on 1x1) faster there, and ResNet50's whole
     training step at 32x32 about 1.8x faster (README, Performance). From 4x4 maps on, or for fewer than 8 images
-    (batch-1 inference), the convolution is faster. GPU and Ascend keep their convolutions.
+    (batch-1 inference), the convolution is faster. While training, 3x3 and 7x7 convolutions and the deep 1x1 ones
+    run on oneDNN's blocked kernels where the library is built (`use_onednn_convolutions`, onednn_conv.py). GPU and
+    Ascend keep their convolutions.
     """
 
     def __init__(self, *args, **kwargs):
@@ -80,14 +83,16 @@ class Conv2d(nn.Conv2d):
         return output
 
     def choose_kernel(self, batch, dtype, out_pixels):
-        """How this layer computes, by what measured fastest for its shape (`bench/speed.py --only convolutions`,
-        README, Performance)."""
-        one_by_one = self.kernel_size == (1, 1)
-        if self.training and self.onednn_forward is not None and dtype == ms.float32 and not (
-                one_by_one and out_pixels == 1 and batch >= MATMUL_MIN_BATCH):
-            return ON_ONEDNN  # 1.1x (1x1 on 8x8 maps) to 3.3x faster; a 1x1 convolution to 1 pixel is a matmul
+        """How this layer computes, by what measured fastest in a training step (README, Performance)."""
         if self.small_maps_as_matmul and out_pixels <= SMALL_MAP_PIXELS and batch >= MATMUL_MIN_BATCH:
             return AS_MATMUL
+        # In a training step, oneDNN's kernels (with their reorders) beat MindSpore's on 3x3 and 7x7 convolutions,
+        # and on 1x1 ones only in the deep layers (1024+ channels): elsewhere a 1x1 convolution is one GEMM either
+        # way, and the reorders cost more than they save.
+        deep = max(self.in_channels, self.out_channels) >= ONEDNN_MIN_1X1_CHANNELS
+        if self.training and self.onednn_forward is not None and dtype == ms.float32 and (
+                self.kernel_size != (1, 1) or deep):
+            return ON_ONEDNN
         return AS_CONVOLUTION
 
     def output_shape(self, x_shape):
