@@ -26,6 +26,7 @@ import contextlib
 import errno
 import functools
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -36,7 +37,8 @@ from mindspore.train import Callback
 
 import series
 from train_step import class_accuracy, macro_f1
-from errors import WRITE_FAULTS, Interrupted, OutputError, child_stderr_held, folder_fault, write_fault
+from errors import (WRITE_FAULTS, Interrupted, OutputError, UserError, child_stderr_held, folder_fault,
+                    write_fault)
 
 TRAIN = {"subset": "train"}
 VAL = {"subset": "val"}
@@ -125,6 +127,22 @@ def _finish_within(work, timeout):
     return bool(outcome)
 
 
+def recreate_interrupted_repo(folder):
+    """A job killed while Aim created its repo leaves `.aim` without the VERSION file Aim writes last, and Aim then
+    refuses it for good as a repo too old to open (a bare RuntimeError). Holding no run yet, it is created again; a
+    `.aim` with runs but no VERSION is an Aim 2 repo, which this job cannot write into."""
+    repo = os.path.join(folder, ".aim")
+    if not os.path.isdir(repo) or os.path.exists(os.path.join(repo, "VERSION")):
+        return
+    chunks = os.path.join(repo, "meta", "chunks")
+    if os.path.isdir(chunks) and os.listdir(chunks):
+        raise UserError(f"the Aim repo in {folder} has runs but no VERSION file (an Aim 2 repo?): upgrade it with "
+                        f"`aim storage upgrade 2to3 --repo {folder}`, or give --aim_repo another folder")
+    shutil.rmtree(repo)
+    print(f"warning: the Aim repo in {folder} was left half-created by a job stopped while creating it (it holds no "
+          f"run): created again", file=sys.stderr)
+
+
 def _identity(path):
     with contextlib.suppress(OSError):
         info = os.stat(path)
@@ -159,6 +177,8 @@ class AimCallback(Callback):
             Run, self.image_type = self._tracker(series_folder)
             if self.folder:
                 self._quiet_thread_faults()
+                if not self.tracks_series:
+                    recreate_interrupted_repo(self.folder)
             with self._writing(), child_stderr_held():
                 self.run = Run(run_hash or None, repo=str(repo), experiment=experiment,
                                system_tracking_interval=10 if system_tracking else None)
