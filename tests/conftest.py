@@ -19,6 +19,11 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 import onednn_conv  # noqa: E402
 
 onednn_conv.quiet_openmp()  # as train.py does, before MindSpore loads OpenMP
+# The jobs the tests start train on MindSpore's convolutions: oneDNN's operators add about 3 seconds to every job's
+# start, which over the suite's ~100 jobs cost 6 minutes. The shared trained model (below) and
+# tests/test_onednn_conv.py train on oneDNN, as a user's job does by default.
+os.environ.setdefault(onednn_conv.DISABLE, "0")
+WITH_ONEDNN = {key: value for key, value in os.environ.items() if key != onednn_conv.DISABLE}
 from make_demo_data import make_demo_data  # noqa: E402
 from run_state import RunFiles  # noqa: E402
 
@@ -174,7 +179,7 @@ def trained(tmp_path_factory):
         make_demo_data(root / "data", TRAINED["train"], TRAINED["val"], TRAINED["classes"], seed=0)
         result = run_train("--data_url", root / "data", "--output_url", root / "out", "--image_size", 32,
                            "--epochs", TRAINED["epochs"], "--batch_size", TRAINED["batch_size"], "--lr", 0.01,
-                           "--warmup_epochs", 1, "--experiment", "pytest", "--seed", 7, onnx=True)
+                           "--warmup_epochs", 1, "--experiment", "pytest", "--seed", 7, onnx=True, env=WITH_ONEDNN)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return {"stdout": result.stdout, "stderr": result.stderr}
 
