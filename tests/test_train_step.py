@@ -197,3 +197,13 @@ def test_macro_f1_from_a_confusion_matrix():
     precision, recall = np.array([5 / 7, 3 / 4]), np.array([5 / 6, 3 / 5])
     assert train_step.macro_f1(confusion) == pytest.approx(np.mean(2 * precision * recall / (precision + recall)))
     assert train_step.macro_f1([[0, 4], [0, 4]]) == pytest.approx((0 + 2 * 0.5 * 1 / 1.5) / 2)  # never right: 0
+
+
+def test_first_predictions_are_the_first_images_classes_across_batches_and_epochs():
+    metric = train_step.FirstPredictions(5)
+    for epoch in range(2):  # Model.eval clears it before each validation
+        metric.clear()
+        metric.update(ms.Tensor(np.eye(3, dtype=np.float32)[[2, 0, 1]]), ms.Tensor(np.zeros(3, np.int32)))
+        metric.update(ms.Tensor(np.eye(3, dtype=np.float32)[[1, 1, 0]] * (epoch + 1)), ms.Tensor(np.zeros(3)))
+        metric.update(ms.Tensor(np.eye(3, dtype=np.float32)), ms.Tensor(np.zeros(3)))  # past the 5: ignored
+        assert metric.eval().tolist() == [2, 0, 1, 1, 1]

@@ -96,17 +96,6 @@ def cached_features(net, source, args, pretrained, cache_dir, log=print):
     return (train_x, train_y), (val_x, val_y)
 
 
-def head_predictor(head, val_features, count):
-    """Logits for the first `count` validation images (the Aim preview) from their cached features: no backbone
-    pass per epoch. The validation pipeline is unshuffled, so they are the preview's images, in order."""
-    first = ms.Tensor(val_features[:count])
-
-    def predict(_inputs):
-        head.set_train(False)
-        return head(first).asnumpy()
-    return predict
-
-
 def feature_datasets(train, val, batch_size, seed, shard=None):
     """Batched (features, label) pipelines for the head; the training one reshuffles every epoch and, with several
     workers, is sharded by `shard` = (workers, rank)."""
@@ -118,9 +107,9 @@ def feature_datasets(train, val, batch_size, seed, shard=None):
     return pipeline(*train, shuffle=True, sharding=sharding), pipeline(*val, shuffle=False, sharding={})
 
 
-def head_training(net, source, args, pretrained, cache_dir, shard, preview_count):
-    """Fixed-feature mode in one call: what is trained (the head, `fc`), its training and validation pipelines of
-    cached features, and the predictor of the first `preview_count` validation images."""
+def head_training(net, source, args, pretrained, cache_dir, shard):
+    """Fixed-feature mode in one call: what is trained (the head, `fc`), and its training and validation pipelines
+    of cached features (the validation one unshuffled, as the images', so its first are the Aim preview's)."""
     train_features, val_features = cached_features(net, source, args, pretrained, cache_dir)
     train_data, val_data = feature_datasets(train_features, val_features, args.batch_size, args.seed, shard)
-    return net.fc, train_data, val_data, head_predictor(net.fc, val_features[0], preview_count)
+    return net.fc, train_data, val_data

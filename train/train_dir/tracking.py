@@ -154,8 +154,9 @@ class AimCallback(Callback):
     """Logs hyperparameters, per-step and per-epoch metrics, and pictures to one Aim run, and closes it at the end.
 
     `repo` is a folder (its `.aim` is created when missing) or an `aim://host:port` tracking server.
-    `preview` is (HWC uint8 images, network inputs, labels) and `predict` maps network inputs to logits: with both,
-    each epoch logs the preview images captioned with their true and predicted class. `run_hash` continues an
+    `preview` is (HWC uint8 images, network inputs, labels) of the first validation images: with a validation
+    metric "first_predictions" (train_step.FirstPredictions), each epoch logs them captioned with their true and
+    predicted class. `run_hash` continues an
     existing run (a resumed job), whose fit starts counting steps after `step_offset`. `meter` is the
     `callbacks.StepMeter` placed before this callback, whose measurements are logged. Closing waits at most
     `close_timeout` seconds for Aim to finish writing. Where aim cannot be imported, the run's series are kept in
@@ -163,7 +164,7 @@ class AimCallback(Callback):
     """
 
     def __init__(self, repo, experiment, hparams, meter, log_every=1, system_tracking=True, class_names=None,
-                 preview=None, predict=None, close_at_end=True, run_hash=None, step_offset=0,
+                 preview=None, close_at_end=True, run_hash=None, step_offset=0,
                  close_timeout=CLOSE_TIMEOUT, series_folder=None):
         super().__init__()
         self.run, self.meter = None, meter
@@ -188,7 +189,7 @@ class AimCallback(Callback):
                     self.run["hparams"] = hparams
         self.log_every = max(1, int(log_every))
         self.class_names = list(class_names) if class_names else None
-        self.preview, self.predict = preview, predict
+        self.preview = preview
         self.close_at_end = close_at_end
         self.last_predictions = None
 
@@ -313,8 +314,8 @@ class AimCallback(Callback):
                 self._track(float(metrics[name]), name=name, step=epoch, epoch=epoch, context=VAL)
         if "confusion" in metrics:
             self._track_confusion(metrics["confusion"], epoch)
-        if self.preview is not None and self.predict is not None:
-            self._track_predictions(epoch)
+        if self.preview is not None and "first_predictions" in metrics:
+            self._track_predictions(epoch, metrics["first_predictions"])
 
     def _track_confusion(self, confusion, epoch):
         import tempfile
@@ -329,9 +330,8 @@ class AimCallback(Callback):
             path = plot_confusion(confusion, names, f"{folder}/confusion.png")
             self.track_image("confusion_matrix", path, step=epoch, caption=f"epoch {epoch}", context=VAL)
 
-    def _track_predictions(self, epoch):
-        images, inputs, labels = self.preview
-        predicted = np.asarray(self.predict(inputs)).argmax(axis=1)
+    def _track_predictions(self, epoch, predicted):
+        images, _, labels = self.preview
         captioned = [self.image_type(image, caption=f"true: {self._name(int(t))} / predicted: {self._name(int(p))}")
                      for image, t, p in zip(images, labels, predicted)]
         self._track(captioned, name="val_predictions", step=epoch, epoch=epoch, context=VAL)

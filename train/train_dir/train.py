@@ -42,13 +42,12 @@ MAX_SCHEDULE_STEPS = 10_000_000  # per-step learning rates, 40 MB of float32
 
 
 class Training(NamedTuple):
-    """What the optimiser steps, the pipelines it trains and validates on, the preview of validation images
-    (HWC images, network inputs, labels) and what labels it in Aim."""
+    """What the optimiser steps, the pipelines it trains and validates on, and the preview of the first validation
+    images (HWC images, network inputs, labels)."""
     cell: object
     train_data: object
     val_data: object
     preview: tuple
-    predict: object
 
 
 def stage_inputs(args, workers):
@@ -137,16 +136,6 @@ def warn_if_normalised_otherwise(weights):
                   file=sys.stderr)
 
 
-def predictor(net):
-    """Logits for a batch of network inputs, with BatchNorm in inference mode."""
-    import mindspore as ms
-
-    def predict(inputs):
-        net.set_train(False)
-        return net(ms.Tensor(inputs)).asnumpy()
-    return predict
-
-
 def prepare_training(args, net, source, pretrained, workers, num_classes):
     """The whole network on images; in fixed-feature mode the head alone, on features the frozen backbone computes
     once. With several workers each trains on its own shard; all validate on the whole split."""
@@ -154,13 +143,12 @@ def prepare_training(args, net, source, pretrained, workers, num_classes):
     regularisers = datasets.Regularisers.from_args(args, num_classes)
     if args.freeze and args.feature_cache != "off":
         cache_dir = args.cache_dir or staging.default_cache_dir()
-        head, train_data, val_data, predict = features.head_training(net, source, args, pretrained, cache_dir,
-                                                                     workers.shard, len(preview[2]))
-        return Training(head, train_data, val_data, preview, predict)
+        head, train_data, val_data = features.head_training(net, source, args, pretrained, cache_dir, workers.shard)
+        return Training(head, train_data, val_data, preview)
     train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers,
                                          shard=workers.shard, regularisers=regularisers)
     val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers)
-    return Training(net, train_data, val_data, preview, predictor(net))
+    return Training(net, train_data, val_data, preview)
 
 
 def weight_average(args, net):
@@ -273,7 +261,7 @@ def start_tracking(args, outputs, source, hparams, meter, training, resumed, ste
     def aim_run(run_hash):
         return AimCallback(outputs.aim_repo, args.experiment or source.name, hparams, meter,
                            log_every=args.aim_log_every, system_tracking=args.aim_system_metrics,
-                           class_names=source.class_names, preview=training.preview, predict=training.predict,
+                           class_names=source.class_names, preview=training.preview,
                            close_at_end=False, run_hash=run_hash, step_offset=resumed.epochs_done * steps_per_epoch,
                            close_timeout=args.io_timeout, series_folder=series_folder)
     try:
@@ -383,9 +371,8 @@ def main(args):
         print("class weights: " + ", ".join(f"{name} {w:.3f}" for name, w in zip(source.class_names, weights)))
     average = weight_average(args, net)
     kept = average.copy if average else net  # what is validated, saved and exported
-    training = training._replace(predict=predictor(kept)) if average else training
     trainer = train_step.create_trainer(training.cell, optimizer, num_classes, plan, weights, args.label_smoothing,
-                                        args.clip_grad_norm, args.accumulate, average)
+                                        args.clip_grad_norm, args.accumulate, average, len(training.preview[2]))
     resumed = run_state.load_resume(args, outputs, trainer.train_network, workers)
     outputs.claim(args, resumed)  # every input is checked: from here on the job writes
     outputs.adopt_best(resumed)

@@ -68,6 +68,28 @@ class ConfusionMatrix(nn.ConfusionMatrix):
             return super().eval()
 
 
+class FirstPredictions(nn.Metric):
+    """The classes predicted for the first `count` images validated: the unshuffled validation split's first
+    images are the Aim preview's, so the validation pass predicts them (a forward of its own compiled another
+    graph, seconds every job)."""
+
+    def __init__(self, count):
+        super().__init__()
+        self.count = count
+        self.clear()
+
+    def clear(self):
+        self._predicted = []
+
+    def update(self, logits, _labels):
+        missing = self.count - len(self._predicted)
+        if missing > 0:
+            self._predicted += self._convert_data(logits).argmax(axis=1)[:missing].tolist()
+
+    def eval(self):
+        return np.array(self._predicted, dtype=np.int64)
+
+
 def class_accuracy(confusion):
     """Per-class recall from a confusion matrix (rows: true class); NaN for a class with no images."""
     confusion = np.asarray(confusion, dtype=np.float64)
@@ -309,11 +331,14 @@ def create_loss(weights=None, label_smoothing=0.0):
     return nn.CrossEntropyLoss(weight=weight, reduction="mean", label_smoothing=float(label_smoothing))
 
 
-def create_metrics(num_classes):
-    """Accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes."""
+def create_metrics(num_classes, preview_count=0):
+    """Accuracy, loss, the confusion matrix, top-5 accuracy from 5 classes, and with `preview_count` the classes
+    predicted for that many first images ("first_predictions")."""
     metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
     if num_classes >= 5:
         metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
+    if preview_count:
+        metrics["first_predictions"] = FirstPredictions(preview_count)
     return metrics
 
 
@@ -323,13 +348,14 @@ def create_evaluator(net, num_classes, weights=None):
 
 
 def create_trainer(net, optimizer, num_classes, plan=TrainingPlan("O0", False, False), weights=None,
-                   label_smoothing=0.0, clip_grad_norm=0.0, accumulate=1, average=None):
+                   label_smoothing=0.0, clip_grad_norm=0.0, accumulate=1, average=None, preview_count=0):
     """A Model whose evaluation reports accuracy, loss, the confusion matrix, and top-5 accuracy from 5 classes.
     Per-class `weights` weight the loss, in training and validation alike; label smoothing is for training only,
     so the validation loss is the plain one whatever the recipe. With `average` (a WeightAverage), validation
-    runs on the averaged copy of the network."""
+    runs on the averaged copy of the network. With `preview_count`, it also gives the classes predicted for the
+    first images validated (the Aim preview's)."""
     loss_fn = create_loss(weights)
-    metrics = create_metrics(num_classes)
+    metrics = create_metrics(num_classes, preview_count)
     evaluated = net
     if plan.amp_level != "O0":  # casts the cells in place (evaluation runs in fp16 too); logits come back fp32
         net = ms.amp.auto_mixed_precision(net, plan.amp_level)
