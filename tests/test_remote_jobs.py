@@ -36,14 +36,16 @@ def assert_clean(result):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("scheme", ["s3", "obs"])
-def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
+def test_job_reads_and_writes_buckets(bucket, pretrained, tmp_path):
+    """Data and weights from s3://, outputs and the Aim repo to obs:// (the same loopback S3 endpoint), then resumed
+    from obs:// on a fresh machine: each scheme is read, and obs:// written, by whole jobs (s3:// is written above)."""
     cifar = write_cifar(tmp_path / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
     store = storage.FsspecStorage()
-    store.copy_parallel(cifar, f"{scheme}://{bucket}/datasets/cifar-10-batches-bin")
-    store.copy(pretrained, f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt")
-    result = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "cache",
-                       "--pretrain_url", f"{scheme}://{bucket}/models/resnet18_imagenet.ckpt",
+    store.copy_parallel(cifar, f"s3://{bucket}/datasets/cifar-10-batches-bin")
+    store.copy(pretrained, f"s3://{bucket}/models/resnet18_imagenet.ckpt")
+    scheme = "obs"  # where the outputs go
+    result = run_train("--data_url", f"s3://{bucket}/datasets/", "--cache_dir", tmp_path / "cache",
+                       "--pretrain_url", f"s3://{bucket}/models/resnet18_imagenet.ckpt",
                        "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
                        *QUICK)
     assert_clean(result)
@@ -56,7 +58,7 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     assert result.stdout.count("synced") >= 3  # after each epoch and at the end
 
     # Restarted on a fresh machine (an empty cache), --resume auto continues from the bucket's copy, in the same run.
-    resumed = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "fresh-cache",
+    resumed = run_train("--data_url", f"s3://{bucket}/datasets/", "--cache_dir", tmp_path / "fresh-cache",
                         "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
                         "--resume", "auto", *QUICK, "--epochs", 3)
     assert_clean(resumed)
@@ -69,7 +71,7 @@ def test_job_reads_and_writes_a_bucket(scheme, bucket, pretrained, tmp_path):
     # A new run from a fresh machine into the same bucket folder, neither resuming nor --overwrite: refused, as for a
     # local folder, with the bucket untouched.
     before = (tmp_path / "metrics.json").read_bytes()  # copied from the bucket above
-    again = run_train("--data_url", f"{scheme}://{bucket}/datasets/", "--cache_dir", tmp_path / "third-cache",
+    again = run_train("--data_url", f"s3://{bucket}/datasets/", "--cache_dir", tmp_path / "third-cache",
                       "--output_path", f"{scheme}://{bucket}/output/", *QUICK)
     assert_fails_cleanly(again, "holds another run's outputs (labels.json, metrics.json, resume.ckpt")
     store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics-after.json")
