@@ -302,3 +302,21 @@ def test_a_test_split_beside_val_is_evaluated_once_at_the_end_with_the_best_weig
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "nothing left to train" in restarted.stdout and read_json(out / "test.json") == report
 
+
+
+def test_mindspores_compile_cache_leaves_the_job_whole_and_its_numbers_unchanged(small_data, tmp_path):
+    """With MS_COMPILER_CACHE_ENABLE=1 the job ends as without it (MindSpore's listing of the script's imports reset
+    sys.stderr, and Aim's close failed with a traceback before the export), and a second job, from the cache,
+    learns exactly the same numbers."""
+    import os
+    env = {**os.environ, "MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(tmp_path / "graphs")}
+    histories = []
+    for job in ("first", "cached"):
+        out = tmp_path / job
+        result = run_train("--data_url", small_data[0], "--output_url", out, "--arch", "resnet18", "--image_size", 32,
+                           "--epochs", 1, "--batch_size", 16, "--aim_system_metrics", "false", env=env)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "done: best val_accuracy" in result.stdout and RunFiles(out, "resnet18").best_mindir.is_file()
+        histories.append([{k: v for k, v in r.items() if "second" not in k} for r in read_json(out / "metrics.json")])
+    assert list((tmp_path / "graphs").rglob("*.mindir"))  # the second job had a cache to read
+    assert histories[0] == histories[1]
