@@ -189,3 +189,18 @@ def test_freeze_leaves_only_the_head_trainable():
     net = create_model("resnet50", 3)
     net.freeze_backbone()
     assert sorted(p.name for p in net.trainable_params()) == ["fc.bias", "fc.weight"]
+
+
+def test_a_copied_network_compiles_and_computes_after_its_original_is_gone():
+    """Each Conv2d's plan is found by its key while the graph compiles: a deep copy gets its own."""
+    import copy
+    import gc
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    x = ms.Tensor(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32))
+    original = resnet.create_model("resnet18", 3)
+    original.set_train(False)
+    expected = original(x).asnumpy()
+    copied = copy.deepcopy(original)
+    del original
+    gc.collect()
+    np.testing.assert_allclose(copied(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)

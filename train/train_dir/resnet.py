@@ -78,6 +78,11 @@ class Conv2d(nn.Conv2d):
         self.plan_key = next(_PLAN_KEYS)
         _LAYERS[self.plan_key] = self
 
+    def __setstate__(self, state):  # a copy (copy.deepcopy, pickle) plans as itself, and outlives its original
+        super().__setstate__(state)
+        self.plan_key = next(_PLAN_KEYS)
+        _LAYERS[self.plan_key] = self
+
     def pads(self, in_h, in_w):
         """(top, bottom, left, right) as the convolution pads a map of this size."""
         if self.pad_mode == "pad":
