@@ -37,48 +37,47 @@ def assert_clean(result):
 
 
 def test_job_reads_and_writes_buckets(bucket, pretrained, tmp_path):
-    """Data and weights from s3://, outputs and the Aim repo to obs:// (the same loopback S3 endpoint), then resumed
-    from obs:// on a fresh machine: each scheme is read, and obs:// written, by whole jobs (s3:// is written above)."""
+    """Data and weights from obs://, outputs to s3:// and the Aim repo to obs:// (one loopback S3 endpoint serves
+    both), then resumed on a fresh machine from both: the job reads and writes each scheme."""
     cifar = write_cifar(tmp_path / "cifar-10-batches-bin", make_split(64, 2, 0), make_split(24, 2, 1), ["cat", "dog"])
     store = storage.FsspecStorage()
-    store.copy_parallel(cifar, f"s3://{bucket}/datasets/cifar-10-batches-bin")
-    store.copy(pretrained, f"s3://{bucket}/models/resnet18_imagenet.ckpt")
-    scheme = "obs"  # where the outputs go
-    result = run_train("--data_url", f"s3://{bucket}/datasets/", "--cache_dir", tmp_path / "cache",
-                       "--pretrain_url", f"s3://{bucket}/models/resnet18_imagenet.ckpt",
-                       "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
+    store.copy_parallel(cifar, f"obs://{bucket}/datasets/cifar-10-batches-bin")
+    store.copy(pretrained, f"obs://{bucket}/models/resnet18_imagenet.ckpt")
+    result = run_train("--data_url", f"obs://{bucket}/datasets/", "--cache_dir", tmp_path / "cache",
+                       "--pretrain_url", f"obs://{bucket}/models/resnet18_imagenet.ckpt",
+                       "--output_path", f"s3://{bucket}/output/", "--aim_repo", f"obs://{bucket}/aim/",
                        *QUICK)
     assert_clean(result)
     assert "pretrained: loaded" in result.stdout and "head re-initialised" in result.stdout
-    assert names_in(f"{scheme}://{bucket}/output") >= OUTPUTS
-    assert ".aim" in names_in(f"{scheme}://{bucket}/aim")
-    assert store.exists(f"{scheme}://{bucket}/aim/.aim/run_metadata.sqlite")
-    store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
+    assert names_in(f"s3://{bucket}/output") >= OUTPUTS
+    assert ".aim" in names_in(f"obs://{bucket}/aim")
+    assert store.exists(f"obs://{bucket}/aim/.aim/run_metadata.sqlite")
+    store.copy(f"s3://{bucket}/output/metrics.json", tmp_path / "metrics.json")
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
     assert result.stdout.count("synced") >= 3  # after each epoch and at the end
 
     # Restarted on a fresh machine (an empty cache), --resume auto continues from the bucket's copy, in the same run.
-    resumed = run_train("--data_url", f"s3://{bucket}/datasets/", "--cache_dir", tmp_path / "fresh-cache",
-                        "--output_path", f"{scheme}://{bucket}/output/", "--aim_repo", f"{scheme}://{bucket}/aim/",
+    resumed = run_train("--data_url", f"obs://{bucket}/datasets/", "--cache_dir", tmp_path / "fresh-cache",
+                        "--output_path", f"s3://{bucket}/output/", "--aim_repo", f"obs://{bucket}/aim/",
                         "--resume", "auto", *QUICK, "--epochs", 3)
     assert_clean(resumed)
     assert "resume: continuing after epoch 2 of 3" in resumed.stdout
     (staged,) = [p.parent for p in (tmp_path / "fresh-cache" / "outputs").glob("*/metrics.json")]
     assert {"resume.ckpt", "resnet18-best.ckpt", "resnet18-best.mindir"} <= {p.name for p in staged.iterdir()}
-    store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics.json")
+    store.copy(f"s3://{bucket}/output/metrics.json", tmp_path / "metrics.json")
     assert [r["epoch"] for r in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2, 3]
 
     # A new run from a fresh machine into the same bucket folder, neither resuming nor --overwrite: refused, as for a
     # local folder, with the bucket untouched.
     before = (tmp_path / "metrics.json").read_bytes()  # copied from the bucket above
-    again = run_train("--data_url", f"s3://{bucket}/datasets/", "--cache_dir", tmp_path / "third-cache",
-                      "--output_path", f"{scheme}://{bucket}/output/", *QUICK)
+    again = run_train("--data_url", f"obs://{bucket}/datasets/", "--cache_dir", tmp_path / "third-cache",
+                      "--output_path", f"s3://{bucket}/output/", *QUICK)
     assert_fails_cleanly(again, "holds another run's outputs (labels.json, metrics.json, resume.ckpt")
-    store.copy(f"{scheme}://{bucket}/output/metrics.json", tmp_path / "metrics-after.json")
+    store.copy(f"s3://{bucket}/output/metrics.json", tmp_path / "metrics-after.json")
     assert (tmp_path / "metrics-after.json").read_bytes() == before
 
     # The bucket's copy of the Aim repo is a working repo: it lists the job's run.
-    store.copy_parallel(f"{scheme}://{bucket}/aim", tmp_path / "aim-copy")
+    store.copy_parallel(f"obs://{bucket}/aim", tmp_path / "aim-copy")
     from aim import Repo
     assert len(Repo(str(tmp_path / "aim-copy")).list_all_runs()) == 1
 

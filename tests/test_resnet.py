@@ -82,7 +82,7 @@ PAD_MODES = {"same": lambda kernel: {"pad_mode": "same"},
              "valid": lambda kernel: {"pad_mode": "valid"}}
 
 
-@pytest.mark.parametrize("mode", [pytest.param(ms.GRAPH_MODE, id="graph", marks=pytest.mark.slow),  # 80+ compilations
+@pytest.mark.parametrize("mode", [pytest.param(ms.GRAPH_MODE, id="graph", marks=pytest.mark.slow),  # 130+ compilations
                                   pytest.param(ms.PYNATIVE_MODE, id="pynative")])
 def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkeypatch):
     """Every kernel, stride, map size and padding: the same output, input gradient and weight/bias gradients as
@@ -91,10 +91,12 @@ def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkey
     taken = []
     if mode == ms.PYNATIVE_MODE:  # Python runs construct, so the path taken can be counted
         as_matmul = resnet.Conv2d.as_matmul
-        monkeypatch.setattr(resnet.Conv2d, "as_matmul", lambda self, *a: taken.append(a[-1]) or as_matmul(self, *a))
+        monkeypatch.setattr(resnet.Conv2d, "as_matmul", lambda self, *a: taken.append(a) or as_matmul(self, *a))
     small = large = 0
-    # Compiled, two graphs a case: the paddings ResNet uses and the odd one, on maps up to 3x3 (PyNative: all).
-    sides, pad_modes = ((1, 2, 3), ("same", "asymmetric")) if mode == ms.GRAPH_MODE else ((1, 2, 3, 5), PAD_MODES)
+    # Compiled, two graphs a case: the paddings ResNet uses ("same", symmetric "explicit") and an asymmetric one, on
+    # maps up to 3x3 (PyNative: every case).
+    sides, pad_modes = (((1, 2, 3), ("same", "explicit", "asymmetric")) if mode == ms.GRAPH_MODE
+                        else ((1, 2, 3, 5), PAD_MODES))
     for kernel, stride, side, pad_mode in itertools.product((1, 3), (1, 2), sides, pad_modes):
         if (kernel, side, pad_mode) in {(3, 1, "valid"), (3, 2, "valid"), (3, 1, "asymmetric")}:
             continue  # no output pixel: MindSpore refuses these

@@ -306,8 +306,8 @@ def test_a_test_split_beside_val_is_evaluated_once_at_the_end_with_the_best_weig
 
 def test_mindspores_compile_cache_leaves_the_job_whole_and_its_numbers_unchanged(small_data, tmp_path):
     """With MS_COMPILER_CACHE_ENABLE=1 the job ends as without it (MindSpore's listing of the script's imports reset
-    sys.stderr, and Aim's close failed with a traceback before the export), and a second job, from the cache,
-    learns exactly the same numbers."""
+    sys.stderr, and Aim's close failed with a traceback before the export), and a second job, with the first's
+    graphs cached, learns exactly the same numbers."""
     import os
     env = {**os.environ, "MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(tmp_path / "graphs")}
     histories = []

@@ -78,8 +78,9 @@ class Conv2d(nn.Conv2d):
         self.plan_key = next(_PLAN_KEYS)
         _LAYERS[self.plan_key] = self
 
-    def __setstate__(self, state):  # a copy (copy.deepcopy, pickle) plans as itself, and outlives its original
+    def __setstate__(self, state):  # a copy (copy.copy/deepcopy, pickle) plans as itself, and outlives its original
         super().__setstate__(state)
+        self.__dict__ = dict(self.__dict__)  # Cell shares the original's in a shallow copy: the key would be shared
         self.plan_key = next(_PLAN_KEYS)
         _LAYERS[self.plan_key] = self
 

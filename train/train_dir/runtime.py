@@ -60,15 +60,17 @@ def choose_device(requested, available):
 def setup_device(requested):
     target = choose_device(requested, available_devices())
     ms.set_context(mode=ms.GRAPH_MODE, device_target=target)
-    keep_streams_through_compile_cache()
+    keep_sys_through_compile_cache()
     return target
 
 
-def keep_streams_through_compile_cache():
-    """MindSpore's compile cache (MS_COMPILER_CACHE_ENABLE=1) lists the entry script's imports by creating each
-    module anew from its spec, and `sys` created anew puts a bare printer in sys.stderr: Aim's close then failed
-    with a traceback after training, before the export. The streams are put back after each listing (the function
-    lives in mindspore.common.api up to 2.2, in mindspore.graph.api since)."""
+def keep_sys_through_compile_cache():
+    """MindSpore's compile cache (MS_COMPILER_CACHE_ENABLE=1) lists the entry script's imports with
+    importlib.util.module_from_spec, which for `sys` writes its start-up state over the live module: sys.stderr
+    becomes a bare printer (Aim's close then failed with a traceback after training, before the export) and the
+    hooks go, among them the cluster-exit excepthook MindSpore installs for several workers. Whatever the listing
+    changed in `sys` is put back (the function lives in mindspore.common.api up to 2.2, in mindspore.graph.api
+    since)."""
     import importlib
     for name in ("mindspore.graph.api", "mindspore.common.api"):
         try:
@@ -76,17 +78,19 @@ def keep_streams_through_compile_cache():
         except ImportError:
             continue
         listing = getattr(module, "_get_compile_cache_dep_files", None)
-        if listing is None or getattr(listing, "keeps_streams", False):
+        if listing is None or getattr(listing, "keeps_sys", False):
             continue
 
-        def keeping_streams(listing=listing):
-            streams = sys.stdout, sys.stderr
+        def keeping_sys(listing=listing):
+            saved = dict(vars(sys))
             try:
                 return listing()
             finally:
-                sys.stdout, sys.stderr = streams
-        keeping_streams.keeps_streams = True
-        module._get_compile_cache_dep_files = keeping_streams
+                for key, value in saved.items():
+                    if vars(sys).get(key) is not value:
+                        setattr(sys, key, value)
+        keeping_sys.keeps_sys = True
+        module._get_compile_cache_dep_files = keeping_sys
 
 
 class TrainingPlan(NamedTuple):

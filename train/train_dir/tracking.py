@@ -14,7 +14,8 @@ Metric names and contexts:
 - `loss`, `accuracy` and (5 classes or more) `top5_accuracy` with {"subset": "val"}, once per epoch, with a
   validation set; `macro_f1` and `class_accuracy` with {"subset": "val", "class": NAME} when the fit's metrics include a
   `confusion` matrix, which is also logged as the image `confusion_matrix`;
-- `val_predictions`: captioned validation images ("true: a / predicted: b"), once per epoch, when given a preview.
+- `val_predictions`: captioned validation images ("true: a / predicted: b"), once per epoch, when given a preview
+  and the fit's metrics include `first_predictions` (`train_step.FirstPredictions`, as `create_trainer` adds).
 
 In a data-parallel job only rank 0 opens a run; on the other ranks the callback does nothing.
 
