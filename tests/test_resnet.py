@@ -194,7 +194,7 @@ def test_freeze_leaves_only_the_head_trainable():
 
 
 def test_a_copied_network_compiles_and_computes_after_its_original_is_gone():
-    """Each Conv2d's plan is found by its key while the graph compiles: a deep copy gets its own."""
+    """Each Conv2d's plan is found by its key while the graph compiles: a deep or shallow copy gets its own."""
     import copy
     import gc
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -204,5 +204,10 @@ def test_a_copied_network_compiles_and_computes_after_its_original_is_gone():
     expected = original(x).asnumpy()
     copied = copy.deepcopy(original)
     del original
+    gc.collect()
+    np.testing.assert_allclose(copied(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    shallow = copy.copy(copied.conv1)  # Cell shares the original's attributes in a shallow copy, but not the key
+    assert shallow.plan_key != copied.conv1.plan_key
+    del shallow
     gc.collect()
     np.testing.assert_allclose(copied(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)

@@ -128,9 +128,9 @@ class Conv2d(nn.Conv2d):
     def on_onednn(self, x, pads, out_size, geometry):
         return self.onednn_forward(x, self.weight, ms.Tensor(geometry, ms.int64))
 
-    def as_matmul(self, x, pads, out_shape, geometry=None):
+    def as_matmul(self, x, pads, out_size, geometry):
         n, c, _, _ = x.shape
-        out_h, out_w = out_shape
+        out_h, out_w = out_size
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         if (kh, kw, sh, sw) == (1, 1, 1, 1) and pads == (0, 0, 0, 0):
             columns = x.transpose(0, 2, 3, 1).reshape(n * out_h * out_w, c)
