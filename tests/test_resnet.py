@@ -91,7 +91,7 @@ def test_small_maps_as_matmul_compute_what_the_convolution_computes(mode, monkey
     taken = []
     if mode == ms.PYNATIVE_MODE:  # Python runs construct, so the path taken can be counted
         as_matmul = resnet.Conv2d.as_matmul
-        monkeypatch.setattr(resnet.Conv2d, "as_matmul", lambda self, *a: taken.append(a[-1]) or as_matmul(self, *a))
+        monkeypatch.setattr(resnet.Conv2d, "as_matmul", lambda self, *a: taken.append(a) or as_matmul(self, *a))
     small = large = 0
     # Compiled, two graphs a case: the paddings ResNet uses ("same", symmetric "explicit") and an asymmetric one, on
     # maps up to 3x3 (PyNative: every case).
@@ -192,3 +192,22 @@ def test_freeze_leaves_only_the_head_trainable():
     net.freeze_backbone()
     assert sorted(p.name for p in net.trainable_params()) == ["fc.bias", "fc.weight"]
 
+
+def test_a_copied_network_compiles_and_computes_after_its_original_is_gone():
+    """Each Conv2d's plan is found by its key while the graph compiles: a deep or shallow copy gets its own."""
+    import copy
+    import gc
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    x = ms.Tensor(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32))
+    original = resnet.create_model("resnet18", 3)
+    original.set_train(False)
+    expected = original(x).asnumpy()
+    copied = copy.deepcopy(original)
+    del original
+    gc.collect()
+    np.testing.assert_allclose(copied(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    shallow = copy.copy(copied.conv1)  # Cell shares the original's attributes in a shallow copy, but not the key
+    assert shallow.plan_key != copied.conv1.plan_key
+    del shallow
+    gc.collect()
+    np.testing.assert_allclose(copied(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)
