@@ -31,12 +31,6 @@ def data(module_tmp):
     return write_cifar(module_tmp / "cifar", make_split(480, 4, 0), make_split(200, 4, 1), CLASSES)
 
 
-@pytest.fixture(scope="module")
-def few(module_tmp):
-    """For the runs that only compare an interrupted job with an uninterrupted one: 224 / 32 = 7 steps an epoch."""
-    return write_cifar(module_tmp / "few", make_split(224, 4, 0), make_split(56, 4, 1), CLASSES)
-
-
 def argv(data, out, epochs=EPOCHS, extra=()):
     return ["--data_url", data, "--output_url", out, "--epochs", epochs, "--arch", "resnet18", "--image_size", 32,
             "--batch_size", 32, "--lr", 0.02, "--aim_system_metrics", "false", "--resume", "auto", "--resume_exact",
@@ -48,18 +42,19 @@ def start(data, out, epochs=EPOCHS, extra=()):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-# The plain job learns (on `data`, 15 steps an epoch), so its bit-for-bit equality says something. With an update
-# every 4 of an epoch's 7 steps (on `few`), epoch 1 ends 3 steps into an update: the resumed job must go on with those
-# 3 steps' gradients, and with the weight average where it was.
-@pytest.mark.parametrize("extra", [(), ("--ema", 0.9, "--accumulate", 4)], ids=["plain", "ema-accumulate"])
-def test_killed_in_epoch_2_then_restarted_finishes_as_one_run(data, few, tmp_path, extra):
-    data = few if extra else data
-    steps = 7 if extra else 15  # an epoch's
-    reference = run_train(*argv(data, tmp_path / "uninterrupted", extra=extra))
+# With an update every 4 of an epoch's 15 steps, epoch 1 ends 3 steps into an update: the resumed job must go on
+# with those 3 steps' gradients, and with the weight average where it was. (A job without --ema and --accumulate
+# resumes through the same code with less state: tests/test_train_job.py and test_multi_node.py resume such jobs.)
+EXTRA = ("--ema", 0.9, "--accumulate", 4)
+
+
+def test_killed_in_epoch_2_then_restarted_finishes_as_one_run(data, tmp_path):
+    steps = 15  # an epoch's: 480 / 32
+    reference = run_train(*argv(data, tmp_path / "uninterrupted", extra=EXTRA))
     assert reference.returncode == 0, reference.stdout[-3000:]
 
     out = tmp_path / "out"
-    job = start(data, out, extra=extra)
+    job = start(data, out, extra=EXTRA)
     for line in job.stdout:
         if line.startswith(f"epoch 2/{EPOCHS} step"):  # mid-epoch 2: epoch 1 is saved, epoch 2 half done
             job.kill()
@@ -68,9 +63,8 @@ def test_killed_in_epoch_2_then_restarted_finishes_as_one_run(data, few, tmp_pat
     first_epoch = read_json(files_of(out).metrics)
     assert [r["epoch"] for r in first_epoch] == [1]
 
-    if extra:
-        assert ms.load_checkpoint(str(files_of(out).resume))["accumulated_steps"].asnumpy().item() == steps % 4 == 3
-    resumed = run_train(*argv(data, out, extra=extra))
+    assert ms.load_checkpoint(str(files_of(out).resume))["accumulated_steps"].asnumpy().item() == steps % 4 == 3
+    resumed = run_train(*argv(data, out, extra=EXTRA))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resume: continuing after epoch 1 of 3" in resumed.stdout
     history = read_json(files_of(out).metrics)
@@ -80,16 +74,16 @@ def test_killed_in_epoch_2_then_restarted_finishes_as_one_run(data, few, tmp_pat
     learned = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "best")
     expected = read_json(files_of(tmp_path / "uninterrupted").metrics)
     assert [[r[k] for k in learned] for r in history] == [[r[k] for k in learned] for r in expected]
-    assert expected[-1]["val_accuracy"] > 0.4 or extra  # it learned (chance is 0.25): the equality says something
+    # It learned (chance is 0.25; measured 0.43 after 11 updates), so the equality says something.
+    assert expected[-1]["val_accuracy"] > 0.35 and expected[-1]["val_loss"] < expected[0]["val_loss"]
     state, reference_state = (ms.load_checkpoint(str(files_of(o).resume)) for o in (out, tmp_path / "uninterrupted"))
     assert state.keys() == reference_state.keys()
     for name, value in state.items():  # weights, moments, the average and the gradient sums, bit for bit
         if isinstance(value, ms.Parameter):
             assert (value.asnumpy() == reference_state[name].asnumpy()).all(), name
-    if extra:
-        assert state["ema_updates"].asnumpy().item() == 3 * steps // 4  # 21 steps: 5 updates, 1 step summed
-        assert state["accumulated_steps"].asnumpy().item() == 3 * steps % 4 == 1
-        assert not (state["ema.fc.weight"].asnumpy() == state["fc.weight"].asnumpy()).all()  # an average, moving
+    assert state["ema_updates"].asnumpy().item() == 3 * steps // 4  # 45 steps: 11 updates, 1 step summed
+    assert state["accumulated_steps"].asnumpy().item() == 3 * steps % 4 == 1
+    assert not (state["ema.fc.weight"].asnumpy() == state["fc.weight"].asnumpy()).all()  # an average, moving
 
     (run,) = read_runs(out).values()  # the same Aim run, continued
     from aim.storage.context import Context
