@@ -189,16 +189,28 @@ def _pyplot():
 
 
 def plot_image_grid(images, titles, path, colours=None, columns=8):
-    """A grid of HWC uint8 images with a title each (the tutorial's sample and prediction pictures)."""
+    """A grid of HWC uint8 images with a title each (the tutorial's sample and prediction pictures). The images are
+    one mosaic on one axes: an axes each took a job 0.5 s to build and 0.4 s more to lay out, twice an epoch."""
     plt = _pyplot()
+    images = [np.atleast_3d(np.asarray(image, dtype=np.uint8)) for image in images]
+    images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3] for image in images]
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.0), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(images):
-            ax.imshow(images[i])
-            ax.set_title(titles[i], fontsize=7, color=(colours[i] if colours else "black"))
-    fig.tight_layout()
+    height, width = (max(sides) for sides in zip((32, 32), *(image.shape[:2] for image in images)))
+    # Each cell as the axes grid had it: 1.6 x 2.0 inches, the image 1.4 inches wide with its title above.
+    cell_width, cell_height = round(width * 1.6 / 1.4), round(height * 2.0 / 1.4)
+    margin = (cell_width - width) // 2
+    mosaic = np.full((rows * cell_height, columns * cell_width, 3), 255, dtype=np.uint8)
+    fig = plt.figure(figsize=(columns * 1.6, rows * 2.0))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for i, (image, title) in enumerate(zip(images, titles)):
+        row, column = divmod(i, columns)
+        top = (row + 1) * cell_height - height - margin
+        left = column * cell_width + (cell_width - image.shape[1]) // 2
+        mosaic[top:top + image.shape[0], left:left + image.shape[1]] = image
+        ax.text(column * cell_width + cell_width / 2, top - margin / 2, title, ha="center", va="bottom", fontsize=7,
+                color=colours[i] if colours else "black")
+    ax.imshow(mosaic)
     return _save_figure(fig, path)
 
 
