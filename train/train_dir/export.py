@@ -196,6 +196,9 @@ def plot_image_grid(images, titles, path, colours=None, columns=8):
     images = [np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3] for image in images]
     rows = max(1, -(-len(images) // columns))
     height, width = (max(sides) for sides in zip((32, 32), *(image.shape[:2] for image in images)))
+    from PIL import Image
+    images = [image if image.shape[:2] == (height, width) else  # as an axes each drew them: all the same size
+              np.asarray(Image.fromarray(image).resize((width, height), Image.NEAREST)) for image in images]
     # Each cell as the axes grid had it: 1.6 x 2.0 inches, the image 1.4 inches wide with its title above.
     cell_width, cell_height = round(width * 1.6 / 1.4), round(height * 2.0 / 1.4)
     margin = (cell_width - width) // 2
