@@ -207,3 +207,41 @@ def test_first_predictions_are_the_first_images_classes_across_batches_and_epoch
         metric.update(ms.Tensor(np.eye(3, dtype=np.float32)[[1, 1, 0]] * (epoch + 1)), ms.Tensor(np.zeros(3)))
         metric.update(ms.Tensor(np.eye(3, dtype=np.float32)), ms.Tensor(np.zeros(3)))  # past the 5: ignored
         assert metric.eval().tolist() == [2, 0, 1, 1, 1]
+
+
+def test_a_short_last_batch_filled_up_gives_the_numbers_of_the_images_alone(tmp_path):
+    """Validation fills its last batch up to the batch size (one compiled graph, not two): every batch is full, and
+    accuracy, top-5, the confusion matrix, the loss and the preview's predictions are those of the real images."""
+    import datasets
+    from make_demo_data import write_cifar
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    rng = np.random.default_rng(4)
+    classes = 6
+    images, labels = rng.integers(0, 256, (70, 32, 32, 3), dtype=np.uint8), np.arange(70) % classes
+    source = datasets.find_data(write_cifar(tmp_path / "cifar", (images, labels), (images, labels),
+                                            [f"c{i}" for i in range(classes)]))
+    padded = datasets.create_dataset(source, "val", 32, 32, pad_last_batch=True)
+    batches = list(padded.create_tuple_iterator(output_numpy=True))
+    assert [len(batch_labels) for _, batch_labels in batches] == [32, 32, 32]
+    assert (batches[-1][1][6:] == datasets.PADDING_LABEL).all() and not batches[-1][0][6:].any()
+    assert (np.concatenate([batch_labels for _, batch_labels in batches])[:70] == labels).all()
+
+    ms.set_seed(1)
+    net = nn.SequentialCell(nn.Flatten(), nn.Dense(3 * 32 * 32, classes))
+    net.set_train(False)
+    logits = np.concatenate([net(ms.Tensor(batch_images)).asnumpy() for batch_images, _ in batches])[:70]
+    loss_fn = train_step.create_loss()
+    batch_losses = [float(loss_fn(ms.Tensor(logits[i:i + 32]), ms.Tensor(labels[i:i + 32].astype(np.int32))).asnumpy())
+                    for i in range(0, 70, 32)]  # MindSpore's Loss metric: the mean of the batches' losses
+
+    metrics = train_step.create_metrics(classes, preview_count=80)
+    scores = ms.train.Model(net, loss_fn, metrics=metrics).eval(padded, dataset_sink_mode=False)
+    predicted = logits.argmax(1)
+    assert scores["accuracy"] == pytest.approx((predicted == labels).mean())
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert scores["top5_accuracy"] == pytest.approx((top5 == labels[:, None]).any(axis=1).mean())
+    confusion = np.zeros((classes, classes))
+    np.add.at(confusion, (labels, predicted), 1)
+    assert (np.asarray(scores["confusion"]) == confusion).all()
+    assert scores["loss"] == pytest.approx(np.mean(batch_losses), rel=1e-5)
+    assert scores["first_predictions"].tolist() == predicted.tolist()  # 70 of the 80 asked: no padding's

@@ -23,6 +23,9 @@ from folders import Walker, named, warn
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_RATIO = 0.875  # val: resize to image_size / 0.875 (256 for 224), then center crop
+# The label of the rows that fill a last short batch up to the batch size (create_dataset's `pad_last_batch`):
+# nn.CrossEntropyLoss's ignore_index, so they add nothing to a loss, and the metrics leave them out.
+PADDING_LABEL = -100
 
 CIFAR_SIDE = 32
 CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE
@@ -518,10 +521,12 @@ class _ImageFiles:
 
 
 def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=None, shard=None, augment=None,
-                   drop_remainder=None, regularisers=Regularisers()):
+                   drop_remainder=None, regularisers=Regularisers(), pad_last_batch=False):
     """A batched (image, label) pipeline for `split` ("train" or "val").
 
     Training drops the last partial batch so every step has the same shape (one graph compile, sane BatchNorm).
+    Evaluation keeps it; with `pad_last_batch` it is filled up with black images labelled PADDING_LABEL, so that it
+    runs on the graph the full batches compiled instead of compiling one of its own (seconds a job).
     `shard` is (num_shards, shard_id) for data parallel runs. `regularisers` apply when augmenting (training).
     """
     import mindspore as ms
@@ -553,10 +558,27 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     if drop_remainder and dataset.get_dataset_size() < batch_size:  # nothing would be left
         raise UserError(f"the training split has {dataset.get_dataset_size()} images, fewer than "
                         f"--batch_size {batch_size}")
+    short = 0 if drop_remainder else -dataset.get_dataset_size() % batch_size
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if regularisers.mixes:
         dataset = dataset.map(operations=regularisers.batch_op(), input_columns=["image", "label"])
+    elif pad_last_batch and short:
+        dataset = dataset.map(operations=_FillBatch(batch_size), input_columns=["image", "label"])
     return dataset
+
+
+class _FillBatch:
+    """A batch of (images, labels) with fewer rows than `size` gets rows of zeros labelled PADDING_LABEL."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, images, labels):
+        missing = self.size - len(labels)
+        if missing <= 0:
+            return images, labels
+        return (np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)]),
+                np.concatenate([labels, np.full(missing, PADDING_LABEL, labels.dtype)]))
 
 
 def skip_finished_epochs(dataset, epochs_done, exact=False):

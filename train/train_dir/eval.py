@@ -50,10 +50,12 @@ def load_split(args, labels):
 def predict(forward, source, subset, image_size, batch_size, num_classes):
     """(true labels, logits, the most confident mistakes as (confidence, HWC image, true, predicted)), streamed."""
     data = datasets.create_dataset(source, subset, image_size, batch_size, shuffle=False, augment=False,
-                                   drop_remainder=False)
+                                   drop_remainder=False, pad_last_batch=True)  # one batch shape: one graph
     truth, logits, worst = [], [], []
     for inputs, labels in data.create_tuple_iterator(output_numpy=True):
-        batch = forward(inputs)[:, :num_classes]
+        real = labels != datasets.PADDING_LABEL
+        batch = forward(inputs)[real, :num_classes]
+        inputs, labels = inputs[real], labels[real]
         probabilities = trained_model.softmax(batch)
         for i in np.flatnonzero(batch.argmax(1) != labels):
             item = (float(probabilities[i].max()), len(truth) + int(i))

@@ -147,7 +147,8 @@ def prepare_training(args, net, source, pretrained, workers, num_classes):
         return Training(head, train_data, val_data, preview)
     train_data = datasets.create_dataset(source, "train", args.image_size, args.batch_size, args.num_workers,
                                          shard=workers.shard, regularisers=regularisers)
-    val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers)
+    val_data = datasets.create_dataset(source, "val", args.image_size, args.batch_size, args.num_workers,
+                                       pad_last_batch=True)
     return Training(net, train_data, val_data, preview)
 
 
@@ -205,7 +206,7 @@ def evaluate_test(net, source, args, num_classes, weights, files, tracker, epoch
         raise UserError(f"{files.best_checkpoint} is missing: no epoch was best, so {datasets.TEST_DIR}/ is not "
                         f"evaluated")
     ms.load_param_into_net(net, ms.load_checkpoint(str(files.best_checkpoint)))
-    data = datasets.create_dataset(source, "test", args.image_size, args.batch_size)
+    data = datasets.create_dataset(source, "test", args.image_size, args.batch_size, pad_last_batch=True)
     scores = train_step.create_evaluator(net, num_classes, weights).eval(data, dataset_sink_mode=False)
     confusion = scores.pop("confusion")
     scores = {name: float(value) for name, value in scores.items()}

@@ -8,6 +8,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Model
 
+from datasets import PADDING_LABEL
 from errors import UserError
 from resnet import HEAD_PREFIX
 from runtime import TrainingPlan
@@ -60,7 +61,31 @@ def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
 
 
-class ConfusionMatrix(nn.ConfusionMatrix):
+def real_rows(logits, labels):
+    """(logits, labels) as NumPy arrays without the rows that fill a last batch up (datasets.PADDING_LABEL)."""
+    logits, labels = (np.asarray(x.asnumpy() if isinstance(x, ms.Tensor) else x) for x in (logits, labels))
+    if labels.ndim == 1 and (labels == PADDING_LABEL).any():
+        real = labels != PADDING_LABEL
+        return logits[real], labels[real]
+    return logits, labels
+
+
+class _LeavesOutPadding:
+    """For a MindSpore metric fed (logits, labels): the rows filling a last batch up are left out."""
+
+    def update(self, logits, labels):
+        super().update(*real_rows(logits, labels))
+
+
+class Accuracy(_LeavesOutPadding, nn.Accuracy):
+    """Right predictions over images."""
+
+
+class Top5Accuracy(_LeavesOutPadding, nn.Top5CategoricalAccuracy):
+    """Images whose class is among the 5 highest logits."""
+
+
+class ConfusionMatrix(_LeavesOutPadding, nn.ConfusionMatrix):
     """Counts (rows: true class, columns: predicted); quiet about classes absent from a split."""
 
     def eval(self):
@@ -81,10 +106,10 @@ class FirstPredictions(nn.Metric):
     def clear(self):
         self._predicted = []
 
-    def update(self, logits, _labels):
+    def update(self, logits, labels):
         missing = self.count - len(self._predicted)
         if missing > 0:
-            self._predicted += self._convert_data(logits).argmax(axis=1)[:missing].tolist()
+            self._predicted += real_rows(logits, labels)[0].argmax(axis=1)[:missing].tolist()
 
     def eval(self):
         return np.array(self._predicted, dtype=np.int64)
@@ -334,9 +359,9 @@ def create_loss(weights=None, label_smoothing=0.0):
 def create_metrics(num_classes, preview_count=0):
     """Accuracy, loss, the confusion matrix, top-5 accuracy from 5 classes, and with `preview_count` the classes
     predicted for that many first images ("first_predictions")."""
-    metrics = {"accuracy": nn.Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
+    metrics = {"accuracy": Accuracy(), "loss": nn.Loss(), "confusion": ConfusionMatrix(num_classes)}
     if num_classes >= 5:
-        metrics["top5_accuracy"] = nn.Top5CategoricalAccuracy()
+        metrics["top5_accuracy"] = Top5Accuracy()
     if preview_count:
         metrics["first_predictions"] = FirstPredictions(preview_count)
     return metrics
