@@ -245,9 +245,13 @@ def test_training_on_onednn_follows_mindspores_gradients_and_loss_curve(tmp_path
     import datasets
     import resnet
     cifar, _ = make_demo_data(tmp_path / "data", train=96, val=16, num_classes=4, seed=5)
+    seed = ds.config.get_seed()
     ds.config.set_seed(5)  # the same shuffled, augmented batches every run
-    batches = [(ms.Tensor(images), ms.Tensor(labels)) for images, labels in datasets.create_dataset(
-        datasets.find_data(cifar), "train", 32, 32).create_tuple_iterator(output_numpy=True)]
+    try:
+        batches = [(ms.Tensor(images), ms.Tensor(labels)) for images, labels in datasets.create_dataset(
+            datasets.find_data(cifar), "train", 32, 32).create_tuple_iterator(output_numpy=True)]
+    finally:
+        ds.config.set_seed(seed)
 
     def network(on_onednn, weights=None):
         ms.set_seed(0)

@@ -209,9 +209,11 @@ def test_first_predictions_are_the_first_images_classes_across_batches_and_epoch
         assert metric.eval().tolist() == [2, 0, 1, 1, 1]
 
 
-def test_a_short_last_batch_filled_up_gives_the_numbers_of_the_images_alone(tmp_path):
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "class-weighted"])
+def test_a_short_last_batch_filled_up_gives_the_numbers_of_the_images_alone(tmp_path, weighted):
     """Validation fills its last batch up to the batch size (one compiled graph, not two): every batch is full, and
-    accuracy, top-5, the confusion matrix, the loss and the preview's predictions are those of the real images."""
+    accuracy, top-5, the confusion matrix, the loss (class-weighted too) and the preview's predictions are those of
+    the real images. A split smaller than one batch is left as it is (one graph either way)."""
     import datasets
     from make_demo_data import write_cifar
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -225,12 +227,14 @@ def test_a_short_last_batch_filled_up_gives_the_numbers_of_the_images_alone(tmp_
     assert [len(batch_labels) for _, batch_labels in batches] == [32, 32, 32]
     assert (batches[-1][1][6:] == datasets.PADDING_LABEL).all() and not batches[-1][0][6:].any()
     assert (np.concatenate([batch_labels for _, batch_labels in batches])[:70] == labels).all()
+    small = datasets.create_dataset(source, "val", 32, 128, pad_last_batch=True)
+    assert [len(batch_labels) for _, batch_labels in small.create_tuple_iterator(output_numpy=True)] == [70]
 
     ms.set_seed(1)
     net = nn.SequentialCell(nn.Flatten(), nn.Dense(3 * 32 * 32, classes))
     net.set_train(False)
     logits = np.concatenate([net(ms.Tensor(batch_images)).asnumpy() for batch_images, _ in batches])[:70]
-    loss_fn = train_step.create_loss()
+    loss_fn = train_step.create_loss(np.linspace(0.5, 3, classes) if weighted else None)
     batch_losses = [float(loss_fn(ms.Tensor(logits[i:i + 32]), ms.Tensor(labels[i:i + 32].astype(np.int32))).asnumpy())
                     for i in range(0, 70, 32)]  # MindSpore's Loss metric: the mean of the batches' losses
 

@@ -525,8 +525,9 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     """A batched (image, label) pipeline for `split` ("train" or "val").
 
     Training drops the last partial batch so every step has the same shape (one graph compile, sane BatchNorm).
-    Evaluation keeps it; with `pad_last_batch` it is filled up with black images labelled PADDING_LABEL, so that it
-    runs on the graph the full batches compiled instead of compiling one of its own (seconds a job).
+    Evaluation keeps it; with `pad_last_batch` (and at least one full batch) it is filled up with black images
+    labelled PADDING_LABEL, so that it runs on the graph the full batches compiled instead of compiling one of its
+    own: seconds a job on CPU, more on Ascend, for at most batch_size - 1 images more to evaluate an epoch.
     `shard` is (num_shards, shard_id) for data parallel runs. `regularisers` apply when augmenting (training).
     """
     import mindspore as ms
@@ -555,14 +556,22 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
         labels = [TypeCast(ms.int32)]
     dataset = dataset.map(operations=labels, input_columns="label")
     drop_remainder = training if drop_remainder is None else drop_remainder
-    if drop_remainder and dataset.get_dataset_size() < batch_size:  # nothing would be left
-        raise UserError(f"the training split has {dataset.get_dataset_size()} images, fewer than "
-                        f"--batch_size {batch_size}")
-    short = 0 if drop_remainder else -dataset.get_dataset_size() % batch_size
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    count = dataset.get_dataset_size()
+    if drop_remainder and count < batch_size:  # nothing would be left
+        raise UserError(f"the training split has {count} images, fewer than --batch_size {batch_size}")
     if regularisers.mixes:
-        dataset = dataset.map(operations=regularisers.batch_op(), input_columns=["image", "label"])
-    elif pad_last_batch and short:
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+        return dataset.map(operations=regularisers.batch_op(), input_columns=["image", "label"])
+    return batch(dataset, batch_size, drop_remainder, pad_last_batch)
+
+
+def batch(dataset, batch_size, drop_remainder=False, pad_last_batch=False):
+    """`dataset` of (image, label) rows in batches; with `pad_last_batch` (see create_dataset), the last short one
+    filled up when there is a full one before it (alone, a short batch is one graph anyway)."""
+    count = dataset.get_dataset_size()
+    short = 0 if drop_remainder or count < batch_size else -count % batch_size
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if pad_last_batch and short:
         dataset = dataset.map(operations=_FillBatch(batch_size), input_columns=["image", "label"])
     return dataset
 

@@ -47,10 +47,12 @@ def load_split(args, labels):
     return source, subset
 
 
-def predict(forward, source, subset, image_size, batch_size, num_classes):
-    """(true labels, logits, the most confident mistakes as (confidence, HWC image, true, predicted)), streamed."""
+def predict(forward, source, subset, image_size, batch_size, num_classes, graph_per_shape=False):
+    """(true labels, logits, the most confident mistakes as (confidence, HWC image, true, predicted)), streamed.
+    `graph_per_shape`: the forward compiles a graph for each batch shape (a checkpoint's network in GRAPH_MODE), so
+    the last short batch is filled up rather than compiled for."""
     data = datasets.create_dataset(source, subset, image_size, batch_size, shuffle=False, augment=False,
-                                   drop_remainder=False, pad_last_batch=True)  # one batch shape: one graph
+                                   drop_remainder=False, pad_last_batch=graph_per_shape)
     truth, logits, worst = [], [], []
     for inputs, labels in data.create_tuple_iterator(output_numpy=True):
         real = labels != datasets.PADDING_LABEL
@@ -121,7 +123,8 @@ def main(args):
     source, subset = load_split(args, labels)
     mirror = staging.OutputMirror(args.output_url, "output_url", args.cache_dir, io_timeout=args.io_timeout)
     names = labels["class_names"]
-    truth, logits, worst = predict(forward, source, subset, int(labels["image_size"]), args.batch_size, len(names))
+    truth, logits, worst = predict(forward, source, subset, int(labels["image_size"]), args.batch_size, len(names),
+                                   graph_per_shape=model.suffix.lower() == ".ckpt")
     report = {"model": storage.redact(args.model_url), "model_file": model.name, "subset": subset,
               **scores(truth, logits, names)}
     folder = mirror.local

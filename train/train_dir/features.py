@@ -101,7 +101,8 @@ def feature_datasets(train, val, batch_size, seed, shard=None):
     workers, is sharded by `shard` = (workers, rank)."""
     def pipeline(features, labels, shuffle, sharding):
         data = ds.NumpySlicesDataset({"image": features, "label": labels}, shuffle=shuffle, **sharding)
-        return data.batch(batch_size, drop_remainder=shuffle and len(features) >= batch_size)
+        return datasets.batch(data, batch_size, drop_remainder=shuffle and len(features) >= batch_size,
+                              pad_last_batch=not shuffle)  # validation: one graph for the head
     ds.config.set_seed(seed)
     sharding = {"num_shards": shard[0], "shard_id": shard[1]} if shard else {}
     return pipeline(*train, shuffle=True, sharding=sharding), pipeline(*val, shuffle=False, sharding={})
