@@ -33,23 +33,30 @@ TRAINED = {"classes": 4, "train": 960, "val": 200, "epochs": 5, "batch_size": 32
 
 
 # Minutes each test file took in a full run (`make test PYTEST_ADDOPTS="--durations=0 --junitxml=..."`, summed per
-# file from the XML; 2026-12-02, at 8614e60). `make test` gives whole files to two workers in this order,
+# file from the XML; 2026-12-02, at 079e92d). `make test` gives whole files to two workers in this order,
 # longest first (`--no-loadscope-reorder`), so that neither is left alone with a long file at the end, and the file
 # that first needs the shared `trained` model (test_onnx_serving.py) makes it while the other worker runs one that
 # does not (xdist's own order, by test count, had one worker wait for it). A file missing here counts 0 and runs last.
-FILE_MINUTES = {"test_resume.py": 5.0, "test_onnx_serving.py": 4.0, "test_faults_disk.py": 3.7,
-                "test_train_job.py": 3.6, "test_data_parallel.py": 3.4, "test_remote_jobs.py": 2.7,
-                "test_multi_node.py": 2.5, "test_inference.py": 2.3, "test_torch_weights.py": 2.2,
-                "test_faults_data.py": 2.0, "test_aim_runs.py": 2.0, "test_run_job.py": 1.9,
-                "test_faults_run.py": 1.8, "test_aim_fallback.py": 1.5, "test_partial_training.py": 1.4,
-                "test_bad_input.py": 1.4, "test_recipes.py": 1.3, "test_resnet.py": 1.3, "test_onednn_conv.py": 1.2,
-                "test_faults_staging.py": 1.1, "test_faults_flags.py": 0.9, "test_eval_job.py": 0.8,
-                "test_predict_job.py": 0.7, "test_train_step.py": 0.6, "test_staging.py": 0.5,
-                "test_checkpoint_families.py": 0.4, "test_callbacks.py": 0.2, "test_aim_ui.py": 0.2}
+FILE_MINUTES = {"test_onnx_serving.py": 3.8, "test_train_job.py": 3.6, "test_data_parallel.py": 3.5,
+                "test_resume.py": 3.2, "test_multi_node.py": 3.2, "test_faults_disk.py": 3.2,
+                "test_remote_jobs.py": 2.5, "test_torch_weights.py": 2.2, "test_resnet.py": 2.1,
+                "test_inference.py": 2.0, "test_faults_run.py": 1.6, "test_aim_runs.py": 1.6, "test_run_job.py": 1.6,
+                "test_faults_data.py": 1.5, "test_onednn_conv.py": 1.4, "test_bad_input.py": 1.4,
+                "test_partial_training.py": 1.2, "test_aim_fallback.py": 1.2, "test_recipes.py": 1.2,
+                "test_faults_staging.py": 1.1, "test_faults_flags.py": 1.0, "test_predict_job.py": 0.8,
+                "test_eval_job.py": 0.7, "test_train_step.py": 0.7, "test_staging.py": 0.4,
+                "test_checkpoint_families.py": 0.3, "test_callbacks.py": 0.2, "test_aim_ui.py": 0.1}
 
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -FILE_MINUTES.get(item.path.name, 0))  # stable: each file's own order is kept
+    files = list(dict.fromkeys(item.path for item in items))
+    needs_model = {item.path for item in items if "trained" in item.fixturenames}
+    if len(files) > 2 and files[0] in needs_model and files[1] in needs_model:  # the second worker would wait
+        second = next((path for path in files[2:] if path not in needs_model), files[1])
+        files.remove(second)
+        files.insert(1, second)
+        items.sort(key=lambda item: files.index(item.path))
 
 
 def read_json(path):
