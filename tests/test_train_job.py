@@ -303,7 +303,6 @@ def test_a_test_split_beside_val_is_evaluated_once_at_the_end_with_the_best_weig
     assert "nothing left to train" in restarted.stdout and read_json(out / "test.json") == report
 
 
-
 def test_mindspores_compile_cache_leaves_the_job_whole_and_its_numbers_unchanged(small_data, tmp_path):
     """With MS_COMPILER_CACHE_ENABLE=1 the job ends as without it (MindSpore's listing of the script's imports reset
     sys.stderr, and Aim's close failed with a traceback before the export), and a second job, with the first's
