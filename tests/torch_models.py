@@ -13,11 +13,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
-import torchvision
 from safetensors.torch import save_file
-from timm.models import save_for_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from torch_resnet import import_torchvision  # noqa: E402  (the CPU build's torchvision import, explained there)
+
+torchvision = import_torchvision()
+import timm  # noqa: E402  (imports torchvision)
+from timm.models import save_for_hf  # noqa: E402
 
 
 def non_trivial(model, seed):
