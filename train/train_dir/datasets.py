@@ -559,8 +559,8 @@ def create_dataset(source, split, image_size, batch_size, workers=None, shuffle=
     count = dataset.get_dataset_size()
     if drop_remainder and count < batch_size:  # nothing would be left
         raise UserError(f"the training split has {count} images, fewer than --batch_size {batch_size}")
-    if regularisers.mixes:
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if regularisers.mixes:  # training: one-hot labels, never filled up
+        dataset = batch(dataset, batch_size, drop_remainder)
         return dataset.map(operations=regularisers.batch_op(), input_columns=["image", "label"])
     return batch(dataset, batch_size, drop_remainder, pad_last_batch)
 
@@ -574,6 +574,16 @@ def batch(dataset, batch_size, drop_remainder=False, pad_last_batch=False):
     if pad_last_batch and short:
         dataset = dataset.map(operations=_FillBatch(batch_size), input_columns=["image", "label"])
     return dataset
+
+
+def without_padding(labels, *arrays):
+    """(labels, *arrays) without the rows that fill a last batch up (labelled PADDING_LABEL, by _FillBatch); the
+    arrays are row-aligned with the labels. One-hot labels (mixed batches, never filled up) pass through."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (labels == PADDING_LABEL).any():
+        return (labels, *arrays)
+    real = labels != PADDING_LABEL
+    return (labels[real], *(np.asarray(array)[real] for array in arrays))
 
 
 class _FillBatch:

@@ -55,9 +55,8 @@ def predict(forward, source, subset, image_size, batch_size, num_classes, graph_
                                    drop_remainder=False, pad_last_batch=graph_per_shape)
     truth, logits, worst = [], [], []
     for inputs, labels in data.create_tuple_iterator(output_numpy=True):
-        real = labels != datasets.PADDING_LABEL
-        batch = forward(inputs)[real, :num_classes]
-        inputs, labels = inputs[real], labels[real]
+        labels, batch, inputs = datasets.without_padding(labels, forward(inputs), inputs)
+        batch = batch[:, :num_classes]
         probabilities = trained_model.softmax(batch)
         for i in np.flatnonzero(batch.argmax(1) != labels):
             item = (float(probabilities[i].max()), len(truth) + int(i))

@@ -8,8 +8,11 @@
 //   ConvBackward(dy, x, w, geometry) -> (dx, dw)     one op, so that dy is reordered once for both
 #include <oneapi/dnnl/dnnl.hpp>
 
+// oneDNN 2.x only: a 3.x build (Debian 13's, PyPI's onednn-devel-cpu-gomp) needs libdnnl.so.3, the soname of the
+// oneDNN 3.10 MindSpore 2.10 bundles and loads first, so the dynamic loader would run these kernels on MindSpore's
+// copy, held to AVX2 (measured: "oneDNN 3.10.1, avx2"). 2.x's libdnnl.so.2 keeps a separate copy and ISA setting.
 #if DNNL_VERSION_MAJOR != 2
-#error "onednn_conv.cc is written for oneDNN 2.x (Debian 12's libdnnl-dev 2.6)"
+#error "onednn_conv.cc needs oneDNN 2.x (Debian 12's libdnnl-dev 2.6): 3.x's libdnnl.so.3 is MindSpore's own copy"
 #endif
 
 #include <array>

@@ -8,7 +8,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Model
 
-from datasets import PADDING_LABEL
+from datasets import without_padding
 from errors import UserError
 from resnet import HEAD_PREFIX
 from runtime import TrainingPlan
@@ -64,9 +64,7 @@ def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale
 def real_rows(logits, labels):
     """(logits, labels) as NumPy arrays without the rows that fill a last batch up (datasets.PADDING_LABEL)."""
     logits, labels = (np.asarray(x.asnumpy() if isinstance(x, ms.Tensor) else x) for x in (logits, labels))
-    if labels.ndim == 1 and (labels == PADDING_LABEL).any():
-        real = labels != PADDING_LABEL
-        return logits[real], labels[real]
+    labels, logits = without_padding(labels, logits)
     return logits, labels
 
 
