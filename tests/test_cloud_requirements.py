@@ -119,8 +119,10 @@ def test_the_job_runs_on_python_3_9_and_the_local_aim_shows_its_run(cloud_python
     outputs would see it."""
     data = write_cifar(tmp_path / "cifar", make_split(64, 2, 0), make_split(32, 2, 1), ["cat", "dog"])
     weights = tmp_path / "resnet18.safetensors"
-    subprocess.run([sys.executable, "-c", "import sys, torchvision; from safetensors.torch import save_file; "
-                    "save_file(torchvision.models.resnet18().state_dict(), sys.argv[1])", str(weights)], check=True)
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); import torch_resnet; "
+                    "from safetensors.torch import save_file; "
+                    "save_file(torch_resnet.create_model('resnet18', 1000).state_dict(), sys.argv[1])",
+                    str(weights), str(Path(__file__).resolve().parents[1] / "bench")], check=True)
     env = {**os.environ, "PATH": f"{cloud_python}:{os.environ['PATH']}"}
     cloud = subprocess.run([str(cloud_python / "python"), str(TRAIN_PY), "--data_url", str(data), "--epochs", "1",
                             "--arch", "resnet18", "--image_size", "32", "--batch_size", "16", "--output_url",
