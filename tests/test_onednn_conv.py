@@ -29,9 +29,9 @@ def onednn_on(monkeypatch):
 
 # (kernel, stride, input map) for each padding: every convolution ResNet18-101 has (7x7/2 stem, 1x1 and 3x3 at
 # strides 1 and 2), on even and odd maps (a "same" strided convolution pads one side more on even ones), down to
-# the 1x1 maps of layer4 at 32x32 inputs.
+# the 1x1 maps of layer4 at 32x32 inputs, and 3x3 stride-1 ones on maps large enough for Winograd's kernels.
 GEOMETRIES = [(7, 2, 32), (7, 2, 33), (1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 1, 7), (3, 2, 8), (3, 2, 7),
-              (3, 1, 2), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2)]
+              (3, 1, 2), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2), (3, 1, 14), (3, 1, 17)]
 PADDINGS = ("same", "pytorch")
 
 
@@ -118,6 +118,16 @@ def test_every_resnet_convolution_matches_mindspore_forward_and_backward(padding
         for geometry, a, b in zip(GEOMETRIES, ours, theirs):
             assert a.shape == b.shape, (name, geometry, a.shape, b.shape)
             assert relative_error(a, b) < 2e-5, (name, geometry, relative_error(a, b))
+    kernels = kernel_names()
+    assert "jit_1x1" in kernels and ("jit_wino_4x3" in kernels) == ("avx512_core" in LIBRARY.version), kernels
+
+
+def kernel_names():
+    """oneDNN's names of the kernels the library has built in this process (MindSpore loads the same file)."""
+    import ctypes
+    library = ctypes.CDLL(str(LIBRARY.path))
+    library.KernelNames.restype = ctypes.c_char_p
+    return library.KernelNames().decode()
 
 
 @needs_library
@@ -176,7 +186,7 @@ def test_the_operator_refuses_what_it_cannot_compute_with_an_error_not_a_crash(c
     import resnet
     conv = resnet.Conv2d(16, 16, 3, 1, pad_mode="same")
     forward = LIBRARY.forward(conv.output_shape)
-    geometry = ms.Tensor([1, 1, 1, 1, 1, 1, 1], ms.int64)
+    geometry = ms.Tensor([1, 1, 1, 1, 1, 1, 1, 0], ms.int64)
     x = np.ones((2, 16, 8, 8), np.float32)
     y = forward(ms.Tensor(x), conv.weight, geometry).asnumpy()  # PyNative, float32: computes
     assert np.allclose(y, conv.conv2d(ms.Tensor(x), conv.weight).asnumpy(), atol=1e-4)

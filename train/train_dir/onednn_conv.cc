@@ -3,7 +3,9 @@
 //
 // Tensors arrive and leave in MindSpore's layouts (NCHW activations, OIHW weights): each call reorders into the
 // layouts the kernel asked for, runs it, and reorders the result back, as PyTorch does for plain tensors.
-// geometry is int64 [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, input needs a gradient]:
+// geometry is int64 [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, input needs a gradient,
+// Winograd wanted] (Winograd: a 3x3 stride-1 convolution on oneDNN's jit_wino_4x3, where the CPU has it, else the
+// direct kernel):
 //   ConvForward(x, w, geometry) -> y
 //   ConvBackward(dy, x, w, geometry) -> (dx, dw)     one op, so that dy is reordered once for both
 #include <oneapi/dnnl/dnnl.hpp>
@@ -25,6 +27,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -55,8 +58,10 @@ stream &cpu_stream() {
 
 struct Geometry {
   memory::dims src, wei, dst, strides, pad_l, pad_r;
+  bool winograd = false;
   std::string key(char kind) const {
     std::string k(1, kind);
+    k += winograd ? "w" : "d";
     for (const auto *d : {&src, &wei, &dst, &strides, &pad_l, &pad_r})
       for (auto v : *d) k += "," + std::to_string(v);
     return k;
@@ -98,36 +103,41 @@ struct Kernel {
   int output;  // which of the three the kernel writes
 };
 
-convolution_forward::primitive_desc forward_hint(const Geometry &g) {
+convolution_forward::primitive_desc forward_hint(const Geometry &g, algorithm algo) {
   memory::desc src(g.src, dt::f32, tag::any), wei(g.wei, dt::f32, tag::any), dst(g.dst, dt::f32, tag::any);
-  convolution_forward::desc d(prop_kind::forward_training, algorithm::convolution_direct, src, wei, dst, g.strides,
-                              g.pad_l, g.pad_r);
+  convolution_forward::desc d(prop_kind::forward_training, algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
   return convolution_forward::primitive_desc(d, cpu());
 }
 
-std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g) {
+// oneDNN's names of the kernels built so far ("jit:avx512_core", "jit_wino_4x3:avx512_core", ...), for KernelNames.
+std::set<std::string> g_kernel_names;
+
+std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo) {
   auto k = std::make_unique<Kernel>();
   k->plain[0] = memory::desc(g.src, dt::f32, tag::nchw);
   k->plain[1] = memory::desc(g.wei, dt::f32, tag::oihw);
   k->plain[2] = memory::desc(g.dst, dt::f32, tag::nchw);
   memory::desc src(g.src, dt::f32, tag::any), wei(g.wei, dt::f32, tag::any), dst(g.dst, dt::f32, tag::any);
-  auto hint = forward_hint(g);
+  auto hint = forward_hint(g, algo);
   if (kind == 'f') {
     k->kernel = convolution_forward(hint);
+    g_kernel_names.insert(hint.impl_info_str());
     k->blocked[0] = hint.src_desc(), k->blocked[1] = hint.weights_desc(), k->blocked[2] = hint.dst_desc();
     k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DST;
     k->output = 2;
   } else if (kind == 'd') {
-    convolution_backward_data::desc d(algorithm::convolution_direct, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+    convolution_backward_data::desc d(algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
     convolution_backward_data::primitive_desc pd(d, cpu(), hint);
     k->kernel = convolution_backward_data(pd);
+    g_kernel_names.insert(pd.impl_info_str());
     k->blocked[0] = pd.diff_src_desc(), k->blocked[1] = pd.weights_desc(), k->blocked[2] = pd.diff_dst_desc();
     k->args[0] = DNNL_ARG_DIFF_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
     k->output = 0;
   } else {
-    convolution_backward_weights::desc d(algorithm::convolution_direct, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+    convolution_backward_weights::desc d(algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
     convolution_backward_weights::primitive_desc pd(d, cpu(), hint);
     k->kernel = convolution_backward_weights(pd);
+    g_kernel_names.insert(pd.impl_info_str());
     k->blocked[0] = pd.src_desc(), k->blocked[1] = pd.diff_weights_desc(), k->blocked[2] = pd.diff_dst_desc();
     k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_DIFF_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
     k->output = 1;
@@ -138,7 +148,13 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g) {
 const Kernel &cached_kernel(char kind, const Geometry &g) {
   static std::map<std::string, std::unique_ptr<Kernel>> kernels;
   auto &slot = kernels[g.key(kind)];
-  if (!slot) slot = kernel_for(kind, g);
+  if (!slot && g.winograd) {
+    try {
+      slot = kernel_for(kind, g, algorithm::convolution_winograd);
+    } catch (const dnnl::error &) {  // not on this CPU (AVX-512 only) or not for this shape: the direct kernel
+    }
+  }
+  if (!slot) slot = kernel_for(kind, g, algorithm::convolution_direct);
   return *slot;
 }
 
@@ -187,7 +203,9 @@ void run(const Geometry &g, std::initializer_list<std::pair<char, std::array<voi
   s.wait();
 }
 
-Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int64_t *shape_dst, const int64_t *geo) {
+Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int64_t *shape_dst, const int64_t *geo,
+                  int64_t geo_length) {
+  if (geo_length != 8) throw std::runtime_error("geometry has " + std::to_string(geo_length) + " entries, not 8");
   Geometry g;
   g.src = dims_of(4, shape_src);
   g.wei = dims_of(4, shape_wei);
@@ -195,6 +213,7 @@ Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int6
   g.strides = {geo[0], geo[1]};
   g.pad_l = {geo[2], geo[4]};
   g.pad_r = {geo[3], geo[5]};
+  g.winograd = geo[7] != 0;
   return g;
 }
 
@@ -265,7 +284,7 @@ int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const c
                 void *extra) {
   // x, w, geometry -> y
   return guarded("forward", nparam, 4, ndims, dtypes, [&] {
-    Geometry g = geometry(shapes[0], shapes[1], shapes[3], static_cast<int64_t *>(params[2]));
+    Geometry g = geometry(shapes[0], shapes[1], shapes[3], static_cast<int64_t *>(params[2]), shapes[2][0]);
     run(g, {{'f', {params[0], params[1], params[3]}}});
   });
 }
@@ -275,7 +294,7 @@ int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const 
   // dy, x, w, geometry -> dx, dw
   return guarded("backward", nparam, 6, ndims, dtypes, [&] {
     const int64_t *geo = static_cast<int64_t *>(params[3]);
-    Geometry g = geometry(shapes[1], shapes[2], shapes[0], geo);
+    Geometry g = geometry(shapes[1], shapes[2], shapes[0], geo, shapes[3][0]);
     if (geo[6]) {
       run(g, {{'d', {params[4], params[2], params[0]}}, {'w', {params[1], params[5], params[0]}}});
     } else {  // the network's input: nobody reads its gradient
@@ -283,6 +302,15 @@ int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const 
       run(g, {{'w', {params[1], params[5], params[0]}}});
     }
   });
+}
+
+// The names of the kernels built so far, comma-separated (which ones a network's convolutions ran on).
+const char *KernelNames() {
+  static std::string text;
+  std::lock_guard<std::mutex> hold(g_lock);
+  text.clear();
+  for (const auto &name : g_kernel_names) text += (text.empty() ? "" : ",") + name;
+  return text.c_str();
 }
 
 // "oneDNN X.Y.Z, <isa>" for the log line, or nullptr when oneDNN cannot run here.

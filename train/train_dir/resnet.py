@@ -16,6 +16,7 @@ training at 32x32 about 1.8x faster; while training, larger maps run on oneDNN's
 faster (`use_onednn_convolutions`, onednn_conv.py).
 """
 import itertools
+import os
 import weakref
 
 import mindspore as ms
@@ -36,6 +37,10 @@ MATMUL_MIN_BATCH = 8  # ... in batches of 8 or more: a single image's GEMM is no
 AS_CONVOLUTION, AS_MATMUL, ON_ONEDNN = 0, 1, 2  # how a Conv2d computes (Conv2d.choose_kernel) ...
 KERNEL_METHODS = {AS_CONVOLUTION: "as_convolution", AS_MATMUL: "as_matmul", ON_ONEDNN: "on_onednn"}  # ... in these
 ONEDNN_MIN_1X1_CHANNELS = 1024
+# 3x3 stride-1 convolutions with output maps of at least 14x14 (224 inputs' first three stages) run on oneDNN's
+# Winograd kernels where the CPU has them: 0.53x-0.80x the direct kernel's time there, slower on smaller maps (README,
+# Performance). RESNET_ONEDNN_WINOGRAD=0 turns them off (the benchmark's comparison).
+WINOGRAD_MIN_PIXELS = 14 * 14
 
 
 _PLAN_KEYS = itertools.count()
@@ -52,7 +57,9 @@ def _plan(plan_key, x_shape, dtype, training):
     layer = _LAYERS[plan_key]
     (top, bottom, left, right), (_, _, out_h, out_w) = layer.pads(*x_shape[2:]), layer.output_shape(x_shape)
     compute = KERNEL_METHODS[layer.choose_kernel(x_shape[0], dtype, out_h * out_w)]
-    geometry = (*layer.stride, top, bottom, left, right, int(layer.input_needs_gradient))
+    winograd = (layer.kernel_size == (3, 3) and layer.stride == (1, 1) and out_h * out_w >= WINOGRAD_MIN_PIXELS
+                and os.environ.get("RESNET_ONEDNN_WINOGRAD") != "0")
+    geometry = (*layer.stride, top, bottom, left, right, int(layer.input_needs_gradient), int(winograd))
     return compute, (top, bottom, left, right), (out_h, out_w), geometry
 
 
@@ -64,8 +71,8 @@ class Conv2d(nn.Conv2d):
     convolution's forward and backward 1.4x (3x3 on 2x2) to 10x (1x1 on 1x1) faster there, and ResNet50's whole
     training step at 32x32 about 1.8x faster (README, Performance). From 4x4 maps on, or for fewer than 8 images
     (batch-1 inference), the convolution is faster. While training, 3x3 and 7x7 convolutions and the deep 1x1 ones
-    run on oneDNN's blocked kernels where the library is built (`use_onednn_convolutions`, onednn_conv.py). GPU and
-    Ascend keep their convolutions.
+    run on oneDNN's blocked kernels where the library is built (`use_onednn_convolutions`, onednn_conv.py), the 3x3
+    stride-1 ones on large maps on its Winograd kernels. GPU and Ascend keep their convolutions.
     """
 
     def __init__(self, *args, **kwargs):
