@@ -437,11 +437,13 @@ def main():
         ours_env["BENCH_MS_CONTEXT"] = json.dumps({k: json.loads(v) for k, v in (kv.split("=", 1)
                                                                                 for kv in args.context)})
     try:
-        import torch  # noqa: F401
+        import torch_resnet
+        torch_resnet.import_torchvision()
         have_torch = True
     except ImportError:
         have_torch = False
-        print("torch is not installed: requirements.txt pins it (make venv); PyTorch columns skipped")
+        print("torch or torchvision is not installed: requirements.txt pins them (make venv); PyTorch columns "
+              "skipped")
 
     print(f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}, "
           f"median of {args.rounds} interleaved rounds; images/s unless marked", flush=True)

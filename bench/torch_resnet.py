@@ -1,7 +1,7 @@
 """PyTorch's ResNets from torchvision's own code: the speed reference of bench/speed.py, and the source of the weights
 tests/torch_models.py writes.
 
-requirements.txt pins PyTorch's CPU build (2.13.0+cpu, 1 GB installed instead of the CUDA build's 5.5 GB) beside
+requirements.txt pins PyTorch's CPU build (2.13.0+cpu, 0.75 GB installed instead of the CUDA build's 5.5 GB) beside
 PyPI's torchvision 0.28.0, which is built against the CUDA build: its C++ ops (detection's nms, roi_align, ...) do not
 load beside the CPU build, and `import torchvision` then fails registering fake kernels for two of them ("operator
 torchvision::nms does not exist"). Declaring those two first lets the import through; ResNets use none of the ops.

@@ -23,6 +23,7 @@ needs_library = pytest.mark.skipif(LIBRARY is None, reason=f"oneDNN convolutions
 @pytest.fixture(autouse=True)
 def onednn_on(monkeypatch):
     monkeypatch.delenv(onednn_conv.DISABLE, raising=False)
+    monkeypatch.delenv("RESNET_ONEDNN_WINOGRAD", raising=False)
     onednn_conv.load.cache_clear()
     yield
     onednn_conv.load.cache_clear()
@@ -119,7 +120,20 @@ def test_every_resnet_convolution_matches_mindspore_forward_and_backward(padding
             assert a.shape == b.shape, (name, geometry, a.shape, b.shape)
             assert relative_error(a, b) < 2e-5, (name, geometry, relative_error(a, b))
     kernels = kernel_names()
-    assert "jit_1x1" in kernels and ("jit_wino_4x3" in kernels) == ("avx512_core" in LIBRARY.version), kernels
+    assert "f:jit_1x1" in kernels, kernels
+    for kind in "fdw":  # forward, data gradient, weight gradient: each on Winograd where the CPU has it
+        assert (f"{kind}:jit_wino_4x3" in kernels) == ("avx512_core" in LIBRARY.version), kernels
+
+
+def test_winograd_is_asked_for_3x3_stride_1_on_maps_of_14_and_more_unless_turned_off(monkeypatch):
+    import resnet
+    cases = {(3, 1, 14): 1, (3, 1, 13): 0, (3, 2, 28): 0, (1, 1, 56): 0, (7, 2, 224): 0}
+    for (kernel, stride, size), wanted in cases.items():
+        layer = resnet.Conv2d(16, 16, kernel, stride, pad_mode="pad", padding=(kernel - 1) // 2)
+        assert resnet._plan(layer.plan_key, (8, 16, size, size), None, True)[3][7] == wanted, (kernel, stride, size)
+        monkeypatch.setenv("RESNET_ONEDNN_WINOGRAD", "0")
+        assert resnet._plan(layer.plan_key, (8, 16, size, size), None, True)[3][7] == 0
+        monkeypatch.delenv("RESNET_ONEDNN_WINOGRAD")
 
 
 def kernel_names():

@@ -109,7 +109,8 @@ convolution_forward::primitive_desc forward_hint(const Geometry &g, algorithm al
   return convolution_forward::primitive_desc(d, cpu());
 }
 
-// oneDNN's names of the kernels built so far ("jit:avx512_core", "jit_wino_4x3:avx512_core", ...), for KernelNames.
+// The kernels built so far as "<f|d|w>:<oneDNN's name>" (forward, data and weight gradient; e.g.
+// "w:jit_wino_4x3:avx512_core"), for KernelNames. Written on the worker thread while the caller holds g_lock.
 std::set<std::string> g_kernel_names;
 
 std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo) {
@@ -121,7 +122,7 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
   auto hint = forward_hint(g, algo);
   if (kind == 'f') {
     k->kernel = convolution_forward(hint);
-    g_kernel_names.insert(hint.impl_info_str());
+    g_kernel_names.insert("f:" + std::string(hint.impl_info_str()));
     k->blocked[0] = hint.src_desc(), k->blocked[1] = hint.weights_desc(), k->blocked[2] = hint.dst_desc();
     k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DST;
     k->output = 2;
@@ -129,7 +130,7 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
     convolution_backward_data::desc d(algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
     convolution_backward_data::primitive_desc pd(d, cpu(), hint);
     k->kernel = convolution_backward_data(pd);
-    g_kernel_names.insert(pd.impl_info_str());
+    g_kernel_names.insert("d:" + std::string(pd.impl_info_str()));
     k->blocked[0] = pd.diff_src_desc(), k->blocked[1] = pd.weights_desc(), k->blocked[2] = pd.diff_dst_desc();
     k->args[0] = DNNL_ARG_DIFF_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
     k->output = 0;
@@ -137,7 +138,7 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
     convolution_backward_weights::desc d(algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
     convolution_backward_weights::primitive_desc pd(d, cpu(), hint);
     k->kernel = convolution_backward_weights(pd);
-    g_kernel_names.insert(pd.impl_info_str());
+    g_kernel_names.insert("w:" + std::string(pd.impl_info_str()));
     k->blocked[0] = pd.src_desc(), k->blocked[1] = pd.diff_weights_desc(), k->blocked[2] = pd.diff_dst_desc();
     k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_DIFF_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
     k->output = 1;
@@ -304,9 +305,9 @@ int ConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const 
   });
 }
 
-// The names of the kernels built so far, comma-separated (which ones a network's convolutions ran on).
+// The kernels built so far, comma-separated (which ones a network's convolutions ran on).
 const char *KernelNames() {
-  static std::string text;
+  thread_local std::string text;  // valid until this thread's next call
   std::lock_guard<std::mutex> hold(g_lock);
   text.clear();
   for (const auto &name : g_kernel_names) text += (text.empty() ? "" : ",") + name;

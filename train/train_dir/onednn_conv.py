@@ -41,8 +41,8 @@ class Library:
         self.path, self.version = path, version
 
     def forward(self, output_shape):
-        """y = conv(x, w) with geometry [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dx?], and its
-        gradients through one backward operator. `output_shape(x_shape)` gives y's shape."""
+        """y = conv(x, w) with geometry [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dx?, Winograd?]
+        (resnet._plan), and its gradients through one backward operator. `output_shape(x_shape)` gives y's shape."""
         import mindspore.ops as ops
         backward = ops.Custom(f"{self.path}:ConvBackward", out_shape=lambda dy, x, w, geometry: (x, w),
                               out_dtype=lambda dy, x, w, geometry: (x, w), func_type="aot")

@@ -40,7 +40,8 @@ ONEDNN_MIN_1X1_CHANNELS = 1024
 # 3x3 stride-1 convolutions with output maps of at least 14x14 (224 inputs' first three stages) run on oneDNN's
 # Winograd kernels where the CPU has them: 0.53x-0.80x the direct kernel's time there, slower on smaller maps (README,
 # Performance). RESNET_ONEDNN_WINOGRAD=0 turns them off (the benchmark's comparison).
-WINOGRAD_MIN_PIXELS = 14 * 14
+# Read when a graph compiles: with MindSpore's compile cache on, clear the cache after changing it.
+WINOGRAD_MIN_SIDE = 14
 
 
 _PLAN_KEYS = itertools.count()
@@ -57,7 +58,7 @@ def _plan(plan_key, x_shape, dtype, training):
     layer = _LAYERS[plan_key]
     (top, bottom, left, right), (_, _, out_h, out_w) = layer.pads(*x_shape[2:]), layer.output_shape(x_shape)
     compute = KERNEL_METHODS[layer.choose_kernel(x_shape[0], dtype, out_h * out_w)]
-    winograd = (layer.kernel_size == (3, 3) and layer.stride == (1, 1) and out_h * out_w >= WINOGRAD_MIN_PIXELS
+    winograd = (layer.kernel_size == (3, 3) and layer.stride == (1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIDE
                 and os.environ.get("RESNET_ONEDNN_WINOGRAD") != "0")
     geometry = (*layer.stride, top, bottom, left, right, int(layer.input_needs_gradient), int(winograd))
     return compute, (top, bottom, left, right), (out_h, out_w), geometry
