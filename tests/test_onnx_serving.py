@@ -309,3 +309,41 @@ def test_freeing_the_batch_axis_also_frees_a_reshape_to_a_batch_1_constant(tmp_p
     means = images.mean(axis=(2, 3))
     np.testing.assert_allclose(session.run(None, {"images": images})[0],
                                np.stack([means[:, 0] + means[:, 2], means[:, 1] + means[:, 2]], 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("agrees", None),
+    ("other weights", "its logits differ from MindSpore's by up to"),
+    ("not an ONNX file", "onnxruntime cannot run it: "),
+    ("MindSpore fails", "MindSpore could not compute the logits to compare it with: "),
+])
+def test_the_onnx_export_is_kept_only_when_onnxruntime_reproduces_mindspore_and_a_refusal_names_the_side(
+        tmp_path, capsys, case, message):
+    """train.check_onnx on a real ONNX file (tiny_classifier) against a MindSpore network computing the same, or
+    not: kept when they agree; otherwise removed, with a warning saying whether onnxruntime or MindSpore failed."""
+    import mindspore as ms
+    import train
+    path = tiny_classifier(tmp_path / "model.onnx")
+    weights = np.linspace(-0.05, 0.05, 9).astype(np.float32).reshape(3, 3)
+    if case == "other weights":
+        weights = weights[::-1].copy()
+    if case == "not an ONNX file":
+        path.write_bytes(b"<html>not a model</html>")
+    if case == "MindSpore fails":
+        weights = np.ones((4, 3), np.float32)  # 3 colours times 4 rows: MindSpore refuses the product
+
+    class MeanColourClassifier(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.weights = ms.Tensor(weights)
+
+        def construct(self, images):
+            return ms.ops.matmul(images.mean(axis=(2, 3)), self.weights)
+
+    train.check_onnx(MeanColourClassifier(), path, np.random.default_rng(0).uniform(size=(4, 3, 16, 16)))
+    out, err = capsys.readouterr()
+    if message is None:
+        assert path.is_file() and "model.onnx agrees with the model on 4 validation images" in out and not err
+    else:
+        assert not path.exists() and err.count("\n") == 1
+        assert err.startswith(f"warning: model.onnx was not kept: {message}"), err

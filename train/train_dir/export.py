@@ -153,13 +153,20 @@ def free_batch_axis(path):
     onnx.save(model, str(path))
 
 
+class OnnxRuntimeFailed(Exception):
+    """onnxruntime could not load or run the exported file (rather than MindSpore failing to compute the reference)."""
+
+
 def onnx_difference(path, net, inputs):
     """The largest |logit difference| / max(1, |logit|) between onnxruntime running the ONNX file on `inputs` (an
-    NCHW float32 batch) and `net` in inference mode."""
+    NCHW float32 batch) and `net` in inference mode. OnnxRuntimeFailed when onnxruntime cannot run the file."""
     import mindspore as ms
     from trained_model import onnx_forward
     inputs = np.asarray(inputs, np.float32)
-    got = onnx_forward(path)(inputs)
+    try:
+        got = onnx_forward(path)(inputs)
+    except Exception as exc:
+        raise OnnxRuntimeFailed(" ".join(str(exc).split())[:300]) from exc
     net.set_train(False)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)  # one batch: op by op is quicker than compiling a graph for it
