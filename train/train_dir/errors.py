@@ -43,6 +43,13 @@ FAULT_WORDS = {"no space left": errno.ENOSPC, "disk is full": errno.ENOSPC, "quo
 LOW_SPACE = 1 << 20  # bytes: less free than this and a write that failed for no stated reason is put down to it
 
 
+def one_line(exc, limit=300):
+    """`exc`'s message on one line (whitespace runs made one space), at most `limit` characters (None: all), or its
+    type's name when it has none: for a warning or an error line that quotes a library's failure."""
+    text = " ".join(str(exc).split())[:limit]
+    return text or type(exc).__name__
+
+
 def _stated_fault(exc):
     """The errno of a write fault that `exc` (or an exception it came from) states, or None."""
     seen = set()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import write_fault
+from errors import one_line, write_fault
 
 
 def _temporary(path):
@@ -166,7 +166,7 @@ def onnx_difference(path, net, inputs):
     try:
         got = onnx_forward(path)(inputs)
     except Exception as exc:
-        raise OnnxRuntimeFailed(" ".join(str(exc).split())[:300]) from exc
+        raise OnnxRuntimeFailed(one_line(exc)) from exc
     net.set_train(False)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)  # one batch: op by op is quicker than compiling a graph for it

@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from errors import one_line
+
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs); a 40 MP photo still passes
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -54,7 +56,7 @@ def problem(path):
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except Exception as exc:  # a hostile file breaks decoders in many ways (OSError, SyntaxError, struct.error, ...)
-        return f"corrupt or truncated: {' '.join(str(exc).split()) or type(exc).__name__}"
+        return f"corrupt or truncated: {one_line(exc, limit=None)}"
     return None
 
 

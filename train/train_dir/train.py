@@ -32,7 +32,7 @@ import train_step  # noqa: E402
 import trained_model  # noqa: E402
 from args import parse_args  # noqa: E402
 from checkpoints import load_pretrained, read_pretrained  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
+from errors import UserError, one_line, run_main  # noqa: E402
 from resnet import create_model, use_onednn_convolutions  # noqa: E402
 from tracking import AimCallback  # noqa: E402
 
@@ -285,7 +285,7 @@ def export_extra(net, args, path, what):
     except OutputError:
         raise
     except Exception as exc:  # MindSpore raises RuntimeError, ValueError, TypeError for an op without ONNX
-        print(f"warning: the {what} export failed ({' '.join(str(exc).split())[:300]}); the checkpoint and MindIR "
+        print(f"warning: the {what} export failed ({one_line(exc)}); the checkpoint and MindIR "
               f"are unaffected", file=sys.stderr)
         return False
 
@@ -304,8 +304,7 @@ def check_onnx(net, path, inputs):
     except export.OnnxRuntimeFailed as exc:
         worst, why = float("inf"), f"onnxruntime cannot run it: {exc}"
     except Exception as exc:  # the reference side: the file itself may be fine
-        worst, why = float("inf"), f"MindSpore could not compute the logits to compare it with: " \
-                                   f"{' '.join(str(exc).split())[:300]}"
+        worst, why = float("inf"), f"MindSpore could not compute the logits to compare it with: {one_line(exc)}"
     if worst <= export.ONNX_TOLERANCE:
         print(f"export: {path.name} agrees with the model on {len(inputs)} validation images (largest difference "
               f"{worst:.1e}, tolerance {export.ONNX_TOLERANCE:g})")
