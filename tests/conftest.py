@@ -59,6 +59,22 @@ def pytest_collection_modifyitems(items):
         items.sort(key=lambda item: files.index(item.path))
 
 
+@pytest.fixture(params=["Momentum", "FusedMomentum"])
+def momentum_kind(request, monkeypatch):
+    """Runs a test with `train_step.create_optimizer`'s momentum SGD on MindSpore's kernels (nn.Momentum, as on a
+    machine without the C++ library) and on fused_momentum.cc's one operator (FusedMomentum, CPU training's default)."""
+    onednn_conv.load.cache_clear()
+    if request.param == "FusedMomentum":
+        monkeypatch.delenv(onednn_conv.DISABLE, raising=False)
+        library, why_not = onednn_conv.load()
+        if library is None:
+            pytest.skip(f"no C++ library here: {why_not}")
+    else:
+        monkeypatch.setenv(onednn_conv.DISABLE, "0")
+    yield request.param
+    onednn_conv.load.cache_clear()
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())
 

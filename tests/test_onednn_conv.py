@@ -209,8 +209,25 @@ def test_the_operator_refuses_what_it_cannot_compute_with_an_error_not_a_crash(c
     assert "onednn_conv forward: float32 NCHW tensors only, got float16 of rank 4" in capfd.readouterr().err
 
 
+@needs_library
+def test_the_momentum_operator_refuses_tensors_that_do_not_match_with_an_error_not_a_crash(capfd):
+    import mindspore as ms
+    step = LIBRARY.momentum_step()
+    one = ms.Tensor([1.0], ms.float32)
+    var, accum = (ms.Parameter(ms.Tensor(np.ones(4, np.float32)), name=name) for name in ("var", "accum"))
+    step(one * 0.5, one * 0.1, one * 0.9, var, accum, ms.Tensor(np.ones(4, np.float32))).asnumpy()  # computes
+    np.testing.assert_allclose(var.asnumpy(), 1 - 0.5 * (0.9 + 1 + 0.1))
+    for gradient, error in ((np.ones(3, np.float32), "parameter 0: its accumulation or gradient has another size"),
+                            (np.ones(4, np.float16), "float32 only, got float16")):
+        with pytest.raises(RuntimeError):
+            step(one, one, one, var, accum, ms.Tensor(gradient)).asnumpy()
+        assert f"fused_momentum: {error}" in capfd.readouterr().err
+    np.testing.assert_allclose(var.asnumpy(), 1 - 0.5 * (0.9 + 1 + 0.1))  # refused: untouched
+
+
 def test_without_a_compiler_or_the_library_training_keeps_mindspore_convolutions(tmp_path, monkeypatch):
     import resnet
+    import train_step
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built before
     no_libdnnl_dev = tmp_path / "g++"  # the real compiler, on a machine whose include path has no oneDNN
     (tmp_path / "include").mkdir()
@@ -228,6 +245,8 @@ def test_without_a_compiler_or_the_library_training_keeps_mindspore_convolutions
             net = resnet.create_model("resnet18", 2)
             assert resnet.use_onednn_convolutions(net) == f"convolutions: MindSpore's ({why_not})"
             assert all(getattr(cell, "onednn_forward", None) is None for _, cell in net.cells_and_names())
+            optimizer = train_step.create_optimizer(net, np.full(2, 0.1, np.float32), 0.9, 1e-4)
+            assert type(optimizer).__name__ == "Momentum"  # MindSpore's, not the library's fused step
         assert not list((tmp_path / "cache").rglob("*.so"))  # and no half-built file left behind
     finally:
         onednn_conv.load.cache_clear()

@@ -133,7 +133,7 @@ def scalar(param):
 
 
 @pytest.mark.parametrize("clip", [0.05, 1000.0])
-def test_clipping_bounds_the_norm_of_the_update(clip):
+def test_clipping_bounds_the_norm_of_the_update(clip, momentum_kind):
     """Plain SGD at lr 1: the update is the gradient, so its global norm is the clipped gradient's."""
     images = np.random.default_rng(1).normal(scale=20, size=(8, 4)).astype(np.float32)
     labels = np.arange(8, dtype=np.int32) % 3
@@ -142,6 +142,7 @@ def test_clipping_bounds_the_norm_of_the_update(clip):
     step(ms.Tensor(images), ms.Tensor(labels))
     raw = math.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, weights(free))))
     clipped, step = dense_step(clip)
+    assert type(step.optimizer).__name__ == momentum_kind
     before = weights(clipped)
     step(ms.Tensor(images), ms.Tensor(labels))
     norm = math.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, weights(clipped))))
@@ -206,12 +207,13 @@ def sgd_step(net, momentum=0.9, **options):
     return step
 
 
-def test_the_weight_average_is_the_closed_form_after_a_few_updates():
+def test_the_weight_average_is_the_closed_form_after_a_few_updates(momentum_kind):
     """Of every parameter: weights, and BatchNorm's moving statistics (which the forward pass updates)."""
     net, copy = dense_net(batch_norm=True), dense_net(batch_norm=True)
     ms.load_param_into_net(copy, {p.name: ms.Parameter(ms.Tensor(p.asnumpy()), name=p.name)
                                   for p in net.get_parameters()})
     step = sgd_step(net, average=train_step.WeightAverage(net, copy, 0.9))
+    assert type(step.optimizer).__name__ == momentum_kind  # the average must read the weights after the update
     x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     y = np.arange(8, dtype=np.int32) % 3
     seen = [weights(net)]
@@ -229,11 +231,12 @@ def test_the_weight_average_is_the_closed_form_after_a_few_updates():
     assert {p.name for p in step.get_parameters()} >= {"ema.0.weight", "ema_updates"}  # saved with resume.ckpt
 
 
-def test_accumulating_n_steps_of_batch_b_is_one_step_of_batch_n_times_b():
+def test_accumulating_n_steps_of_batch_b_is_one_step_of_batch_n_times_b(momentum_kind):
     x = np.random.default_rng(1).normal(size=(24, 4)).astype(np.float32)
     y = np.arange(24, dtype=np.int32) % 3
     accumulated, whole = dense_net(), dense_net()
     step_n, step_1 = sgd_step(accumulated, accumulate=3), sgd_step(whole)
+    assert type(step_n.optimizer).__name__ == type(step_1.optimizer).__name__ == momentum_kind
     for _ in range(2):  # two updates, so momentum carries across
         before = weights(accumulated)
         for part in range(3):
@@ -265,10 +268,11 @@ def test_with_accumulation_the_schedule_counts_updates():
         train.learning_rates(args, workers, 15)
 
 
-def test_an_overflow_in_any_accumulated_step_skips_the_whole_update():
+def test_an_overflow_in_any_accumulated_step_skips_the_whole_update(momentum_kind):
     net = dense_net()
     scale = train_step.DynamicLossScale(initial=1024.0)
     step = sgd_step(net, loss_scale=scale, accumulate=2)
+    assert type(step.optimizer).__name__ == momentum_kind
     x = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
     y = np.arange(8, dtype=np.int32) % 3
     bad = x.copy()

@@ -249,3 +249,45 @@ def test_a_short_last_batch_filled_up_gives_the_numbers_of_the_images_alone(tmp_
     assert (np.asarray(scores["confusion"]) == confusion).all()
     assert scores["loss"] == pytest.approx(np.mean(batch_losses), rel=1e-5)
     assert scores["first_predictions"].tolist() == predicted.tolist()  # 70 of the 80 asked: no padding's
+
+
+class ApplyGradients(nn.Cell):
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer = optimizer
+
+    def construct(self, gradients):
+        return self.optimizer(gradients)
+
+
+def test_momentum_sgd_follows_its_formula_with_groups_decay_and_a_schedule(momentum_kind):
+    """create_optimizer's momentum SGD against the formula in float32 numpy, on resnet18's parameters: the head at
+    the full rate and the backbone at a tenth, weight decay on weights but not on BatchNorm or biases, a learning
+    rate that changes every step. nn.Momentum and the fused operator compute it the same way."""
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_seed(4)
+    net = create_model("resnet18", 5)
+    schedule = np.array([0.2, 0.1, 0.05], np.float32)
+    optimizer = train_step.create_optimizer(net, schedule, 0.9, 1e-3, backbone_lr_scale=0.1)
+    assert type(optimizer).__name__ == momentum_kind
+    params = list(optimizer.parameters)
+    assert [m.name for m in optimizer.moments] == ["moments." + p.name for p in params]  # resume states as before
+    rates = [np.float32(1.0 if p.name.startswith("fc.") else 0.1) for p in params]  # before a cell prefixes names
+    rng = np.random.default_rng(0)
+    gradients = [rng.normal(scale=0.01, size=p.shape).astype(np.float32) for p in params]
+    initial = [p.asnumpy().copy() for p in params]
+    expected = [w.copy() for w in initial]
+    accums = [np.zeros_like(w) for w in expected]
+    step = ApplyGradients(optimizer)
+    for lr in schedule:
+        step(tuple(ms.Tensor(g) for g in gradients))
+        for i, (p, g) in enumerate(zip(params, gradients)):
+            decay = np.float32(1e-3 if p.ndim > 1 else 0.0)
+            rate = np.float32(lr * rates[i])
+            accums[i] = accums[i] * np.float32(0.9) + (g + decay * expected[i])
+            expected[i] = expected[i] - rate * accums[i]
+    assert optimizer.global_step.asnumpy().item() == 3
+    for p, m, want, accum in zip(params, optimizer.moments, expected, accums):
+        np.testing.assert_allclose(m.asnumpy(), accum, rtol=1e-6, atol=1e-9, err_msg=m.name)
+        np.testing.assert_allclose(p.asnumpy(), want, rtol=1e-6, atol=1e-9, err_msg=p.name)
+    assert not any(np.array_equal(p.asnumpy(), before) for p, before in zip(params, initial))  # every one moved

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
+SOURCES = (SOURCE, SOURCE.with_name("fused_momentum.cc"))  # one library: train_step.FusedMomentum's operator too
 DISABLE = "RESNET_ONEDNN_CONV"  # "0" turns the operators off (the benchmark's and tests' reference runs)
 # OpenMP threads that wait by sleeping. The library runs on OpenMP (libgomp, which MindSpore loads too): between two
 # of its calls MindSpore's own threads run BatchNorm and the rest, and OpenMP threads spinning meanwhile starve them
@@ -53,6 +54,15 @@ class Library:
 
         return ops.Custom(f"{self.path}:ConvForward", out_shape=lambda x, w, geometry: output_shape(x),
                           out_dtype=lambda x, w, geometry: x, func_type="aot", bprop=bprop)
+
+    def momentum_step(self):
+        """FusedMomentum(lr[n], decay[n], momentum[1], *vars, *accums, *grads) -> done[1] (fused_momentum.cc), which
+        writes vars and accums in place: marked as writing memory, so MindSpore orders later reads after it."""
+        import mindspore.ops as ops
+        step = ops.Custom(f"{self.path}:FusedMomentum", out_shape=lambda *shapes: (1,),
+                          out_dtype=lambda *dtypes: dtypes[0], func_type="aot")
+        step.add_prim_attr("side_effect_mem", True)
+        return step
 
 
 def cache_dir(environ=os.environ):
@@ -94,7 +104,7 @@ def build(compiler):
     """The compiled library, built once per source and compiler; two jobs building at once each write their own
     temporary file and rename it into place."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     headers = Path("/usr/include/oneapi/dnnl/dnnl_version.h")  # a new oneDNN gets a new build
     library_version = headers.read_bytes() if headers.is_file() else b""
     tag = hashlib.sha256(source + version.encode() + platform.machine().encode() + library_version).hexdigest()[:16]
@@ -106,8 +116,10 @@ def build(compiler):
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onednn_conv-", suffix=".so")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, "-O2", "-std=c++14", "-shared", "-fPIC", str(SOURCE), "-o", temporary,
-                                 "-ldnnl"], capture_output=True, text=True, timeout=600)
+        # -ffp-contract=off: no fused multiply-adds, so the momentum step rounds as MindSpore's own kernels do
+        result = subprocess.run([compiler, "-O2", "-std=c++14", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC",
+                                 *map(str, SOURCES), "-o", temporary, "-ldnnl"], capture_output=True, text=True,
+                                timeout=600)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line),
                          (result.stderr.strip().splitlines() or ["?"])[0])

@@ -8,6 +8,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore.train import Model
 
+import onednn_conv
 from datasets import without_padding
 from errors import UserError
 from resnet import HEAD_PREFIX
@@ -58,7 +59,36 @@ def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale
     groups.append({"order_params": params})
     if kind == "adamw":
         return nn.AdamWeightDecay(groups, learning_rate=ms.Tensor(lr_schedule), beta1=0.9, beta2=0.999, eps=1e-8)
+    library = onednn_conv.load()[0] if ms.get_context("device_target") == "CPU" else None
+    if library is not None:
+        return FusedMomentum(groups, ms.Tensor(lr_schedule), momentum, library.momentum_step())
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)
+
+
+class FusedMomentum(nn.Momentum):
+    """nn.Momentum with the whole step, weight decay included, in one CPU operator (fused_momentum.cc) instead of
+    three kernels a parameter: bitwise the same numbers, in about a third of the time (README, Performance). The
+    same parameters, moments and step counter, so checkpoints and resume states are nn.Momentum's."""
+
+    def __init__(self, params, learning_rate, momentum, step_operator):
+        super().__init__(params, learning_rate=learning_rate, momentum=momentum)
+        count = len(self._parameters)
+        decays = self.weight_decay if isinstance(self.weight_decay, tuple) else (self.weight_decay,) * count
+        self.decays = ms.Tensor([float(decay) if decayed else 0.0 for decay, decayed in zip(decays, self.decay_flags)],
+                                ms.float32)
+        self.momentum_value = ms.Tensor([float(momentum)], ms.float32)
+        self.step_operator = step_operator
+
+    def construct(self, gradients):
+        gradients = self.gradients_centralization(gradients)
+        lr = self.get_lr()
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        if self.is_group_lr:
+            rates = ops.stack(lr)
+        else:
+            rates = ops.broadcast_to(ops.reshape(lr, (1,)), (len(self._parameters),))
+        return self.step_operator(rates, self.decays, self.momentum_value, *self._parameters, *self.moments,
+                                  *gradients)
 
 
 def real_rows(logits, labels):
