@@ -198,7 +198,7 @@ def convolution_layers(image_size, batch_size):
     return [(names, *key) for key, names in seen.items()]
 
 
-CONVOLUTION_PATHS = {"mindspore": 0, "matmul": 1, "onednn": 2}  # resnet.AS_CONVOLUTION, AS_MATMUL, ON_ONEDNN
+CONVOLUTION_PATHS = {"mindspore": 0, "matmul": 1, "onednn": 2, "dense": 3}  # resnet.AS_CONVOLUTION ... AS_DENSE_MATRIX
 
 
 def convolutions(image_size, batch_size, repeats=5):
@@ -235,7 +235,7 @@ def convolutions(image_size, batch_size, repeats=5):
             return self.grad(self.loss, self.weights)(x)
 
     class Forced(Conv2d):  # a Conv2d that always computes one way
-        def choose_kernel(self, batch, dtype, out_pixels):
+        def choose_kernel(self, batch, dtype, out_pixels, in_pixels):
             return self.forced
 
     def wait(value):
@@ -247,12 +247,17 @@ def convolutions(image_size, batch_size, repeats=5):
     for names, cin, cout, kernel, stride, shape in convolution_layers(image_size, batch_size):
         runs = {}
         x = ms.Tensor(rng.normal(size=shape).astype(np.float32))
+        out_pixels = int(np.prod(Conv2d(cin, cout, kernel, stride, pad_mode="same").output_shape(shape)[2:]))
+        in_pixels = shape[2] * shape[3]
         for path, way in CONVOLUTION_PATHS.items():
+            if path == "dense" and out_pixels * in_pixels > kernel * kernel:  # a matrix larger than the weight
+                continue
             conv = Forced(cin, cout, kernel, stride, pad_mode="same")
             conv.forced = way
             conv.set_train()
             conv.input_needs_gradient = names != ["conv1"]
             conv.onednn_forward = library.forward(conv.output_shape)
+            conv.dense_weights = library.dense_weights(conv.output_shape)
             direction = ms.Tensor(rng.normal(size=conv.output_shape(shape)).astype(np.float32))
             runs[path] = Gradients(Loss(conv, direction), conv.input_needs_gradient)
         times = {path: [] for path in runs}
@@ -263,13 +268,13 @@ def convolutions(image_size, batch_size, repeats=5):
                 times[path].append(time.perf_counter() - start)
         chooser = Conv2d(cin, cout, kernel, stride, pad_mode="same")
         chooser.set_train()
-        out_pixels = int(np.prod(chooser.output_shape(shape)[2:]))
-        before = chooser.choose_kernel(batch_size, ms.float32, out_pixels)  # without oneDNN: as before it existed
-        chooser.onednn_forward = runs["onednn"]
-        after = chooser.choose_kernel(batch_size, ms.float32, out_pixels)
+        before = chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels)  # without the library
+        chooser.onednn_forward = chooser.dense_weights = runs["onednn"]  # choose_kernel asks only if there is one
+        after = chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels)
         rows.append({"layers": names, "in": cin, "out": cout, "kernel": kernel, "stride": stride,
                      "input": list(shape), "before": before, "after": after,
-                     **{path: statistics.median(t[1:]) * 1000 for path, t in times.items()}})
+                     **{path: statistics.median(times[path][1:]) * 1000 if path in times else float("nan")
+                        for path in CONVOLUTION_PATHS}})
     return rows
 
 
@@ -564,8 +569,9 @@ def report(results, args, shapes):
 def report_convolutions(rows, size, batch):
     print(f"\neach convolution of {ARCH}'s training step at {size}x{size} b{batch}: ms forward+backward per call "
           f"(median of 5, interleaved); before = MindSpore's convolution or resnet.Conv2d's matmul, after = what "
-          f"resnet.Conv2d chooses now")
-    print(f"{'layers':<26}{'in->out':>11} {'k':>2} {'s':>2} {'map':>4}  {'conv':>7} {'matmul':>7} {'oneDNN':>7}  "
+          f"resnet.Conv2d chooses now; dense = the tiny-map dense matrix, where it is no larger than the weight")
+    print(f"{'layers':<26}{'in->out':>11} {'k':>2} {'s':>2} {'map':>4}  {'conv':>7} {'matmul':>7} {'oneDNN':>7} "
+          f"{'dense':>7}  "
           f"{'before':>7} {'after':>7}  after/before")
     totals = {"before": 0.0, "after": 0.0}
     for row in rows:
@@ -576,7 +582,7 @@ def report_convolutions(rows, size, batch):
         totals["before"] += count * before
         totals["after"] += count * after
         print(f"{names:<26}{row['in']:>5}->{row['out']:<5} {row['kernel']:>2} {row['stride']:>2} "
-              f"{row['input'][-1]:>4}  " + " ".join(f"{t:>7.2f}" for t in times)
+              f"{row['input'][-1]:>4}  " + " ".join(f"{t:>7.2f}" if t == t else f"{'-':>7}" for t in times)
               + f"  {before:>7.2f} {after:>7.2f}  {after / before:.2f}x")
     print(f"all convolutions of a step: before {totals['before']:.0f} ms, after {totals['after']:.0f} ms "
           f"({totals['before'] / totals['after']:.2f}x faster)")

@@ -36,24 +36,26 @@ GEOMETRIES = [(7, 2, 32), (7, 2, 33), (1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8)
 PADDINGS = ("same", "pytorch")
 
 
-def convolution_cells(padding, on_onednn):
-    """One convolution per geometry: MindSpore's nn.Conv2d, or resnet.Conv2d computing on oneDNN at every size."""
+def convolution_cells(padding, forced=None, geometries=GEOMETRIES):
+    """One convolution per geometry: MindSpore's nn.Conv2d, or resnet.Conv2d computing the `forced` way (on oneDNN,
+    or as the tiny-map dense matrix) at every size."""
     import mindspore.nn as nn
     import resnet
 
-    class OnOneDnn(resnet.Conv2d):
-        def choose_kernel(self, batch, dtype, out_pixels):
-            return resnet.ON_ONEDNN
+    class Forced(resnet.Conv2d):
+        def choose_kernel(self, batch, dtype, out_pixels, in_pixels):
+            return forced
 
     cells = []
-    for kernel, stride, _ in GEOMETRIES:
+    for kernel, stride, _ in geometries:
         in_channels = 3 if kernel == 7 else 32
         pad = {"pad_mode": "same"} if padding == "same" else {"pad_mode": "pad", "padding": (kernel - 1) // 2}
-        if on_onednn:
-            cell = OnOneDnn(in_channels, 48, kernel, stride, **pad)
-            cell.onednn_forward = LIBRARY.forward(cell.output_shape)
-        else:
+        if forced is None:
             cell = nn.Conv2d(in_channels, 48, kernel, stride, **pad)
+        else:
+            cell = Forced(in_channels, 48, kernel, stride, **pad)
+            cell.onednn_forward = LIBRARY.forward(cell.output_shape)
+            cell.dense_weights = LIBRARY.dense_weights(cell.output_shape)
         cells.append(cell)
     return cells
 
@@ -101,28 +103,46 @@ def relative_error(ours, reference):
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
-@needs_library
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_every_resnet_convolution_matches_mindspore_forward_and_backward(padding):
+def assert_like_mindspore(padding, forced, geometries):
+    """Outputs and both gradients of the `forced` way against nn.Conv2d's, for each geometry."""
     import mindspore as ms
     rng = np.random.default_rng(0)
-    reference_cells = convolution_cells(padding, on_onednn=False)
+    reference_cells = convolution_cells(padding, None, geometries)
     inputs = tuple(ms.Tensor(rng.normal(size=(4, cell.in_channels, size, size)).astype(np.float32))
-                   for cell, (_, _, size) in zip(reference_cells, GEOMETRIES))
+                   for cell, (_, _, size) in zip(reference_cells, geometries))
     weights = [rng.normal(scale=0.1, size=cell.weight.shape).astype(np.float32) for cell in reference_cells]
     reference_shapes = [cell(x).shape for cell, x in zip(reference_cells, inputs)]
     directions = tuple(ms.Tensor(rng.normal(size=shape).astype(np.float32)) for shape in reference_shapes)
 
     expected = outputs_and_gradients(reference_cells, inputs, directions, weights)
-    got = outputs_and_gradients(convolution_cells(padding, on_onednn=True), inputs, directions, weights)
+    got = outputs_and_gradients(convolution_cells(padding, forced, geometries), inputs, directions, weights)
     for name, ours, theirs in zip(("output", "input gradient", "weight gradient"), got, expected):
-        for geometry, a, b in zip(GEOMETRIES, ours, theirs):
+        for geometry, a, b in zip(geometries, ours, theirs):
             assert a.shape == b.shape, (name, geometry, a.shape, b.shape)
             assert relative_error(a, b) < 2e-5, (name, geometry, relative_error(a, b))
+
+
+@needs_library
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_every_resnet_convolution_matches_mindspore_forward_and_backward(padding):
+    import resnet
+    assert_like_mindspore(padding, resnet.ON_ONEDNN, GEOMETRIES)
     kernels = kernel_names()
     assert "f:jit_1x1" in kernels, kernels
     for kind in "fdw":  # forward, data gradient, weight gradient: each on Winograd where the CPU has it
         assert (f"{kind}:jit_wino_4x3" in kernels) == ("avx512_core" in LIBRARY.version), kernels
+
+
+# Every convolution ResNet has on maps whose dense matrix is no larger than the weight (layer4 at 32x32 inputs: 3x3
+# on 1x1 maps, the strided 3x3 from 2x2 to 1x1, 1x1 on 1x1), and on the 2x2 maps where resnet.Conv2d does not use it.
+DENSE_GEOMETRIES = [(3, 1, 1), (3, 2, 2), (1, 1, 1), (3, 1, 2), (1, 2, 2), (3, 2, 3)]
+
+
+@needs_library
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_tiny_maps_as_one_dense_matrix_match_mindspore_forward_and_backward(padding):
+    import resnet
+    assert_like_mindspore(padding, resnet.AS_DENSE_MATRIX, DENSE_GEOMETRIES)
 
 
 def test_winograd_is_asked_for_3x3_stride_1_on_maps_of_14_and_more_unless_turned_off(monkeypatch):
@@ -150,8 +170,8 @@ def test_the_stem_skips_the_images_gradient_and_still_gets_its_weights_right():
     import mindspore as ms
     import resnet
     rng = np.random.default_rng(1)
-    reference = convolution_cells("same", on_onednn=False)[:1]
-    ours = convolution_cells("same", on_onednn=True)[:1]
+    reference = convolution_cells("same")[:1]
+    ours = convolution_cells("same", resnet.ON_ONEDNN)[:1]
     ours[0].input_needs_gradient = False
     x = (ms.Tensor(rng.normal(size=(2, 3, 32, 32)).astype(np.float32)),)
     direction = (ms.Tensor(rng.normal(size=(2, 48, 16, 16)).astype(np.float32)),)
@@ -179,15 +199,24 @@ def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
     assert one_by_one.onednn_forward is not None and three_by_three.onednn_forward is not None
     net.set_train(True)
     for conv in (one_by_one, three_by_three):
-        assert conv.choose_kernel(8, ms.float32, 56 * 56) == resnet.ON_ONEDNN
-        assert conv.choose_kernel(8, ms.float16, 56 * 56) == resnet.AS_CONVOLUTION  # the library is float32 only
-    for conv in (one_by_one, three_by_three):  # maps of 2x2 and less stay one matmul over the batch
-        assert conv.choose_kernel(32, ms.float32, 4) == resnet.AS_MATMUL
+        assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.ON_ONEDNN
+        assert conv.choose_kernel(8, ms.float16, 56 * 56, 112 * 112) == resnet.AS_CONVOLUTION  # float32 only
+    for conv in (one_by_one, three_by_three):  # maps of 2x2 and less stay one matmul over the batch ...
+        assert conv.choose_kernel(32, ms.float32, 4, 16) == resnet.AS_MATMUL
+    # ... or one dense matrix where it is no larger than the weight: 3x3 from 2x2 or on 1x1 maps, not 2x2 ones
+    on_one_pixel, on_two_by_two = net.layer4[1].conv2, net.layer3[1].conv2
+    assert three_by_three.choose_kernel(32, ms.float32, 1, 4) == resnet.AS_DENSE_MATRIX
+    assert on_one_pixel.choose_kernel(32, ms.float32, 1, 1) == resnet.AS_DENSE_MATRIX
+    assert on_one_pixel.choose_kernel(32, ms.float16, 1, 1) == resnet.AS_MATMUL
+    assert on_one_pixel.choose_kernel(4, ms.float32, 1, 1) == resnet.ON_ONEDNN  # too few images for a matmul
+    assert on_two_by_two.choose_kernel(32, ms.float32, 4, 4) == resnet.AS_MATMUL
+    assert one_by_one.choose_kernel(32, ms.float32, 1, 4) == resnet.AS_MATMUL  # strided 1x1: 4 pixels for 1 tap
     shallow = net.layer1[0].conv1  # 1x1, 64 channels: one GEMM either way, the reorders would cost more
-    assert shallow.choose_kernel(8, ms.float32, 56 * 56) == resnet.AS_CONVOLUTION
+    assert shallow.choose_kernel(8, ms.float32, 56 * 56, 56 * 56) == resnet.AS_CONVOLUTION
     net.set_train(False)
     for conv in (one_by_one, three_by_three):
-        assert conv.choose_kernel(8, ms.float32, 56 * 56) == resnet.AS_CONVOLUTION
+        assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.AS_CONVOLUTION
+    assert on_one_pixel.choose_kernel(32, ms.float32, 1, 1) == resnet.AS_MATMUL  # inference: no custom operator
     export.export_graph(net, 32, tmp_path / "net.onnx")
     operators = {node.op_type for node in onnx.load(str(tmp_path / "net.onnx")).graph.node}
     assert "Conv" in operators and not any("custom" in op.lower() for op in operators), operators

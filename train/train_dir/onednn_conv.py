@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
-SOURCES = (SOURCE, SOURCE.with_name("fused_momentum.cc"))  # one library: train_step.FusedMomentum's operator too
+# one library: also the dense matrix of convolutions on tiny maps (resnet.Conv2d) and train_step.FusedMomentum's step
+SOURCES = (SOURCE, SOURCE.with_name("small_map_conv.cc"), SOURCE.with_name("fused_momentum.cc"))
 DISABLE = "RESNET_ONEDNN_CONV"  # "0" turns the operators off (the benchmark's and tests' reference runs)
 # OpenMP threads that wait by sleeping. The library runs on OpenMP (libgomp, which MindSpore loads too): between two
 # of its calls MindSpore's own threads run BatchNorm and the rest, and OpenMP threads spinning meanwhile starve them
@@ -54,6 +55,24 @@ class Library:
 
         return ops.Custom(f"{self.path}:ConvForward", out_shape=lambda x, w, geometry: output_shape(x),
                           out_dtype=lambda x, w, geometry: x, func_type="aot", bprop=bprop)
+
+    def dense_weights(self, output_shape):
+        """B = DenseWeights(w, x, geometry) (small_map_conv.cc): a convolution on a tiny map as one (out channels *
+        out pixels, in channels * in pixels) matrix, for y = x . B^T; x gives only its shape; its backward sums the
+        taps' gradients back into w. `output_shape(x_shape)` is the convolution's output shape."""
+        import mindspore.ops as ops
+        backward = ops.Custom(f"{self.path}:DenseWeightsGrad", out_shape=lambda db, w, x, geometry: w,
+                              out_dtype=lambda db, w, x, geometry: w, func_type="aot")
+
+        def bprop(w, x, geometry, out, dout):
+            return backward(dout, w, x, geometry), ops.zeros_like(x), ops.zeros_like(geometry)
+
+        def matrix_shape(w, x, geometry):
+            _, out_c, out_h, out_w = output_shape(x)
+            return [out_c * out_h * out_w, x[1] * x[2] * x[3]]
+
+        return ops.Custom(f"{self.path}:DenseWeights", out_shape=matrix_shape, out_dtype=lambda w, x, geometry: w,
+                          func_type="aot", bprop=bprop)
 
     def momentum_step(self):
         """FusedMomentum(lr[n], decay[n], momentum[1], *vars, *accums, *grads) -> done[1] (fused_momentum.cc), which
