@@ -32,7 +32,8 @@ def onednn_on(monkeypatch):
 # strides 1 and 2), on even and odd maps (a "same" strided convolution pads one side more on even ones), down to
 # the 1x1 maps of layer4 at 32x32 inputs, and 3x3 stride-1 ones on maps large enough for Winograd's kernels.
 GEOMETRIES = [(7, 2, 32), (7, 2, 33), (1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 1, 7), (3, 2, 8), (3, 2, 7),
-              (3, 1, 2), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2), (3, 1, 14), (3, 1, 17)]
+              (3, 1, 2), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2), (3, 1, 14), (3, 1, 17), (1, 1, 14), (1, 2, 28),
+              (1, 2, 29)]
 PADDINGS = ("same", "pytorch")
 
 
@@ -129,6 +130,8 @@ def test_every_resnet_convolution_matches_mindspore_forward_and_backward(padding
     assert_like_mindspore(padding, resnet.ON_ONEDNN, GEOMETRIES)
     kernels = kernel_names()
     assert "f:jit_1x1" in kernels, kernels
+    for kind in "fdw":  # 1x1 on maps of 14x14 and more: oneDNN's GEMM on NCHW
+        assert f"{kind}:x64:gemm:jit" in kernels, kernels
     for kind in "fdw":  # forward, data gradient, weight gradient: each on Winograd where the CPU has it
         assert (f"{kind}:jit_wino_4x3" in kernels) == ("avx512_core" in LIBRARY.version), kernels
 
@@ -154,6 +157,14 @@ def test_winograd_is_asked_for_3x3_stride_1_on_maps_of_14_and_more_unless_turned
         monkeypatch.setenv("RESNET_ONEDNN_WINOGRAD", "0")
         assert resnet._plan(layer.plan_key, (8, 16, size, size), None, True)[3][7] == 0
         monkeypatch.delenv("RESNET_ONEDNN_WINOGRAD")
+
+
+def test_1x1_convolutions_on_maps_of_14x14_and_more_ask_for_the_plain_layout():
+    import resnet
+    cases = {(1, 1, 14): 1, (1, 1, 13): 0, (1, 2, 28): 1, (1, 2, 25): 0, (3, 1, 56): 0, (1, 1, 224): 1}
+    for (kernel, stride, size), wanted in cases.items():
+        layer = resnet.Conv2d(16, 16, kernel, stride, pad_mode="pad", padding=(kernel - 1) // 2)
+        assert resnet._plan(layer.plan_key, (8, 16, size, size), None, True)[3][8] == wanted, (kernel, stride, size)
 
 
 def kernel_names():
@@ -211,8 +222,9 @@ def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
     assert on_one_pixel.choose_kernel(4, ms.float32, 1, 1) == resnet.ON_ONEDNN  # too few images for a matmul
     assert on_two_by_two.choose_kernel(32, ms.float32, 4, 4) == resnet.AS_MATMUL
     assert one_by_one.choose_kernel(32, ms.float32, 1, 4) == resnet.AS_MATMUL  # strided 1x1: 4 pixels for 1 tap
-    shallow = net.layer1[0].conv1  # 1x1, 64 channels: one GEMM either way, the reorders would cost more
-    assert shallow.choose_kernel(8, ms.float32, 56 * 56, 56 * 56) == resnet.AS_CONVOLUTION
+    shallow = net.layer1[0].conv1  # 1x1, 64 channels: one GEMM either way, the reorders would cost more ...
+    assert shallow.choose_kernel(8, ms.float32, 8 * 8, 8 * 8) == resnet.AS_CONVOLUTION
+    assert shallow.choose_kernel(8, ms.float32, 56 * 56, 56 * 56) == resnet.ON_ONEDNN  # ... but on NCHW, none
     net.set_train(False)
     for conv in (one_by_one, three_by_three):
         assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.AS_CONVOLUTION
@@ -229,7 +241,7 @@ def test_the_operator_refuses_what_it_cannot_compute_with_an_error_not_a_crash(c
     import resnet
     conv = resnet.Conv2d(16, 16, 3, 1, pad_mode="same")
     forward = LIBRARY.forward(conv.output_shape)
-    geometry = ms.Tensor([1, 1, 1, 1, 1, 1, 1, 0], ms.int64)
+    geometry = ms.Tensor([1, 1, 1, 1, 1, 1, 1, 0, 0], ms.int64)
     x = np.ones((2, 16, 8, 8), np.float32)
     y = forward(ms.Tensor(x), conv.weight, geometry).asnumpy()  # PyNative, float32: computes
     assert np.allclose(y, conv.conv2d(ms.Tensor(x), conv.weight).asnumpy(), atol=1e-4)

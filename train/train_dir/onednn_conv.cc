@@ -4,8 +4,9 @@
 // Tensors arrive and leave in MindSpore's layouts (NCHW activations, OIHW weights): each call reorders into the
 // layouts the kernel asked for, runs it, and reorders the result back, as PyTorch does for plain tensors.
 // geometry is int64 [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, input needs a gradient,
-// Winograd wanted] (Winograd: a 3x3 stride-1 convolution on oneDNN's jit_wino_4x3, where the CPU has it, else the
-// direct kernel):
+// Winograd wanted, plain layout] (Winograd: a 3x3 stride-1 convolution on oneDNN's jit_wino_4x3, where the CPU has
+// it, else the direct kernel; plain layout: the activations stay NCHW, no reorders, and a 1x1 convolution runs as
+// oneDNN's GEMM (gemm:jit) per image at AVX-512, where MindSpore's runs the same GEMM held to AVX2):
 //   ConvForward(x, w, geometry) -> y
 //   ConvBackward(dy, x, w, geometry) -> (dx, dw)     one op, so that dy is reordered once for both
 #include <oneapi/dnnl/dnnl.hpp>
@@ -58,10 +59,11 @@ stream &cpu_stream() {
 
 struct Geometry {
   memory::dims src, wei, dst, strides, pad_l, pad_r;
-  bool winograd = false;
+  bool winograd = false, plain = false;
   std::string key(char kind) const {
     std::string k(1, kind);
     k += winograd ? "w" : "d";
+    k += plain ? "p" : "b";
     for (const auto *d : {&src, &wei, &dst, &strides, &pad_l, &pad_r})
       for (auto v : *d) k += "," + std::to_string(v);
     return k;
@@ -103,8 +105,12 @@ struct Kernel {
   int output;  // which of the three the kernel writes
 };
 
+// The activations' layout: the kernel's choice (blocked), or MindSpore's NCHW.
+tag activations(const Geometry &g) { return g.plain ? tag::nchw : tag::any; }
+
 convolution_forward::primitive_desc forward_hint(const Geometry &g, algorithm algo) {
-  memory::desc src(g.src, dt::f32, tag::any), wei(g.wei, dt::f32, tag::any), dst(g.dst, dt::f32, tag::any);
+  memory::desc src(g.src, dt::f32, activations(g)), wei(g.wei, dt::f32, tag::any),
+      dst(g.dst, dt::f32, activations(g));
   convolution_forward::desc d(prop_kind::forward_training, algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
   return convolution_forward::primitive_desc(d, cpu());
 }
@@ -118,7 +124,8 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
   k->plain[0] = memory::desc(g.src, dt::f32, tag::nchw);
   k->plain[1] = memory::desc(g.wei, dt::f32, tag::oihw);
   k->plain[2] = memory::desc(g.dst, dt::f32, tag::nchw);
-  memory::desc src(g.src, dt::f32, tag::any), wei(g.wei, dt::f32, tag::any), dst(g.dst, dt::f32, tag::any);
+  memory::desc src(g.src, dt::f32, activations(g)), wei(g.wei, dt::f32, tag::any),
+      dst(g.dst, dt::f32, activations(g));
   auto hint = forward_hint(g, algo);
   if (kind == 'f') {
     k->kernel = convolution_forward(hint);
@@ -206,7 +213,7 @@ void run(const Geometry &g, std::initializer_list<std::pair<char, std::array<voi
 
 Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int64_t *shape_dst, const int64_t *geo,
                   int64_t geo_length) {
-  if (geo_length != 8) throw std::runtime_error("geometry has " + std::to_string(geo_length) + " entries, not 8");
+  if (geo_length != 9) throw std::runtime_error("geometry has " + std::to_string(geo_length) + " entries, not 9");
   Geometry g;
   g.src = dims_of(4, shape_src);
   g.wei = dims_of(4, shape_wei);
@@ -215,6 +222,7 @@ Geometry geometry(const int64_t *shape_src, const int64_t *shape_wei, const int6
   g.pad_l = {geo[2], geo[4]};
   g.pad_r = {geo[3], geo[5]};
   g.winograd = geo[7] != 0;
+  g.plain = geo[8] != 0;
   return g;
 }
 

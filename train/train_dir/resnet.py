@@ -38,6 +38,9 @@ AS_CONVOLUTION, AS_MATMUL, ON_ONEDNN, AS_DENSE_MATRIX = 0, 1, 2, 3  # how a Conv
 KERNEL_METHODS = {AS_CONVOLUTION: "as_convolution", AS_MATMUL: "as_matmul", ON_ONEDNN: "on_onednn",
                   AS_DENSE_MATRIX: "as_dense_matrix"}  # ... in these
 ONEDNN_MIN_1X1_CHANNELS = 1024
+# 1x1 convolutions with output maps of at least 14x14 (224 inputs' first three stages) run as oneDNN's GEMM on
+# MindSpore's NCHW tensors (no reorders), at AVX-512 where MindSpore's is held to AVX2: a 224x224 step 1.10x faster.
+PLAIN_GEMM_MIN_SIDE = 14
 # 3x3 stride-1 convolutions with output maps of at least 14x14 (224 inputs' first three stages) run on oneDNN's
 # Winograd kernels where the CPU has them: 0.53x-0.80x the direct kernel's time there, slower on smaller maps (README,
 # Performance). RESNET_ONEDNN_WINOGRAD=0 turns them off (the benchmark's comparison).
@@ -61,7 +64,8 @@ def _plan(plan_key, x_shape, dtype, training):
     compute = KERNEL_METHODS[layer.choose_kernel(x_shape[0], dtype, out_h * out_w, x_shape[2] * x_shape[3])]
     winograd = (layer.kernel_size == (3, 3) and layer.stride == (1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIDE
                 and os.environ.get("RESNET_ONEDNN_WINOGRAD") != "0")
-    geometry = (*layer.stride, top, bottom, left, right, int(layer.input_needs_gradient), int(winograd))
+    plain = layer.kernel_size == (1, 1) and out_h * out_w >= PLAIN_GEMM_MIN_SIDE ** 2
+    geometry = (*layer.stride, top, bottom, left, right, int(layer.input_needs_gradient), int(winograd), int(plain))
     return compute, (top, bottom, left, right), (out_h, out_w), geometry
 
 
@@ -122,11 +126,12 @@ class Conv2d(nn.Conv2d):
                 return AS_DENSE_MATRIX
             return AS_MATMUL
         # In a training step, oneDNN's kernels (with their reorders) beat MindSpore's on 3x3 and 7x7 convolutions,
-        # and on 1x1 ones only in the deep layers (1024+ channels): elsewhere a 1x1 convolution is one GEMM either
-        # way, and the reorders cost more than they save.
+        # and on 1x1 ones in the deep layers (1024+ channels); a shallow 1x1 convolution is one GEMM either way, and
+        # the reorders cost more than they save, unless it runs on NCHW without them (large maps: _plan).
         deep = max(self.in_channels, self.out_channels) >= ONEDNN_MIN_1X1_CHANNELS
+        large = out_pixels >= PLAIN_GEMM_MIN_SIDE ** 2
         if self.training and self.onednn_forward is not None and dtype == ms.float32 and (
-                self.kernel_size != (1, 1) or deep):
+                self.kernel_size != (1, 1) or deep or large):
             return ON_ONEDNN
         return AS_CONVOLUTION
 
