@@ -2,11 +2,16 @@
 
 MindSpore's CPU convolution takes NCHW only and runs oneDNN's GEMM convolution one image at a time; PyTorch reorders
 into blocked layouts and runs oneDNN's direct kernels (jit:avx512_core on this machine), which are faster on most
-of ResNet's layers. `resnet.Conv2d` calls these operators while training on CPU, for the layers where they measured
-faster in a training step (3x3, 7x7, deep 1x1: README, Performance); the weights stay MindSpore's NCHW parameters,
-so checkpoints and exports are unchanged.
+of ResNet's layers; 1x1 convolutions on large maps run as oneDNN's GEMM on NCHW itself, at AVX-512 where
+MindSpore's is held to AVX2. `resnet.Conv2d` calls these operators while training on CPU, for the layers where they
+measured faster in a training step (3x3, 7x7, deep 1x1, 1x1 on maps of 14x14 and more: README, Performance); the
+weights stay MindSpore's NCHW parameters, so checkpoints and exports are unchanged.
 
-The library is built on first use from onednn_conv.cc with the system's C++ compiler (`$CXX`, else g++) against the
+The same library holds the other CPU training operators that beat MindSpore's in a step: a convolution on a tiny
+map as one dense matrix (small_map_conv.cc, resnet.Conv2d) and the whole momentum step in one pass
+(fused_momentum.cc, train_step.FusedMomentum).
+
+The library is built on first use from these sources with the system's C++ compiler (`$CXX`, else g++) against the
 system's oneDNN (Debian's libdnnl-dev: `make venv` installs it where apt-get can), into a cache folder, once per
 source and compiler. Without either, `load()` says why and training uses MindSpore's convolution.
 """

@@ -78,7 +78,9 @@ class Conv2d(nn.Conv2d):
     training step at 32x32 about 1.8x faster (README, Performance). From 4x4 maps on, or for fewer than 8 images
     (batch-1 inference), the convolution is faster. While training, 3x3 and 7x7 convolutions and the deep 1x1 ones
     run on oneDNN's blocked kernels where the library is built (`use_onednn_convolutions`, onednn_conv.py), the 3x3
-    stride-1 ones on large maps on its Winograd kernels. GPU and Ascend keep their convolutions.
+    stride-1 ones on large maps on its Winograd kernels, 1x1 ones on large maps as its GEMM on NCHW, and those on
+    1x1 maps (and the 3x3 from 2x2 to 1x1) as one dense matrix with no padding in it. GPU and Ascend keep their
+    convolutions.
     """
 
     def __init__(self, *args, **kwargs):
