@@ -260,20 +260,23 @@ class ApplyGradients(nn.Cell):
         return self.optimizer(gradients)
 
 
-def test_momentum_sgd_follows_its_formula_with_groups_decay_and_a_schedule(momentum_kind):
-    """create_optimizer's momentum SGD against the formula in float32 numpy, on resnet18's parameters: the head at
-    the full rate and the backbone at a tenth, weight decay on weights but not on BatchNorm or biases, a learning
-    rate that changes every step. nn.Momentum and the fused operator compute it the same way."""
+@pytest.mark.parametrize("backbone_lr_scale", [0.1, 1.0])  # a learning rate per group, or one for all
+def test_momentum_sgd_follows_its_formula_bitwise_with_groups_decay_and_a_schedule(momentum_kind, backbone_lr_scale):
+    """create_optimizer's momentum SGD against the formula in float32 numpy, to the bit, on resnet18's parameters:
+    the head at the full rate and the backbone at a fraction, weight decay on weights but not on BatchNorm or
+    biases, a learning rate that changes every step, and the momentum a resume state restored (its Parameter).
+    nn.Momentum and the fused operator compute it the same way."""
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     ms.set_seed(4)
     net = create_model("resnet18", 5)
     schedule = np.array([0.2, 0.1, 0.05], np.float32)
-    optimizer = train_step.create_optimizer(net, schedule, 0.9, 1e-3, backbone_lr_scale=0.1)
+    optimizer = train_step.create_optimizer(net, schedule, 0.9, 1e-3, backbone_lr_scale=backbone_lr_scale)
     assert type(optimizer).__name__ == momentum_kind
+    optimizer.momentum.set_data(ms.Tensor(0.8, ms.float32))  # as loading resume.ckpt does
     params = list(optimizer.parameters)
     assert [m.name for m in optimizer.moments] == ["moments." + p.name for p in params]  # resume states as before
-    rates = [np.float32(1.0 if p.name.startswith("fc.") else 0.1) for p in params]  # before a cell prefixes names
-    rng = np.random.default_rng(0)
+    rates = [np.float32(1.0 if p.name.startswith("fc.") else backbone_lr_scale) for p in params]  # before a cell
+    rng = np.random.default_rng(0)                                                                # prefixes names
     gradients = [rng.normal(scale=0.01, size=p.shape).astype(np.float32) for p in params]
     initial = [p.asnumpy().copy() for p in params]
     expected = [w.copy() for w in initial]
@@ -283,11 +286,22 @@ def test_momentum_sgd_follows_its_formula_with_groups_decay_and_a_schedule(momen
         step(tuple(ms.Tensor(g) for g in gradients))
         for i, (p, g) in enumerate(zip(params, gradients)):
             decay = np.float32(1e-3 if p.ndim > 1 else 0.0)
-            rate = np.float32(lr * rates[i])
-            accums[i] = accums[i] * np.float32(0.9) + (g + decay * expected[i])
-            expected[i] = expected[i] - rate * accums[i]
+            accums[i] = accums[i] * np.float32(0.8) + (g + decay * expected[i])
+            expected[i] = expected[i] - np.float32(lr * rates[i]) * accums[i]
     assert optimizer.global_step.asnumpy().item() == 3
     for p, m, want, accum in zip(params, optimizer.moments, expected, accums):
-        np.testing.assert_allclose(m.asnumpy(), accum, rtol=1e-6, atol=1e-9, err_msg=m.name)
-        np.testing.assert_allclose(p.asnumpy(), want, rtol=1e-6, atol=1e-9, err_msg=p.name)
+        np.testing.assert_array_equal(m.asnumpy(), accum, err_msg=m.name)
+        np.testing.assert_array_equal(p.asnumpy(), want, err_msg=p.name)
     assert not any(np.array_equal(p.asnumpy(), before) for p, before in zip(params, initial))  # every one moved
+
+
+def test_the_fused_step_refuses_what_it_does_not_compute(monkeypatch):
+    import onednn_conv
+    monkeypatch.delenv(onednn_conv.DISABLE, raising=False)
+    library, why_not = onednn_conv.load.__wrapped__()
+    if library is None:
+        pytest.skip(f"no C++ library here: {why_not}")
+    net = create_model("resnet18", 5)
+    groups = [{"params": net.trainable_params(), "grad_centralization": True}]
+    with pytest.raises(ValueError, match="plain momentum SGD with constant weight decay only"):
+        train_step.FusedMomentum(groups, ms.Tensor(np.full(2, 0.1, np.float32)), 0.9, library.momentum_step())

@@ -35,6 +35,8 @@
 #include <vector>
 
 using namespace dnnl;
+
+int run_on_worker(const char *what, const std::function<void()> &body);  // below
 using tag = memory::format_tag;
 using dt = memory::data_type;
 
@@ -261,11 +263,10 @@ class Worker {
   std::exception_ptr error_;
 };
 
-// Checks what MindSpore passed (float32, 4-D, the operator's arity), then runs `body` on the worker; a failure is
-// one line on stderr and a non-zero return, which MindSpore raises as an error.
+// Checks what MindSpore passed (float32, 4-D, the operator's arity), then runs `body` (run_on_worker).
 int guarded(const char *name, int nparam, int expected, int *ndims, const char **dtypes,
             const std::function<void()> &body) {
-  try {
+  return run_on_worker(("onednn_conv " + std::string(name)).c_str(), [&] {
     if (nparam != expected) throw std::runtime_error("expected " + std::to_string(expected) + " tensors");
     for (int i = 0; i < nparam; ++i) {
       bool geometry = ndims[i] == 1 && std::strcmp(dtypes[i], "int64") == 0;
@@ -273,19 +274,28 @@ int guarded(const char *name, int nparam, int expected, int *ndims, const char *
         throw std::runtime_error(std::string("float32 NCHW tensors only, got ") + dtypes[i] + " of rank " +
                                  std::to_string(ndims[i]));
     }
+    body();
+  });
+}
+
+}  // namespace
+
+// Runs `body` on the worker thread, one call at a time, for every operator of the library (small_map_conv.cc and
+// fused_momentum.cc too): each uses both cores, and OpenMP keeps one team. A failure is one line on stderr, "<what>:
+// <why>", and a non-zero return, which MindSpore raises as an error.
+int run_on_worker(const char *what, const std::function<void()> &body) {
+  try {
     static Worker *worker = new Worker;  // never destroyed: its thread may outlive static destructors
     std::lock_guard<std::mutex> one_call_at_a_time(g_lock);
     worker->run(body);
     return 0;
   } catch (const std::exception &e) {
-    std::fprintf(stderr, "onednn_conv %s: %s\n", name, e.what());
+    std::fprintf(stderr, "%s: %s\n", what, e.what());
   } catch (...) {
-    std::fprintf(stderr, "onednn_conv %s: unknown error\n", name);
+    std::fprintf(stderr, "%s: unknown error\n", what);
   }
   return 1;
 }
-
-}  // namespace
 
 extern "C" {
 

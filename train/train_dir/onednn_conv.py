@@ -28,6 +28,8 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 # one library: also the dense matrix of convolutions on tiny maps (resnet.Conv2d) and train_step.FusedMomentum's step
 SOURCES = (SOURCE, SOURCE.with_name("small_map_conv.cc"), SOURCE.with_name("fused_momentum.cc"))
+# -ffp-contract=off: no fused multiply-adds, so the momentum step rounds as MindSpore's own kernels do
+FLAGS = ("-O2", "-std=c++14", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 DISABLE = "RESNET_ONEDNN_CONV"  # "0" turns the operators off (the benchmark's and tests' reference runs)
 # OpenMP threads that wait by sleeping. The library runs on OpenMP (libgomp, which MindSpore loads too): between two
 # of its calls MindSpore's own threads run BatchNorm and the rest, and OpenMP threads spinning meanwhile starve them
@@ -48,8 +50,8 @@ class Library:
         self.path, self.version = path, version
 
     def forward(self, output_shape):
-        """y = conv(x, w) with geometry [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dx?, Winograd?]
-        (resnet._plan), and its gradients through one backward operator. `output_shape(x_shape)` gives y's shape."""
+        """y = conv(x, w) with geometry [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dx?, Winograd?,
+        plain layout?] (resnet._plan), and its gradients through one backward operator. `output_shape(x_shape)` gives y's shape."""
         import mindspore.ops as ops
         backward = ops.Custom(f"{self.path}:ConvBackward", out_shape=lambda dy, x, w, geometry: (x, w),
                               out_dtype=lambda dy, x, w, geometry: (x, w), func_type="aot")
@@ -131,7 +133,8 @@ def build(compiler):
     source = b"".join(path.read_bytes() for path in SOURCES)
     headers = Path("/usr/include/oneapi/dnnl/dnnl_version.h")  # a new oneDNN gets a new build
     library_version = headers.read_bytes() if headers.is_file() else b""
-    tag = hashlib.sha256(source + version.encode() + platform.machine().encode() + library_version).hexdigest()[:16]
+    tag = hashlib.sha256(source + version.encode() + platform.machine().encode() + library_version
+                         + " ".join(FLAGS).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"onednn_conv-{tag}.so"
     if target.is_file():
@@ -140,15 +143,14 @@ def build(compiler):
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".onednn_conv-", suffix=".so")
     os.close(handle)
     try:
-        # -ffp-contract=off: no fused multiply-adds, so the momentum step rounds as MindSpore's own kernels do
-        result = subprocess.run([compiler, "-O2", "-std=c++14", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC",
-                                 *map(str, SOURCES), "-o", temporary, "-ldnnl"], capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", temporary, "-ldnnl"],
+                                capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line),
                          (result.stderr.strip().splitlines() or ["?"])[0])
             hint = " (is libdnnl-dev installed?)" if "dnnl" in first else ""
-            raise OSError(f"{Path(compiler).name} could not build {SOURCE.name}: {first.strip()}{hint}")
+            names = ", ".join(path.name for path in SOURCES)
+            raise OSError(f"{Path(compiler).name} could not build {names}: {first.strip()}{hint}")
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

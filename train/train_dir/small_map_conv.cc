@@ -12,8 +12,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
+
+int run_on_worker(const char *what, const std::function<void()> &body);  // onednn_conv.cc
 
 namespace {
 
@@ -45,18 +48,13 @@ Taps taps_of(int *ndims, int64_t **shapes, const char **dtypes, const int64_t *g
   return t;
 }
 
-int reported(const char *name, const std::exception &e) {
-  std::fprintf(stderr, "small_map_conv %s: %s\n", name, e.what());
-  return 1;
-}
-
 }  // namespace
 
 extern "C" {
 
 int DenseWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                  void *extra) {
-  try {
+  return run_on_worker("small_map_conv forward", [&] {
     if (nparam != 4) throw std::runtime_error("expected w, x, geometry -> B");
     const Taps t = taps_of(ndims, shapes, dtypes, static_cast<int64_t *>(params[2]), 0, 3);
     const float *w = static_cast<const float *>(params[0]);
@@ -72,15 +70,12 @@ int DenseWeights(int nparam, void **params, int *ndims, int64_t **shapes, const 
             row[c * in_pixels + p] = tap < 0 ? 0.f : w[o * filter + c * t.kh * t.kw + tap];
         }
       }
-    return 0;
-  } catch (const std::exception &e) {
-    return reported("forward", e);
-  }
+  });
 }
 
 int DenseWeightsGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                      void *extra) {
-  try {
+  return run_on_worker("small_map_conv backward", [&] {
     if (nparam != 5) throw std::runtime_error("expected dB, w, x, geometry -> dw");
     const Taps t = taps_of(ndims, shapes, dtypes, static_cast<int64_t *>(params[3]), 1, 0);
     if (std::strcmp(dtypes[0], "float32") != 0) throw std::runtime_error(std::string("float32 only, got ") + dtypes[0]);
@@ -100,9 +95,6 @@ int DenseWeightsGrad(int nparam, void **params, int *ndims, int64_t **shapes, co
         }
       }
     }
-    return 0;
-  } catch (const std::exception &e) {
-    return reported("backward", e);
-  }
+  });
 }
 }

@@ -66,29 +66,31 @@ def create_optimizer(net, lr_schedule, momentum, weight_decay, backbone_lr_scale
 
 
 class FusedMomentum(nn.Momentum):
-    """nn.Momentum with the whole step, weight decay included, in one CPU operator (fused_momentum.cc) instead of
-    three kernels a parameter: bitwise the same numbers, in about a third of the time (README, Performance). The
-    same parameters, moments and step counter, so checkpoints and resume states are nn.Momentum's."""
+    """nn.Momentum (as create_optimizer makes it: no Nesterov, loss scale or gradient centralisation) with the whole
+    step, weight decay included, in one CPU operator (fused_momentum.cc) instead of three kernels a decayed parameter
+    and one for the others: bitwise the same numbers, in a third of the time (README, Performance). The same
+    parameters, moments, momentum and step counter, so checkpoints and resume states are nn.Momentum's."""
 
     def __init__(self, params, learning_rate, momentum, step_operator):
         super().__init__(params, learning_rate=learning_rate, momentum=momentum)
+        if self.use_nesterov or self.need_scale or self.dynamic_weight_decay or any(
+                getattr(self, "grad_centralization_flags", ())):
+            raise ValueError("FusedMomentum computes plain momentum SGD with constant weight decay only")
         count = len(self._parameters)
         decays = self.weight_decay if isinstance(self.weight_decay, tuple) else (self.weight_decay,) * count
         self.decays = ms.Tensor([float(decay) if decayed else 0.0 for decay, decayed in zip(decays, self.decay_flags)],
                                 ms.float32)
-        self.momentum_value = ms.Tensor([float(momentum)], ms.float32)
         self.step_operator = step_operator
 
     def construct(self, gradients):
-        gradients = self.gradients_centralization(gradients)
         lr = self.get_lr()
         self.assignadd(self.global_step, self.global_step_increase_tensor)
         if self.is_group_lr:
             rates = ops.stack(lr)
         else:
             rates = ops.broadcast_to(ops.reshape(lr, (1,)), (len(self._parameters),))
-        return self.step_operator(rates, self.decays, self.momentum_value, *self._parameters, *self.moments,
-                                  *gradients)
+        momentum = ops.reshape(self.momentum, (1,))  # the Parameter, which a resume state restores
+        return self.step_operator(rates, self.decays, momentum, *self._parameters, *self.moments, *gradients)
 
 
 def real_rows(logits, labels):
