@@ -148,6 +148,32 @@ def test_tiny_maps_as_one_dense_matrix_match_mindspore_forward_and_backward(padd
     assert_like_mindspore(padding, resnet.AS_DENSE_MATRIX, DENSE_GEOMETRIES)
 
 
+@needs_library
+def test_the_dense_matrix_keeps_height_and_width_apart():
+    """Non-square maps (1x2, 2x1, 3x1 to 2x1), where a tap read with height and width swapped would show."""
+    import mindspore as ms
+    import mindspore.nn as nn
+    import resnet
+
+    class Dense(resnet.Conv2d):
+        def choose_kernel(self, batch, dtype, out_pixels, in_pixels):
+            return resnet.AS_DENSE_MATRIX
+
+    rng = np.random.default_rng(2)
+    for shape, stride in (((4, 8, 1, 2), 2), ((4, 8, 2, 1), 2), ((4, 8, 3, 1), 2), ((4, 8, 1, 2), 1)):
+        reference = nn.Conv2d(8, 6, 3, stride, pad_mode="same")
+        ours = Dense(8, 6, 3, stride, pad_mode="same")
+        ours.dense_weights = LIBRARY.dense_weights(ours.output_shape)
+        x = (ms.Tensor(rng.normal(size=shape).astype(np.float32)),)
+        out_shape = reference(x[0]).shape
+        direction = (ms.Tensor(rng.normal(size=out_shape).astype(np.float32)),)
+        weights = [rng.normal(scale=0.1, size=(6, 8, 3, 3)).astype(np.float32)]
+        expected = outputs_and_gradients([reference], x, direction, weights)
+        got = outputs_and_gradients([ours], x, direction, weights)
+        for name, a, b in zip(("output", "input gradient", "weight gradient"), got, expected):
+            assert a[0].shape == b[0].shape and relative_error(a[0], b[0]) < 2e-5, (name, shape, stride)
+
+
 def test_winograd_is_asked_for_3x3_stride_1_on_maps_of_14_and_more_unless_turned_off(monkeypatch):
     import resnet
     cases = {(3, 1, 14): 1, (3, 1, 13): 0, (3, 2, 28): 0, (1, 1, 56): 0, (7, 2, 224): 0}
