@@ -247,10 +247,11 @@ def convolutions(image_size, batch_size, repeats=5):
     for names, cin, cout, kernel, stride, shape in convolution_layers(image_size, batch_size):
         runs = {}
         x = ms.Tensor(rng.normal(size=shape).astype(np.float32))
-        out_pixels = int(np.prod(Conv2d(cin, cout, kernel, stride, pad_mode="same").output_shape(shape)[2:]))
-        in_pixels = shape[2] * shape[3]
+        chooser = Conv2d(cin, cout, kernel, stride, pad_mode="same")
+        chooser.set_train()
+        out_pixels, in_pixels = int(np.prod(chooser.output_shape(shape)[2:])), shape[2] * shape[3]
         for path, way in CONVOLUTION_PATHS.items():
-            if path == "dense" and out_pixels * in_pixels > kernel * kernel:  # a matrix larger than the weight
+            if path == "dense" and not chooser.dense_matrix_fits(out_pixels, in_pixels):
                 continue
             conv = Forced(cin, cout, kernel, stride, pad_mode="same")
             conv.forced = way
@@ -266,8 +267,6 @@ def convolutions(image_size, batch_size, repeats=5):
                 start = time.perf_counter()
                 wait(run(x))
                 times[path].append(time.perf_counter() - start)
-        chooser = Conv2d(cin, cout, kernel, stride, pad_mode="same")
-        chooser.set_train()
         before = chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels)  # without the library
         chooser.onednn_forward = chooser.dense_weights = runs["onednn"]  # choose_kernel asks only if there is one
         after = chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels)

@@ -35,10 +35,10 @@
 #include <vector>
 
 using namespace dnnl;
-
-int run_on_worker(const char *what, const std::function<void()> &body);  // below
 using tag = memory::format_tag;
 using dt = memory::data_type;
+
+int run_on_worker(const char *what, const std::function<void()> &body);  // below
 
 namespace {
 
@@ -107,13 +107,18 @@ struct Kernel {
   int output;  // which of the three the kernel writes
 };
 
-// The activations' layout: the kernel's choice (blocked), or MindSpore's NCHW.
-tag activations(const Geometry &g) { return g.plain ? tag::nchw : tag::any; }
+// The layouts asked of the kernel: weights in the kernel's choice (blocked), activations too or in MindSpore's NCHW.
+struct Wanted {
+  memory::desc src, wei, dst;
+  explicit Wanted(const Geometry &g)
+      : src(g.src, dt::f32, g.plain ? tag::nchw : tag::any),
+        wei(g.wei, dt::f32, tag::any),
+        dst(g.dst, dt::f32, g.plain ? tag::nchw : tag::any) {}
+};
 
 convolution_forward::primitive_desc forward_hint(const Geometry &g, algorithm algo) {
-  memory::desc src(g.src, dt::f32, activations(g)), wei(g.wei, dt::f32, tag::any),
-      dst(g.dst, dt::f32, activations(g));
-  convolution_forward::desc d(prop_kind::forward_training, algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+  const Wanted w(g);
+  convolution_forward::desc d(prop_kind::forward_training, algo, w.src, w.wei, w.dst, g.strides, g.pad_l, g.pad_r);
   return convolution_forward::primitive_desc(d, cpu());
 }
 
@@ -126,8 +131,7 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
   k->plain[0] = memory::desc(g.src, dt::f32, tag::nchw);
   k->plain[1] = memory::desc(g.wei, dt::f32, tag::oihw);
   k->plain[2] = memory::desc(g.dst, dt::f32, tag::nchw);
-  memory::desc src(g.src, dt::f32, activations(g)), wei(g.wei, dt::f32, tag::any),
-      dst(g.dst, dt::f32, activations(g));
+  const Wanted w(g);
   auto hint = forward_hint(g, algo);
   if (kind == 'f') {
     k->kernel = convolution_forward(hint);
@@ -136,7 +140,7 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
     k->args[0] = DNNL_ARG_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DST;
     k->output = 2;
   } else if (kind == 'd') {
-    convolution_backward_data::desc d(algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+    convolution_backward_data::desc d(algo, w.src, w.wei, w.dst, g.strides, g.pad_l, g.pad_r);
     convolution_backward_data::primitive_desc pd(d, cpu(), hint);
     k->kernel = convolution_backward_data(pd);
     g_kernel_names.insert("d:" + std::string(pd.impl_info_str()));
@@ -144,7 +148,7 @@ std::unique_ptr<Kernel> kernel_for(char kind, const Geometry &g, algorithm algo)
     k->args[0] = DNNL_ARG_DIFF_SRC, k->args[1] = DNNL_ARG_WEIGHTS, k->args[2] = DNNL_ARG_DIFF_DST;
     k->output = 0;
   } else {
-    convolution_backward_weights::desc d(algo, src, wei, dst, g.strides, g.pad_l, g.pad_r);
+    convolution_backward_weights::desc d(algo, w.src, w.wei, w.dst, g.strides, g.pad_l, g.pad_r);
     convolution_backward_weights::primitive_desc pd(d, cpu(), hint);
     k->kernel = convolution_backward_weights(pd);
     g_kernel_names.insert("w:" + std::string(pd.impl_info_str()));

@@ -64,7 +64,7 @@ def _plan(plan_key, x_shape, dtype, training):
     compute = KERNEL_METHODS[layer.choose_kernel(x_shape[0], dtype, out_h * out_w, x_shape[2] * x_shape[3])]
     winograd = (layer.kernel_size == (3, 3) and layer.stride == (1, 1) and min(out_h, out_w) >= WINOGRAD_MIN_SIDE
                 and os.environ.get("RESNET_ONEDNN_WINOGRAD") != "0")
-    plain = layer.kernel_size == (1, 1) and out_h * out_w >= PLAIN_GEMM_MIN_SIDE ** 2
+    plain = layer.runs_as_plain_gemm(out_h * out_w)
     geometry = (*layer.stride, top, bottom, left, right, int(layer.input_needs_gradient), int(winograd), int(plain))
     return compute, (top, bottom, left, right), (out_h, out_w), geometry
 
@@ -124,18 +124,25 @@ class Conv2d(nn.Conv2d):
             # The dense matrix wins where it is no larger than the weight (3x3 on 1x1 maps: 5.6x faster, forward
             # and backward); on 2x2 maps building it costs more than the padding's products it saves.
             if (self.training and self.dense_weights is not None and dtype == ms.float32
-                    and out_pixels * in_pixels <= self.kernel_size[0] * self.kernel_size[1]):
+                    and self.dense_matrix_fits(out_pixels, in_pixels)):
                 return AS_DENSE_MATRIX
             return AS_MATMUL
         # In a training step, oneDNN's kernels (with their reorders) beat MindSpore's on 3x3 and 7x7 convolutions,
         # and on 1x1 ones in the deep layers (1024+ channels); a shallow 1x1 convolution is one GEMM either way, and
         # the reorders cost more than they save, unless it runs on NCHW without them (large maps: _plan).
         deep = max(self.in_channels, self.out_channels) >= ONEDNN_MIN_1X1_CHANNELS
-        large = out_pixels >= PLAIN_GEMM_MIN_SIDE ** 2
         if self.training and self.onednn_forward is not None and dtype == ms.float32 and (
-                self.kernel_size != (1, 1) or deep or large):
+                self.kernel_size != (1, 1) or deep or self.runs_as_plain_gemm(out_pixels)):
             return ON_ONEDNN
         return AS_CONVOLUTION
+
+    def dense_matrix_fits(self, out_pixels, in_pixels):
+        """Whether the dense matrix from input to output pixels is no larger than the kernel (as_dense_matrix)."""
+        return out_pixels * in_pixels <= self.kernel_size[0] * self.kernel_size[1]
+
+    def runs_as_plain_gemm(self, out_pixels):
+        """Whether oneDNN runs this convolution as its GEMM on NCHW, with no reorders (1x1 on large maps)."""
+        return self.kernel_size == (1, 1) and out_pixels >= PLAIN_GEMM_MIN_SIDE ** 2
 
     def output_shape(self, x_shape):
         """[n, out_channels, out_h, out_w] for an input of `x_shape` (also the custom operator's shape inference)."""
