@@ -158,7 +158,10 @@ class Conv2d(nn.Conv2d):
         return self.onednn_forward(x, self.weight, ms.Tensor(geometry, ms.int64))
 
     def as_dense_matrix(self, x, pads, out_size, geometry):
-        matrix = self.dense_weights(self.weight, x, ms.Tensor(geometry, ms.int64))  # (out * Q, in * P)
+        if self.kernel_size == (1, 1) and x.shape[2] * x.shape[3] == 1:  # the matrix is the weight: nothing to copy
+            matrix = self.weight.reshape(self.out_channels, -1)
+        else:
+            matrix = self.dense_weights(self.weight, x, ms.Tensor(geometry, ms.int64))  # (out * Q, in * P)
         return self.matmul_by_weight(x.reshape(x.shape[0], -1), matrix).reshape(x.shape[0], -1, *out_size)
 
     def as_matmul(self, x, pads, out_size, geometry):
