@@ -198,7 +198,15 @@ def convolution_layers(image_size, batch_size):
     return [(names, *key) for key, names in seen.items()]
 
 
-CONVOLUTION_PATHS = {"mindspore": 0, "matmul": 1, "onednn": 2, "dense": 3}  # resnet.AS_CONVOLUTION ... AS_DENSE_MATRIX
+# path: (resnet.Conv2d's kernel: AS_CONVOLUTION 0, AS_MATMUL 1, ON_ONEDNN 2, AS_DENSE_MATRIX 3, on oneDNN's GEMM?)
+CONVOLUTION_PATHS = {"mindspore": (0, False), "matmul": (1, False), "gemm": (1, True), "onednn": (2, False),
+                     "dense": (3, True)}
+
+
+def convolution_path(kernel, with_library):
+    """The path resnet.Conv2d takes for `kernel`: its matmuls on oneDNN's GEMM where the library is."""
+    return next(path for path, (way, gemm) in CONVOLUTION_PATHS.items()
+                if way == kernel and gemm == (with_library and kernel in (1, 3)))
 
 
 def convolutions(image_size, batch_size, repeats=5):
@@ -250,15 +258,18 @@ def convolutions(image_size, batch_size, repeats=5):
         chooser = Conv2d(cin, cout, kernel, stride, pad_mode="same")
         chooser.set_train()
         out_pixels, in_pixels = int(np.prod(chooser.output_shape(shape)[2:])), shape[2] * shape[3]
-        for path, way in CONVOLUTION_PATHS.items():
+        for path, (way, gemm) in CONVOLUTION_PATHS.items():
             if path == "dense" and not chooser.dense_matrix_fits(out_pixels, in_pixels):
                 continue
+            if path == "gemm" and chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels) != way:
+                continue  # only where resnet.Conv2d runs a matmul: its large maps' columns are slow either way
             conv = Forced(cin, cout, kernel, stride, pad_mode="same")
             conv.forced = way
             conv.set_train()
             conv.input_needs_gradient = names != ["conv1"]
             conv.onednn_forward = library.forward(conv.output_shape)
             conv.dense_weights = library.dense_weights(conv.output_shape)
+            conv.onednn_matmul_by_weight = library.matmul_by_weight() if gemm else None
             direction = ms.Tensor(rng.normal(size=conv.output_shape(shape)).astype(np.float32))
             runs[path] = Gradients(Loss(conv, direction), conv.input_needs_gradient)
         times = {path: [] for path in runs}
@@ -267,9 +278,9 @@ def convolutions(image_size, batch_size, repeats=5):
                 start = time.perf_counter()
                 wait(run(x))
                 times[path].append(time.perf_counter() - start)
-        before = chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels)  # without the library
+        before = convolution_path(chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels), False)
         chooser.onednn_forward = chooser.dense_weights = runs["onednn"]  # choose_kernel asks only if there is one
-        after = chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels)
+        after = convolution_path(chooser.choose_kernel(batch_size, ms.float32, out_pixels, in_pixels), True)
         rows.append({"layers": names, "in": cin, "out": cout, "kernel": kernel, "stride": stride,
                      "input": list(shape), "before": before, "after": after,
                      **{path: statistics.median(times[path][1:]) * 1000 if path in times else float("nan")
@@ -568,16 +579,17 @@ def report(results, args, shapes):
 def report_convolutions(rows, size, batch):
     print(f"\neach convolution of {ARCH}'s training step at {size}x{size} b{batch}: ms forward+backward per call "
           f"(median of 5, interleaved); before = MindSpore's convolution or resnet.Conv2d's matmul, after = what "
-          f"resnet.Conv2d chooses now; dense = the tiny-map dense matrix, where it is no larger than the weight")
-    print(f"{'layers':<26}{'in->out':>11} {'k':>2} {'s':>2} {'map':>4}  {'conv':>7} {'matmul':>7} {'oneDNN':>7} "
-          f"{'dense':>7}  "
+          f"resnet.Conv2d chooses now; gemm = the matmul on oneDNN's GEMM, where resnet.Conv2d runs a matmul; dense = "
+          f"the tiny-map dense matrix (on that GEMM), where it is no larger than the weight")
+    print(f"{'layers':<26}{'in->out':>11} {'k':>2} {'s':>2} {'map':>4}  {'conv':>7} {'matmul':>7} {'gemm':>7} "
+          f"{'oneDNN':>7} {'dense':>7}  "
           f"{'before':>7} {'after':>7}  after/before")
     totals = {"before": 0.0, "after": 0.0}
     for row in rows:
         count = len(row["layers"])
         names = f"{row['layers'][0]}{f' +{count - 1}' if count > 1 else ''}"
         times = [row[path] for path in CONVOLUTION_PATHS]
-        before, after = times[row["before"]], times[row["after"]]
+        before, after = row[row["before"]], row[row["after"]]
         totals["before"] += count * before
         totals["after"] += count * after
         print(f"{names:<26}{row['in']:>5}->{row['out']:<5} {row['kernel']:>2} {row['stride']:>2} "

@@ -290,6 +290,7 @@ int guarded(const char *name, int nparam, int expected, int *ndims, const char *
 int run_on_worker(const char *what, const std::function<void()> &body) {
   try {
     static Worker *worker = new Worker;  // never destroyed: its thread may outlive static destructors
+    cpu();  // lifts the ISA cap before any oneDNN call, the GEMMs (small_map_conv.cc) included, which need no engine
     std::lock_guard<std::mutex> one_call_at_a_time(g_lock);
     worker->run(body);
     return 0;

@@ -7,9 +7,9 @@ MindSpore's is held to AVX2. `resnet.Conv2d` calls these operators while trainin
 measured faster in a training step (3x3, 7x7, deep 1x1, 1x1 on maps of 14x14 and more: README, Performance); the
 weights stay MindSpore's NCHW parameters, so checkpoints and exports are unchanged.
 
-The same library holds the other CPU training operators that beat MindSpore's in a step: a convolution on a tiny
-map as one dense matrix (small_map_conv.cc, resnet.Conv2d) and the whole momentum step in one pass
-(fused_momentum.cc, train_step.FusedMomentum).
+The same library holds the other CPU training operators that beat MindSpore's in a step: the small maps' matmuls on
+oneDNN's GEMM and a convolution on a tiny map as one dense matrix (small_map_conv.cc, resnet.Conv2d), and the whole
+momentum step in one pass (fused_momentum.cc, train_step.FusedMomentum).
 
 The library is built on first use from these sources with the system's C++ compiler (`$CXX`, else g++) against the
 system's oneDNN (Debian's libdnnl-dev: `make venv` installs it where apt-get can), into a cache folder, once per
@@ -80,6 +80,19 @@ class Library:
 
         return ops.Custom(f"{self.path}:DenseWeights", out_shape=matrix_shape, out_dtype=lambda w, x, geometry: w,
                           func_type="aot", bprop=bprop)
+
+    def matmul_by_weight(self):
+        """c = MatmulByWeight(a, b) = a . b^T (small_map_conv.cc), as ops.MatMul(transpose_b=True), on oneDNN's GEMM
+        at AVX-512; its backward gives both gradients in one operator."""
+        import mindspore.ops as ops
+        backward = ops.Custom(f"{self.path}:MatmulByWeightGrad", out_shape=lambda dc, a, b: (a, b),
+                              out_dtype=lambda dc, a, b: (a, b), func_type="aot")
+
+        def bprop(a, b, out, dout):
+            return backward(dout, a, b)
+
+        return ops.Custom(f"{self.path}:MatmulByWeight", out_shape=lambda a, b: [a[0], b[0]],
+                          out_dtype=lambda a, b: a, func_type="aot", bprop=bprop)
 
     def momentum_step(self):
         """FusedMomentum(lr[n], decay[n], momentum[1], *vars, *accums, *grads) -> done[1] (fused_momentum.cc), which

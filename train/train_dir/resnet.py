@@ -12,8 +12,8 @@ symmetric (k-1)/2 padding (MindCV, mindvision), which shifts strided convolution
 checkpoint written by this code records its padding as `resnet_padding`, and labels.json as `padding`.
 
 On CPU, a convolution whose output map is 2x2 or smaller runs as one matmul over the batch (`Conv2d`), which makes
-training at 32x32 about 1.8x faster; while training, larger maps run on oneDNN's blocked kernels where those are
-faster (`use_onednn_convolutions`, onednn_conv.py).
+training at 32x32 about 1.8x faster; while training, that matmul runs on oneDNN's GEMM and larger maps on its
+blocked kernels where those are faster (`use_onednn_convolutions`, onednn_conv.py).
 """
 import itertools
 import os
@@ -79,8 +79,8 @@ class Conv2d(nn.Conv2d):
     (batch-1 inference), the convolution is faster. While training, 3x3 and 7x7 convolutions and the deep 1x1 ones
     run on oneDNN's blocked kernels where the library is built (`use_onednn_convolutions`, onednn_conv.py), the 3x3
     stride-1 ones on large maps on its Winograd kernels, 1x1 ones on large maps as its GEMM on NCHW, and those on
-    1x1 maps (and the 3x3 from 2x2 to 1x1) as one dense matrix with no padding in it. GPU and Ascend keep their
-    convolutions.
+    1x1 maps (and the 3x3 from 2x2 to 1x1) as one dense matrix with no padding in it; the small maps' matmuls run on
+    oneDNN's GEMM at AVX-512. GPU and Ascend keep their convolutions.
     """
 
     def __init__(self, *args, **kwargs):
@@ -89,7 +89,8 @@ class Conv2d(nn.Conv2d):
                                      and self.dilation in ((1, 1), (1, 1, 1, 1)) and self.data_format == "NCHW")
         self.matmul_by_weight = ops.MatMul(transpose_b=True)
         self.onednn_forward = None  # set by use_onednn_convolutions ...
-        self.dense_weights = None  # ... as is this
+        self.dense_weights = None  # ... as are these
+        self.onednn_matmul_by_weight = None
         self.input_needs_gradient = True  # False for the network's first convolution: nothing reads the images' one
         self.plan_key = next(_PLAN_KEYS)
         _LAYERS[self.plan_key] = self
@@ -162,7 +163,7 @@ class Conv2d(nn.Conv2d):
             matrix = self.weight.reshape(self.out_channels, -1)
         else:
             matrix = self.dense_weights(self.weight, x, ms.Tensor(geometry, ms.int64))  # (out * Q, in * P)
-        return self.matmul_by_weight(x.reshape(x.shape[0], -1), matrix).reshape(x.shape[0], -1, *out_size)
+        return self.matmul(x.reshape(x.shape[0], -1), matrix).reshape(x.shape[0], -1, *out_size)
 
     def as_matmul(self, x, pads, out_size, geometry):
         n, c, _, _ = x.shape
@@ -178,8 +179,15 @@ class Conv2d(nn.Conv2d):
             columns = ops.unfold(x, (kh, kw), padding=(top, left), stride=(sh, sw))  # (n, c * kh * kw, out pixels)
             columns = columns.transpose(0, 2, 1).reshape(n * out_h * out_w, c * kh * kw)
         # weights stay (out, in * kh * kw): transposing them in the matmul, not in memory, keeps it fast
-        output = self.matmul_by_weight(columns, self.weight.reshape(self.out_channels, -1))
+        output = self.matmul(columns, self.weight.reshape(self.out_channels, -1))
         return output.reshape(n, out_h, out_w, -1).transpose(0, 3, 1, 2)
+
+    def matmul(self, a, b):
+        """a . b^T, training on oneDNN's GEMM at AVX-512 where the library is built (2.5-4x MindSpore's MatMul on
+        these shapes), else MindSpore's MatMul (inference and exports too)."""
+        if self.training and self.onednn_matmul_by_weight is not None and a.dtype == ms.float32:
+            return self.onednn_matmul_by_weight(a, b)
+        return self.matmul_by_weight(a, b)
 
 
 def use_onednn_convolutions(net):
@@ -194,10 +202,11 @@ def use_onednn_convolutions(net):
     try:
         operators = [(library.forward(cell.output_shape), library.dense_weights(cell.output_shape))
                      for cell in convolutions]
+        matmul_by_weight = library.matmul_by_weight()
     except (TypeError, ValueError, RuntimeError) as error:  # e.g. MS_CUSTOM_AOT_WHITE_LIST leaves the cache out
         return f"convolutions: MindSpore's (the custom operator was refused: {str(error).splitlines()[0]})"
     for cell, (forward, dense_weights) in zip(convolutions, operators):
-        cell.onednn_forward, cell.dense_weights = forward, dense_weights
+        cell.onednn_forward, cell.dense_weights, cell.onednn_matmul_by_weight = forward, dense_weights, matmul_by_weight
     return f"convolutions: oneDNN blocked kernels where faster ({library.version}, built from {onednn_conv.SOURCE.name})"
 
 

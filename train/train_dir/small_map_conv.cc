@@ -1,5 +1,9 @@
-// A convolution on a tiny map as one dense matrix (resnet.Conv2d.as_dense_matrix; onednn_conv.py builds this file
-// into the same library as onednn_conv.cc).
+// Convolutions on tiny maps as matrix products (resnet.Conv2d.as_matmul and as_dense_matrix; onednn_conv.py builds
+// this file into the same library as onednn_conv.cc).
+//
+// The products run on oneDNN's GEMM at AVX-512 (MindSpore's MatMul is held to AVX2 and ran them 2.5-4x slower):
+//   MatmulByWeight(a, b) -> a . b^T        a (rows, k), b (columns, k), as ops.MatMul(transpose_b=True)
+//   MatmulByWeightGrad(dc, a, b) -> (dc . b, dc^T . a)
 //
 // On ResNet's 1x1 maps (layer4 at 32x32 inputs), a 3x3 convolution meets padding in 8 of its 9 taps, yet the
 // unfolded matmul multiplies them all. Written as y(n, out*Q) = x(n, in*P) . B^T, with B holding, for each output
@@ -11,6 +15,7 @@
 // geometry is onednn_conv.cc's: int64 [stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, ...].
 #include <cstdint>
 #include <cstdio>
+#include <oneapi/dnnl/dnnl.h>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -48,9 +53,51 @@ Taps taps_of(int *ndims, int64_t **shapes, const char **dtypes, const int64_t *g
   return t;
 }
 
+// C (m, n) = op(A) . op(B), row-major, op transposing where asked.
+void gemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
+  const int64_t lda = trans_a == 'N' ? k : m, ldb = trans_b == 'N' ? n : k;
+  if (dnnl_sgemm(trans_a, trans_b, m, n, k, 1.f, a, lda, b, ldb, 0.f, c, n) != dnnl_success)
+    throw std::runtime_error("oneDNN's sgemm failed");
+}
+
+// Checks that tensors first .. first + count - 1 are float32 matrices.
+void check_matrices(int *ndims, const char **dtypes, int first, int count) {
+  for (int i = first; i < first + count; ++i)
+    if (ndims[i] != 2 || std::strcmp(dtypes[i], "float32") != 0)
+      throw std::runtime_error(std::string("float32 matrices only, got ") + dtypes[i] + " of rank " +
+                               std::to_string(ndims[i]));
+}
+
 }  // namespace
 
 extern "C" {
+
+int MatmulByWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                   void *extra) {
+  return run_on_worker("small_map_conv matmul", [&] {
+    if (nparam != 3) throw std::runtime_error("expected a, b -> a . b^T");
+    check_matrices(ndims, dtypes, 0, 3);
+    const int64_t rows = shapes[0][0], columns = shapes[1][0], k = shapes[0][1];
+    if (shapes[1][1] != k || shapes[2][0] != rows || shapes[2][1] != columns)
+      throw std::runtime_error("a (rows, k) and b (columns, k) do not match");
+    gemm('N', 'T', rows, columns, k, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         static_cast<float *>(params[2]));
+  });
+}
+
+int MatmulByWeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  return run_on_worker("small_map_conv matmul backward", [&] {
+    if (nparam != 5) throw std::runtime_error("expected dc, a, b -> da, db");
+    check_matrices(ndims, dtypes, 0, 5);
+    const int64_t rows = shapes[1][0], columns = shapes[2][0], k = shapes[1][1];
+    if (shapes[2][1] != k || shapes[0][0] != rows || shapes[0][1] != columns)
+      throw std::runtime_error("dc (rows, columns), a (rows, k) and b (columns, k) do not match");
+    const float *dc = static_cast<const float *>(params[0]);
+    gemm('N', 'N', rows, k, columns, dc, static_cast<const float *>(params[2]), static_cast<float *>(params[3]));
+    gemm('T', 'N', columns, k, rows, dc, static_cast<const float *>(params[1]), static_cast<float *>(params[4]));
+  });
+}
 
 int DenseWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                  void *extra) {
