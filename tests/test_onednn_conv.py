@@ -32,8 +32,8 @@ def onednn_on(monkeypatch):
 # strides 1 and 2), on even and odd maps (a "same" strided convolution pads one side more on even ones), down to
 # the 1x1 maps of layer4 at 32x32 inputs, and 3x3 stride-1 ones on maps large enough for Winograd's kernels.
 GEOMETRIES = [(7, 2, 32), (7, 2, 33), (1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 1, 7), (3, 2, 8), (3, 2, 7),
-              (3, 1, 2), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2), (3, 1, 14), (3, 1, 17), (1, 1, 14), (1, 2, 28),
-              (1, 2, 29)]
+              (3, 1, 2), (3, 2, 4), (3, 1, 1), (1, 1, 1), (3, 2, 2), (1, 2, 2), (3, 1, 14), (3, 1, 17), (1, 1, 14),
+              (1, 2, 28), (1, 2, 29)]
 PADDINGS = ("same", "pytorch")
 
 
@@ -283,15 +283,18 @@ def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
     for conv in (one_by_one, three_by_three):
         assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.ON_ONEDNN
         assert conv.choose_kernel(8, ms.float16, 56 * 56, 112 * 112) == resnet.AS_CONVOLUTION  # float32 only
-    for conv in (one_by_one, three_by_three):  # maps of 2x2 and less stay one matmul over the batch ...
-        assert conv.choose_kernel(32, ms.float32, 4, 16) == resnet.AS_MATMUL
-    # ... or one dense matrix where it is no larger than the weight: 3x3 from 2x2 or on 1x1 maps, not 2x2 ones
+    # 1x1 convolutions on maps of 2x2 and less stay one matmul over the batch (on oneDNN's GEMM), 3x3 ones run on
+    # oneDNN's direct kernel ...
+    assert one_by_one.choose_kernel(32, ms.float32, 4, 16) == resnet.AS_MATMUL
+    assert three_by_three.choose_kernel(32, ms.float32, 4, 16) == resnet.ON_ONEDNN
+    # ... or as one dense matrix where it is no larger than the weight: 3x3 from 2x2 or on 1x1 maps, not 2x2 ones
     on_one_pixel, on_two_by_two = net.layer4[1].conv2, net.layer3[1].conv2
     assert three_by_three.choose_kernel(32, ms.float32, 1, 4) == resnet.AS_DENSE_MATRIX
     assert on_one_pixel.choose_kernel(32, ms.float32, 1, 1) == resnet.AS_DENSE_MATRIX
     assert on_one_pixel.choose_kernel(32, ms.float16, 1, 1) == resnet.AS_MATMUL
     assert on_one_pixel.choose_kernel(4, ms.float32, 1, 1) == resnet.ON_ONEDNN  # too few images for a matmul
-    assert on_two_by_two.choose_kernel(32, ms.float32, 4, 4) == resnet.AS_MATMUL
+    assert on_two_by_two.choose_kernel(32, ms.float32, 4, 4) == resnet.ON_ONEDNN
+    assert net.layer3[1].conv1.choose_kernel(32, ms.float32, 4, 4) == resnet.AS_MATMUL
     assert one_by_one.choose_kernel(32, ms.float32, 1, 4) == resnet.AS_MATMUL  # strided 1x1: 4 pixels for 1 tap
     shallow = net.layer1[0].conv1  # 1x1, 64 channels: one GEMM either way, the reorders would cost more ...
     assert shallow.choose_kernel(8, ms.float32, 8 * 8, 8 * 8) == resnet.AS_CONVOLUTION
