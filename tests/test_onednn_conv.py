@@ -192,6 +192,68 @@ def test_the_gemm_operator_computes_a_times_b_transposed_and_both_gradients():
 
 
 @needs_library
+@pytest.mark.parametrize("shape", [(4, 16, 14, 15), (3, 8, 3, 2)])
+def test_batchnorm_with_relu_and_residual_matches_mindspore_forward_backward_and_moving_statistics(shape, monkeypatch):
+    """resnet.BatchNorm2d as one operator (norm_relu.cc) against MindSpore's BatchNorm, Add and ReLU: outputs, the
+    gradients of input, residual, gamma and beta, and the moving statistics after a step, in GRAPH_MODE, on maps
+    large (vectorised loops) and tiny (scalar ones), with a mean far from zero (where E[x^2] - E[x]^2 loses digits
+    unless shifted); frozen statistics stay MindSpore's inference normalisation."""
+    import mindspore as ms
+    import mindspore.nn as nn
+    import mindspore.ops as ops
+    import resnet
+    monkeypatch.setattr(resnet, "FUSED_NORM_MIN_PIXELS", 1)  # the scalar loops too (ResNet fuses 14x14 and up)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(4)
+    x = ms.Tensor((rng.normal(size=shape) * 2 + 50).astype(np.float32))
+    residual = ms.Tensor(rng.normal(size=shape).astype(np.float32))
+    direction = ms.Tensor(rng.normal(size=shape).astype(np.float32))
+    moving_mean = (rng.normal(size=shape[1]) + 50).astype(np.float32)
+
+    class Norm(nn.Cell):
+        def __init__(self, how):
+            super().__init__()
+            self.norm, self.how = resnet.BatchNorm2d(shape[1], gamma_init="normal", beta_init="normal"), how
+
+        def construct(self, x, residual):
+            if self.how == "norm":
+                y = self.norm(x)
+            elif self.how == "relu":
+                y = self.norm.then_relu(x)
+            else:
+                y = self.norm.then_relu(x, residual)
+            return (y * direction).sum()
+
+    def run(how, fused, frozen=False):
+        ms.set_seed(7)
+        net = Norm(how)
+        if fused:
+            net.norm.onednn_norm, net.norm.onednn_norm_with_residual = (LIBRARY.batch_norm_relu(False),
+                                                                        LIBRARY.batch_norm_relu(True))
+        net.norm.moving_mean.set_data(ms.Tensor(moving_mean))
+        net.norm.moving_variance.set_data(ms.Tensor(np.full(shape[1], 3.0, np.float32)))
+        if frozen:
+            net.norm.use_batch_statistics = False
+        net.set_train()
+        assert net.norm.runs_fused(x) == (fused and not frozen)
+        inputs, weights = ops.GradOperation(get_all=True, get_by_list=True)(
+            net, ms.ParameterTuple(net.trainable_params()))(x, residual)
+        loss = net(x, residual)  # the moving statistics move once more
+        return [loss.asnumpy(), *(g.asnumpy() for g in inputs), *(g.asnumpy() for g in weights),
+                net.norm.moving_mean.asnumpy(), net.norm.moving_variance.asnumpy()]
+
+    names = ("output", "input gradient", "residual gradient", "gamma gradient", "beta gradient", "moving mean",
+             "moving variance")
+    for how in ("norm", "relu", "residual"):
+        ours, theirs = run(how, True), run(how, False)
+        for name, a, b in zip(names, ours, theirs):
+            if np.abs(b).max() > 0 or np.abs(a).max() > 0:
+                assert relative_error(a, b) < 1e-5, (how, name, relative_error(a, b))
+    for a, b in zip(run("relu", True, frozen=True), run("relu", False, frozen=True)):
+        np.testing.assert_array_equal(a, b)  # both MindSpore's, with the moving statistics
+
+
+@needs_library
 def test_the_dense_matrix_keeps_height_and_width_apart():
     """Non-square maps (1x2, 2x1, 3x1 to 2x1), where a tap read with height and width swapped would show."""
     import mindspore as ms
@@ -279,6 +341,11 @@ def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
     one_by_one, three_by_three = net.layer4[0].down_sample[0], net.layer4[0].conv2
     assert one_by_one.onednn_forward is not None and three_by_three.onednn_forward is not None
     assert one_by_one.onednn_matmul_by_weight is not None  # small maps' matmuls too, while training
+    assert net.norm.onednn_norm is not None and net.layer4[2].norm3.onednn_norm_with_residual is not None
+    stem_map = ms.Tensor(np.zeros((8, 64, 112, 112), np.float32))
+    net.set_train(True)
+    assert net.norm.runs_fused(stem_map)
+    assert not net.norm.runs_fused(stem_map[:, :, :8, :8])  # maps under 14x14: MindSpore's, faster in a step there
     net.set_train(True)
     for conv in (one_by_one, three_by_three):
         assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.ON_ONEDNN
@@ -300,6 +367,7 @@ def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
     assert shallow.choose_kernel(8, ms.float32, 8 * 8, 8 * 8) == resnet.AS_CONVOLUTION
     assert shallow.choose_kernel(8, ms.float32, 56 * 56, 56 * 56) == resnet.ON_ONEDNN  # ... but on NCHW, none
     net.set_train(False)
+    assert not net.norm.runs_fused(stem_map)
     for conv in (one_by_one, three_by_three):
         assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.AS_CONVOLUTION
     assert on_one_pixel.choose_kernel(32, ms.float32, 1, 1) == resnet.AS_MATMUL  # inference: no custom operator

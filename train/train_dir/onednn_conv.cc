@@ -284,8 +284,8 @@ int guarded(const char *name, int nparam, int expected, int *ndims, const char *
 
 }  // namespace
 
-// Runs `body` on the worker thread, one call at a time, for every operator of the library (small_map_conv.cc and
-// fused_momentum.cc too): each uses both cores, and OpenMP keeps one team. A failure is one line on stderr, "<what>:
+// Runs `body` on the worker thread, one call at a time, for every operator of the library (small_map_conv.cc,
+// fused_momentum.cc and norm_relu.cc too): each uses both cores, and OpenMP keeps one team. A failure is one line on stderr, "<what>:
 // <why>", and a non-zero return, which MindSpore raises as an error.
 int run_on_worker(const char *what, const std::function<void()> &body) {
   try {

@@ -8,8 +8,9 @@ measured faster in a training step (3x3, 7x7, deep 1x1, 1x1 on maps of 14x14 and
 weights stay MindSpore's NCHW parameters, so checkpoints and exports are unchanged.
 
 The same library holds the other CPU training operators that beat MindSpore's in a step: the small maps' matmuls on
-oneDNN's GEMM and a convolution on a tiny map as one dense matrix (small_map_conv.cc, resnet.Conv2d), and the whole
-momentum step in one pass (fused_momentum.cc, train_step.FusedMomentum).
+oneDNN's GEMM and a convolution on a tiny map as one dense matrix (small_map_conv.cc, resnet.Conv2d), BatchNorm with
+its residual sum and ReLU in one pass (norm_relu.cc, resnet.BatchNorm2d), and the whole momentum step in one pass
+(fused_momentum.cc, train_step.FusedMomentum).
 
 The library is built on first use from these sources with the system's C++ compiler (`$CXX`, else g++) against the
 system's oneDNN (Debian's libdnnl-dev: `make venv` installs it where apt-get can), into a cache folder, once per
@@ -27,7 +28,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 # one library: also the dense matrix of convolutions on tiny maps (resnet.Conv2d) and train_step.FusedMomentum's step
-SOURCES = (SOURCE, SOURCE.with_name("small_map_conv.cc"), SOURCE.with_name("fused_momentum.cc"))
+SOURCES = (SOURCE, SOURCE.with_name("small_map_conv.cc"), SOURCE.with_name("fused_momentum.cc"),
+           SOURCE.with_name("norm_relu.cc"))
 # -ffp-contract=off: no fused multiply-adds, so the momentum step rounds as MindSpore's own kernels do
 FLAGS = ("-O2", "-std=c++14", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 DISABLE = "RESNET_ONEDNN_CONV"  # "0" turns the operators off (the benchmark's and tests' reference runs)
@@ -93,6 +95,29 @@ class Library:
 
         return ops.Custom(f"{self.path}:MatmulByWeight", out_shape=lambda a, b: [a[0], b[0]],
                           out_dtype=lambda a, b: a, func_type="aot", bprop=bprop)
+
+    def batch_norm_relu(self, with_residual):
+        """(y, saved, new_mean, new_var) = BatchNormRelu(x, gamma, beta, moving_mean, moving_var, settings), or
+        BatchNormAddRelu(x, gamma, beta, moving_mean, moving_var, residual, settings) (norm_relu.cc): BatchNorm with
+        batch statistics, plus the residual, then ReLU if settings[2]; new_mean and new_var are the moving statistics
+        to assign. Its backward gives x's, gamma's, beta's (and the residual's) gradients in one operator."""
+        import mindspore.ops as ops
+        name = "BatchNormAddRelu" if with_residual else "BatchNormRelu"  # MindSpore keys the backward by name
+        gradients = lambda dy, x, y, gamma, saved, settings: (x, gamma, gamma) + ((x,) if with_residual else ())
+        backward = ops.Custom(f"{self.path}:{name}Grad", out_shape=gradients, out_dtype=gradients, func_type="aot")
+
+        if with_residual:
+            def bprop(x, gamma, beta, moving_mean, moving_var, residual, settings, out, dout):
+                dx, dgamma, dbeta, dresidual = backward(dout[0], x, out[0], gamma, out[1], settings)
+                return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var), dresidual,
+                        ops.zeros_like(settings))
+        else:
+            def bprop(x, gamma, beta, moving_mean, moving_var, settings, out, dout):
+                dx, dgamma, dbeta = backward(dout[0], x, out[0], gamma, out[1], settings)
+                return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var), ops.zeros_like(settings)
+
+        return ops.Custom(f"{self.path}:{name}", out_shape=lambda x, gamma, *rest: (x, [2, gamma[0]], gamma, gamma),
+                          out_dtype=lambda x, *rest: (x, x, x, x), func_type="aot", bprop=bprop)
 
     def momentum_step(self):
         """FusedMomentum(lr[n], decay[n], momentum[1], *vars, *accums, *grads) -> done[1] (fused_momentum.cc), which

@@ -13,7 +13,8 @@ checkpoint written by this code records its padding as `resnet_padding`, and lab
 
 On CPU, a convolution whose output map is 2x2 or smaller runs as one matmul over the batch (`Conv2d`), which makes
 training at 32x32 about 1.8x faster; while training, that matmul runs on oneDNN's GEMM and larger maps on its
-blocked kernels where those are faster (`use_onednn_convolutions`, onednn_conv.py).
+blocked kernels where those are faster (`use_onednn_convolutions`, onednn_conv.py), and BatchNorm with the residual
+sum and ReLU after it as one operator on maps of 14x14 and more (`BatchNorm2d`).
 """
 import itertools
 import os
@@ -46,6 +47,10 @@ PLAIN_GEMM_MIN_SIDE = 14
 # Performance). RESNET_ONEDNN_WINOGRAD=0 turns them off (the benchmark's comparison).
 # Read when a graph compiles: with MindSpore's compile cache on, clear the cache after changing it.
 WINOGRAD_MIN_SIDE = 14
+# BatchNorm with its ReLU and residual as one operator (BatchNorm2d.then_relu) on maps of 14x14 and more, where it is
+# 3-4x faster than MindSpore's kernels and a 224x224 step 1.15-1.23x; on the 8x8 and 4x4 maps of 32x32 inputs, though
+# faster alone, it made the step 1.03-1.14x slower (README, Performance).
+FUSED_NORM_MIN_PIXELS = 14 * 14
 
 
 _PLAN_KEYS = itertools.count()
@@ -206,10 +211,14 @@ def use_onednn_convolutions(net):
         operators = [(library.forward(cell.output_shape), library.dense_weights(cell.output_shape))
                      for cell in convolutions]
         matmul_by_weight = library.matmul_by_weight()
+        norms = (library.batch_norm_relu(False), library.batch_norm_relu(True))
     except (TypeError, ValueError, RuntimeError) as error:  # e.g. MS_CUSTOM_AOT_WHITE_LIST leaves the cache out
         return f"convolutions: MindSpore's (the custom operator was refused: {str(error).splitlines()[0]})"
     for cell, (forward, dense_weights) in zip(convolutions, operators):
         cell.onednn_forward, cell.dense_weights, cell.onednn_matmul_by_weight = forward, dense_weights, matmul_by_weight
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, BatchNorm2d):
+            cell.onednn_norm, cell.onednn_norm_with_residual = norms
     return f"convolutions: oneDNN blocked kernels where faster ({library.version}, built from {onednn_conv.SOURCE.name})"
 
 
@@ -221,9 +230,53 @@ def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
                   weight_init=HeNormal(mode="fan_out", nonlinearity="relu"), **pad)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, same results) whose `then_relu` adds a residual and applies the ReLU after it.
+
+    Training on CPU with batch statistics, where the library is built, each of these is one operator forward and one
+    backward (norm_relu.cc, `use_onednn_convolutions`), in place of MindSpore's BatchNorm, Add and ReLU and their
+    gradients, each a pass over memory; elsewhere (inference, exports, frozen statistics, GPU and Ascend) they are
+    MindSpore's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = ops.ReLU()
+        self.onednn_norm = None  # set by use_onednn_convolutions, as is this, for a residual
+        self.onednn_norm_with_residual = None
+
+    def construct(self, x):
+        if self.runs_fused(x):
+            return self.fused(x, None, 0.0)
+        return super().construct(x)
+
+    def then_relu(self, x, residual=None):
+        """relu(norm(x) + residual), or relu(norm(x))."""
+        if self.runs_fused(x):
+            return self.fused(x, residual, 1.0)
+        if residual is None:
+            return self.relu(super().construct(x))
+        return self.relu(super().construct(x) + residual)
+
+    def fused(self, x, residual, relu):
+        settings = ms.Tensor([self.eps, self.momentum, relu], ms.float32)
+        if residual is None:
+            y, _, mean, variance = self.onednn_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
+                                                    settings)
+        else:
+            y, _, mean, variance = self.onednn_norm_with_residual(x, self.gamma, self.beta, self.moving_mean,
+                                                                  self.moving_variance, residual, settings)
+        ops.assign(self.moving_mean, mean)
+        ops.assign(self.moving_variance, variance)
+        return y
+
+    def runs_fused(self, x):
+        return (self.training and self.use_batch_statistics is not False and self.onednn_norm is not None
+                and x.dtype == ms.float32 and x.ndim == 4 and x.shape[2] * x.shape[3] >= FUSED_NORM_MIN_PIXELS)
+
+
 def _norm(channel, last_in_block=False):
     # A residual block's last norm starts at zero, so every block starts as the identity (Goyal et al. 2017)
-    return nn.BatchNorm2d(channel, gamma_init="zeros" if last_in_block else "ones")
+    return BatchNorm2d(channel, gamma_init="zeros" if last_in_block else "ones")
 
 
 class BasicBlock(nn.Cell):
@@ -236,14 +289,12 @@ class BasicBlock(nn.Cell):
         self.norm1 = _norm(out_channel)
         self.conv2 = _conv(out_channel, out_channel, 3, padding=padding)
         self.norm2 = _norm(out_channel, last_in_block=True)
-        self.relu = nn.ReLU()
         self.down_sample = down_sample
 
     def construct(self, x):
         identity = x if self.down_sample is None else self.down_sample(x)
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self.norm1.then_relu(self.conv1(x))
+        return self.norm2.then_relu(self.conv2(out), identity)
 
 
 class Bottleneck(nn.Cell):
@@ -258,15 +309,13 @@ class Bottleneck(nn.Cell):
         self.norm2 = _norm(out_channel)
         self.conv3 = _conv(out_channel, out_channel * self.expansion, 1)
         self.norm3 = _norm(out_channel * self.expansion, last_in_block=True)
-        self.relu = nn.ReLU()
         self.down_sample = down_sample
 
     def construct(self, x):
         identity = x if self.down_sample is None else self.down_sample(x)
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self.relu(self.norm2(self.conv2(out)))
-        out = self.norm3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.norm1.then_relu(self.conv1(x))
+        out = self.norm2.then_relu(self.conv2(out))
+        return self.norm3.then_relu(self.conv3(out), identity)
 
 
 def _stem_pool(padding):
@@ -298,7 +347,6 @@ class ResNet(nn.Cell):
         self.conv1 = _conv(3, 64, 7, stride=2, padding=padding)
         self.conv1.input_needs_gradient = False
         self.norm = _norm(64)
-        self.relu = nn.ReLU()
         self.max_pool = _stem_pool(padding)
         self.layer1 = _make_layer(64, block, 64, layer_counts[0], padding=padding)
         self.layer2 = _make_layer(64 * block.expansion, block, 128, layer_counts[1], 2, padding)
@@ -308,7 +356,7 @@ class ResNet(nn.Cell):
         self.fc = nn.Dense(self.num_features, num_classes)
 
     def features(self, x):
-        x = self.max_pool(self.relu(self.norm(self.conv1(x))))
+        x = self.max_pool(self.norm.then_relu(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return ops.mean(x, axis=(2, 3))  # global average pooling: any input size
 
