@@ -196,8 +196,8 @@ def test_the_gemm_operator_computes_a_times_b_transposed_and_both_gradients():
 def test_batchnorm_with_relu_and_residual_matches_mindspore_forward_backward_and_moving_statistics(shape, monkeypatch):
     """resnet.BatchNorm2d as one operator (norm_relu.cc) against MindSpore's BatchNorm, Add and ReLU: outputs, the
     gradients of input, residual, gamma and beta, and the moving statistics after a step, in GRAPH_MODE, on maps
-    large (vectorised loops) and tiny (scalar ones), with a mean far from zero (where E[x^2] - E[x]^2 loses digits
-    unless shifted); frozen statistics stay MindSpore's inference normalisation."""
+    large (vectorised loops) and tiny (scalar ones), with a mean far from zero and an outlier (where E[x^2] - E[x]^2
+    loses digits unless shifted near the mean); frozen statistics stay MindSpore's inference normalisation."""
     import mindspore as ms
     import mindspore.nn as nn
     import mindspore.ops as ops
@@ -205,7 +205,9 @@ def test_batchnorm_with_relu_and_residual_matches_mindspore_forward_backward_and
     monkeypatch.setattr(resnet, "FUSED_NORM_MIN_PIXELS", 1)  # the scalar loops too (ResNet fuses 14x14 and up)
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(4)
-    x = ms.Tensor((rng.normal(size=shape) * 2 + 50).astype(np.float32))
+    x = (rng.normal(size=shape) * 2 + 50).astype(np.float32)
+    x[0, :, 0, 0] = 1e4  # an outlier in the corner, where a shift by one pixel's value would lose digits
+    x = ms.Tensor(x)
     residual = ms.Tensor(rng.normal(size=shape).astype(np.float32))
     direction = ms.Tensor(rng.normal(size=shape).astype(np.float32))
     moving_mean = (rng.normal(size=shape[1]) + 50).astype(np.float32)
@@ -219,9 +221,9 @@ def test_batchnorm_with_relu_and_residual_matches_mindspore_forward_backward_and
             if self.how == "norm":
                 y = self.norm(x)
             elif self.how == "relu":
-                y = self.norm.then_relu(x)
+                y = self.norm(x, relu=True)
             else:
-                y = self.norm.then_relu(x, residual)
+                y = self.norm(x, residual, relu=True)
             return (y * direction).sum()
 
     def run(how, fused, frozen=False):
@@ -346,7 +348,6 @@ def test_only_training_on_cpu_uses_onednn_and_exports_stay_plain(tmp_path):
     net.set_train(True)
     assert net.norm.runs_fused(stem_map)
     assert not net.norm.runs_fused(stem_map[:, :, :8, :8])  # maps under 14x14: MindSpore's, faster in a step there
-    net.set_train(True)
     for conv in (one_by_one, three_by_three):
         assert conv.choose_kernel(8, ms.float32, 56 * 56, 112 * 112) == resnet.ON_ONEDNN
         assert conv.choose_kernel(8, ms.float16, 56 * 56, 112 * 112) == resnet.AS_CONVOLUTION  # float32 only

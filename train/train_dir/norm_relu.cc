@@ -1,5 +1,5 @@
 // BatchNorm in training, with the ReLU after it and the residual sum before that ReLU, in one pass each way
-// (resnet.BatchNorm2d.then_relu; onednn_conv.py builds this file into the same library as onednn_conv.cc).
+// (resnet.BatchNorm2d; onednn_conv.py builds this file into the same library as onednn_conv.cc).
 //
 // MindSpore runs BatchNorm, Add, ReLU and, backward, ReluGrad, AddN and BatchNormGrad as separate kernels, each a
 // pass over the activations: on CPU these are memory-bound, and a ResNet50 step at 224x224 spent 300 ms in them.
@@ -12,8 +12,8 @@
 // (two names, as MindSpore keys a custom operator's backward by its function's name)
 // settings: float32 [eps, momentum, relu (0 or 1)]; saved: (2, C) the batch mean and 1 / sqrt(var + eps);
 // new_mean, new_var: the moving statistics after this batch, as MindSpore's BatchNorm updates them (moving * (1 -
-// momentum) + batch * momentum, the variance unbiased), for the caller to assign: written in place, they would make
-// this a side-effect operator, which MindSpore orders against every other one (a 32x32 step 1.06x slower).
+// momentum) + batch * momentum, the variance unbiased), for the caller to assign (ops.assign orders only against its
+// own parameter; written in place, they would make this operator a side effect on all memory).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -55,10 +55,14 @@ Planes planes_of(int *ndims, int64_t **shapes, int x, std::initializer_list<int>
 // The loops over one channel (its plane in every image), compiled for AVX2 and for any x86-64 (the library may be
 // built on one machine and run on another): memory-bound, they run about twice as fast with AVX2's wider vectors.
 // Sums are in float along a plane and in double across planes.
+#if defined(__x86_64__)
 #define CHANNEL_LOOP __attribute__((target_clones("avx2", "default")))
+#else
+#define CHANNEL_LOOP
+#endif
 
-// sum(x - shift_by) and sum((x - shift_by)^2): around a value of the channel, E[x^2] - E[x]^2 keeps its digits
-// where the mean is large.
+// sum(x - shift_by) and sum((x - shift_by)^2): around a value near the channel's mean, E[x^2] - E[x]^2 keeps its
+// digits where the mean is large.
 CHANNEL_LOOP void shifted_sums(const float *x, const Planes p, int64_t c, float shift_by, double &sum,
                                double &squares) {
   sum = 0, squares = 0;
@@ -81,6 +85,13 @@ CHANNEL_LOOP void shifted_sums(const float *x, const Planes p, int64_t c, float 
     }
     sum += s, squares += q;
   }
+}
+
+CHANNEL_LOOP float plane_mean(const float *in, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += in[i];
+  return s / n;
 }
 
 // y = (x - mean) * scale + beta [+ residual], then the ReLU if asked.
@@ -184,7 +195,7 @@ int BatchNormRelu(int nparam, void **params, int *ndims, int64_t **shapes, const
 
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < p.c; ++c) {
-      const float shift_by = x[p.at(0, c)];
+      const float shift_by = plane_mean(x + p.at(0, c), p.pixels);  // the first image's: near the batch's
       double sum, squares;
       shifted_sums(x, p, c, shift_by, sum, squares);
       const double shifted_mean = sum / count, mean = shifted_mean + shift_by;

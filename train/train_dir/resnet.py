@@ -12,9 +12,10 @@ symmetric (k-1)/2 padding (MindCV, mindvision), which shifts strided convolution
 checkpoint written by this code records its padding as `resnet_padding`, and labels.json as `padding`.
 
 On CPU, a convolution whose output map is 2x2 or smaller runs as one matmul over the batch (`Conv2d`), which makes
-training at 32x32 about 1.8x faster; while training, that matmul runs on oneDNN's GEMM and larger maps on its
-blocked kernels where those are faster (`use_onednn_convolutions`, onednn_conv.py), and BatchNorm with the residual
-sum and ReLU after it as one operator on maps of 14x14 and more (`BatchNorm2d`).
+training at 32x32 about 1.8x faster. While training, convolutions run on oneDNN's kernels where those are faster
+(`use_onednn_convolutions`, onednn_conv.py): the small maps' 1x1 matmuls on its GEMM, their 3x3 ones on its direct
+kernels, larger maps on its blocked kernels; and BatchNorm with the residual sum and ReLU after it runs as one
+operator on maps of 196 pixels (14x14) and more (`BatchNorm2d`).
 """
 import itertools
 import os
@@ -47,7 +48,7 @@ PLAIN_GEMM_MIN_SIDE = 14
 # Performance). RESNET_ONEDNN_WINOGRAD=0 turns them off (the benchmark's comparison).
 # Read when a graph compiles: with MindSpore's compile cache on, clear the cache after changing it.
 WINOGRAD_MIN_SIDE = 14
-# BatchNorm with its ReLU and residual as one operator (BatchNorm2d.then_relu) on maps of 14x14 and more, where it is
+# BatchNorm with its ReLU and residual as one operator (BatchNorm2d) on maps of 196 pixels (14x14) and more, where it is
 # 3-4x faster than MindSpore's kernels and a 224x224 step 1.15-1.23x; on the 8x8 and 4x4 maps of 32x32 inputs, though
 # faster alone, it made the step 1.03-1.14x slower (README, Performance).
 FUSED_NORM_MIN_PIXELS = 14 * 14
@@ -231,12 +232,14 @@ def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (same parameters, same results) whose `then_relu` adds a residual and applies the ReLU after it.
+    """nn.BatchNorm2d (same parameters; results within float rounding) that can add a residual and apply a ReLU after
+    it: `norm(x, residual, relu=True)` is relu(norm(x) + residual).
 
-    Training on CPU with batch statistics, where the library is built, each of these is one operator forward and one
-    backward (norm_relu.cc, `use_onednn_convolutions`), in place of MindSpore's BatchNorm, Add and ReLU and their
-    gradients, each a pass over memory; elsewhere (inference, exports, frozen statistics, GPU and Ascend) they are
-    MindSpore's."""
+    Training on CPU with batch statistics, where the library is built, this is one operator forward and one backward
+    on maps of 196 pixels (14x14) and more (norm_relu.cc, `use_onednn_convolutions`), in place of MindSpore's
+    BatchNorm, Add and ReLU and their gradients, each a pass over memory; elsewhere (smaller maps, inference, exports,
+    frozen statistics, GPU and Ascend) they are MindSpore's. The extra arguments go through construct, so that mixed
+    precision's wrapper (amp O2, which wraps every BatchNorm) passes them on."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -244,34 +247,29 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.onednn_norm = None  # set by use_onednn_convolutions, as is this, for a residual
         self.onednn_norm_with_residual = None
 
-    def construct(self, x):
+    def construct(self, x, residual=None, relu=False):
         if self.runs_fused(x):
-            return self.fused(x, None, 0.0)
-        return super().construct(x)
-
-    def then_relu(self, x, residual=None):
-        """relu(norm(x) + residual), or relu(norm(x))."""
-        if self.runs_fused(x):
-            return self.fused(x, residual, 1.0)
-        if residual is None:
-            return self.relu(super().construct(x))
-        return self.relu(super().construct(x) + residual)
-
-    def fused(self, x, residual, relu):
-        settings = ms.Tensor([self.eps, self.momentum, relu], ms.float32)
-        if residual is None:
-            y, _, mean, variance = self.onednn_norm(x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
-                                                    settings)
-        else:
-            y, _, mean, variance = self.onednn_norm_with_residual(x, self.gamma, self.beta, self.moving_mean,
-                                                                  self.moving_variance, residual, settings)
-        ops.assign(self.moving_mean, mean)
-        ops.assign(self.moving_variance, variance)
+            settings = ms.Tensor([self.eps, self.momentum, 1.0 if relu else 0.0], ms.float32)
+            if residual is None:
+                y, _, mean, variance = self.onednn_norm(x, self.gamma, self.beta, self.moving_mean,
+                                                        self.moving_variance, settings)
+            else:
+                y, _, mean, variance = self.onednn_norm_with_residual(x, self.gamma, self.beta, self.moving_mean,
+                                                                      self.moving_variance, residual, settings)
+            ops.assign(self.moving_mean, mean)
+            ops.assign(self.moving_variance, variance)
+            return y
+        y = super().construct(x)
+        if residual is not None:
+            y = y + residual
+        if relu:
+            y = self.relu(y)
         return y
 
     def runs_fused(self, x):
         return (self.training and self.use_batch_statistics is not False and self.onednn_norm is not None
-                and x.dtype == ms.float32 and x.ndim == 4 and x.shape[2] * x.shape[3] >= FUSED_NORM_MIN_PIXELS)
+                and self.format == "NCHW" and x.dtype == ms.float32 and x.ndim == 4
+                and x.shape[2] * x.shape[3] >= FUSED_NORM_MIN_PIXELS)
 
 
 def _norm(channel, last_in_block=False):
@@ -293,8 +291,8 @@ class BasicBlock(nn.Cell):
 
     def construct(self, x):
         identity = x if self.down_sample is None else self.down_sample(x)
-        out = self.norm1.then_relu(self.conv1(x))
-        return self.norm2.then_relu(self.conv2(out), identity)
+        out = self.norm1(self.conv1(x), relu=True)
+        return self.norm2(self.conv2(out), identity, relu=True)
 
 
 class Bottleneck(nn.Cell):
@@ -313,9 +311,9 @@ class Bottleneck(nn.Cell):
 
     def construct(self, x):
         identity = x if self.down_sample is None else self.down_sample(x)
-        out = self.norm1.then_relu(self.conv1(x))
-        out = self.norm2.then_relu(self.conv2(out))
-        return self.norm3.then_relu(self.conv3(out), identity)
+        out = self.norm1(self.conv1(x), relu=True)
+        out = self.norm2(self.conv2(out), relu=True)
+        return self.norm3(self.conv3(out), identity, relu=True)
 
 
 def _stem_pool(padding):
@@ -356,7 +354,7 @@ class ResNet(nn.Cell):
         self.fc = nn.Dense(self.num_features, num_classes)
 
     def features(self, x):
-        x = self.max_pool(self.norm.then_relu(self.conv1(x)))
+        x = self.max_pool(self.norm(self.conv1(x), relu=True))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return ops.mean(x, axis=(2, 3))  # global average pooling: any input size
 
