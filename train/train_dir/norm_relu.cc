@@ -176,15 +176,17 @@ int BatchNormRelu(int nparam, void **params, int *ndims, int64_t **shapes, const
     check_float32(nparam, dtypes);
     const bool has_residual = nparam == 11;
     const int settings_at = has_residual ? 6 : 5, y_at = settings_at + 1;
-    const Planes p = planes_of(ndims, shapes, 0, has_residual ? std::initializer_list<int>{5, y_at}
-                                                              : std::initializer_list<int>{y_at}, {1, 2, 3, 4, y_at + 2, y_at + 3});
+    const Planes p = planes_of(ndims, shapes, 0,
+                               has_residual ? std::initializer_list<int>{5, y_at} : std::initializer_list<int>{y_at},
+                               {1, 2, 3, 4, y_at + 2, y_at + 3});
     if (ndims[settings_at] != 1 || shapes[settings_at][0] != 3)
       throw std::runtime_error("settings: float32 [eps, momentum, relu]");
     if (ndims[y_at + 1] != 2 || shapes[y_at + 1][0] != 2 || shapes[y_at + 1][1] != p.c)
       throw std::runtime_error("saved: (2, channels)");
     const float *x = static_cast<const float *>(params[0]), *gamma = static_cast<const float *>(params[1]),
                 *beta = static_cast<const float *>(params[2]);
-    const float *moving_mean = static_cast<const float *>(params[3]), *moving_var = static_cast<const float *>(params[4]);
+    const float *moving_mean = static_cast<const float *>(params[3]),
+                *moving_var = static_cast<const float *>(params[4]);
     float *new_mean = static_cast<float *>(params[y_at + 2]), *new_var = static_cast<float *>(params[y_at + 3]);
     const float *residual = has_residual ? static_cast<const float *>(params[5]) : nullptr;
     const float *settings = static_cast<const float *>(params[settings_at]);

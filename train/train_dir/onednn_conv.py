@@ -114,7 +114,8 @@ class Library:
         else:
             def bprop(x, gamma, beta, moving_mean, moving_var, settings, out, dout):
                 dx, dgamma, dbeta = backward(dout[0], x, out[0], gamma, out[1], settings)
-                return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var), ops.zeros_like(settings)
+                return (dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var),
+                        ops.zeros_like(settings))
 
         return ops.Custom(f"{self.path}:{name}", out_shape=lambda x, gamma, *rest: (x, [2, gamma[0]], gamma, gamma),
                           out_dtype=lambda x, *rest: (x, x, x, x), func_type="aot", bprop=bprop)

@@ -200,8 +200,9 @@ class Conv2d(nn.Conv2d):
 
 
 def use_onednn_convolutions(net):
-    """Training on CPU: the convolutions that oneDNN's blocked kernels run faster run there (inference and exports
-    keep MindSpore's). Returns the log line saying which convolutions training uses (None off CPU)."""
+    """Training on CPU: the convolutions that oneDNN's kernels run faster run there, and BatchNorm with its residual
+    and ReLU as one operator (BatchNorm2d), where the library builds (inference and exports keep MindSpore's).
+    Returns the log line saying which kernels training uses (None off CPU)."""
     if ms.get_context("device_target") != "CPU":
         return None
     library, reason = onednn_conv.load()
@@ -220,7 +221,8 @@ def use_onednn_convolutions(net):
     for _, cell in net.cells_and_names():
         if isinstance(cell, BatchNorm2d):
             cell.onednn_norm, cell.onednn_norm_with_residual = norms
-    return f"convolutions: oneDNN blocked kernels where faster ({library.version}, built from {onednn_conv.SOURCE.name})"
+    return (f"convolutions: oneDNN blocked kernels where faster ({library.version}, built from "
+            f"{onednn_conv.SOURCE.name}); BatchNorm, residual and ReLU as one operator on maps of 14x14 and more")
 
 
 def _conv(in_channel, out_channel, kernel_size, stride=1, padding="same"):
