@@ -196,13 +196,13 @@ def test_the_gemm_operator_computes_a_times_b_transposed_and_both_gradients():
 def test_batchnorm_with_relu_and_residual_matches_mindspore_forward_backward_and_moving_statistics(shape, monkeypatch):
     """resnet.BatchNorm2d as one operator (norm_relu.cc) against MindSpore's BatchNorm, Add and ReLU: outputs, the
     gradients of input, residual, gamma and beta, and the moving statistics after a step, in GRAPH_MODE, on maps
-    large (vectorised loops) and tiny (scalar ones), with a mean far from zero and an outlier (where E[x^2] - E[x]^2
+    large and tiny (shorter than a vector), with a mean far from zero and an outlier (where E[x^2] - E[x]^2
     loses digits unless shifted near the mean); frozen statistics stay MindSpore's inference normalisation."""
     import mindspore as ms
     import mindspore.nn as nn
     import mindspore.ops as ops
     import resnet
-    monkeypatch.setattr(resnet, "FUSED_NORM_MIN_PIXELS", 1)  # the scalar loops too (ResNet fuses 14x14 and up)
+    monkeypatch.setattr(resnet, "FUSED_NORM_MIN_PIXELS", 1)  # tiny maps too (ResNet fuses 14x14 and up)
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(4)
     x = (rng.normal(size=shape) * 2 + 50).astype(np.float32)

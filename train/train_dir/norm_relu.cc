@@ -66,14 +66,6 @@ Planes planes_of(int *ndims, int64_t **shapes, int x, std::initializer_list<int>
 CHANNEL_LOOP void shifted_sums(const float *x, const Planes p, int64_t c, float shift_by, double &sum,
                                double &squares) {
   sum = 0, squares = 0;
-  if (p.pixels < 16) {  // tiny maps: a vector's partial sums per plane would cost more than the plane
-    for (int64_t image = 0; image < p.n; ++image)
-      for (int64_t i = 0, at = p.at(image, c); i < p.pixels; ++i) {
-        const float v = x[at + i] - shift_by;
-        sum += v, squares += v * v;
-      }
-    return;
-  }
   for (int64_t image = 0; image < p.n; ++image) {
     const float *in = x + p.at(image, c);
     float s = 0.f, q = 0.f;
@@ -117,25 +109,20 @@ CHANNEL_LOOP void normalize(const float *x, const float *residual, float *y, con
   }
 }
 
+// dy where the ReLU passed its input (y > 0), or dy itself without a ReLU.
+inline float through_relu(float dy, float y, bool relu) { return (!relu || y > 0.f) ? dy : 0.f; }
+
 // sum(dz) and sum(dz * (x - mean)), dz = dy where the ReLU passed it (written to dresidual if there is one).
-CHANNEL_LOOP void gradient_sums(const float *dy, const float *x, const float *y, float *dresidual, const Planes &p,
+CHANNEL_LOOP void gradient_sums(const float *dy, const float *x, const float *y, float *dresidual, const Planes p,
                                 int64_t c, bool relu, float mean, double &sum, double &products) {
   sum = 0, products = 0;
   for (int64_t image = 0; image < p.n; ++image) {
     const int64_t at = p.at(image, c);
     const float *g = dy + at, *in = x + at, *out = y + at;
-    if (p.pixels < 16) {  // as in shifted_sums
-      for (int64_t i = 0; i < p.pixels; ++i) {
-        const float dz = (!relu || out[i] > 0.f) ? g[i] : 0.f;
-        sum += dz, products += dz * (in[i] - mean);
-        if (dresidual) dresidual[at + i] = dz;
-      }
-      continue;
-    }
     float s = 0.f, q = 0.f;
 #pragma omp simd reduction(+ : s, q)
     for (int64_t i = 0; i < p.pixels; ++i) {
-      const float dz = (!relu || out[i] > 0.f) ? g[i] : 0.f;
+      const float dz = through_relu(g[i], out[i], relu);
       s += dz;
       q += dz * (in[i] - mean);
     }
@@ -143,13 +130,13 @@ CHANNEL_LOOP void gradient_sums(const float *dy, const float *x, const float *y,
     if (dresidual) {
       float *d = dresidual + at;
 #pragma omp simd
-      for (int64_t i = 0; i < p.pixels; ++i) d[i] = (!relu || out[i] > 0.f) ? g[i] : 0.f;
+      for (int64_t i = 0; i < p.pixels; ++i) d[i] = through_relu(g[i], out[i], relu);
     }
   }
 }
 
 // dx = k * dz + a * (x - mean) + b.
-CHANNEL_LOOP void input_gradient(const float *dy, const float *x, const float *y, float *dx, const Planes &p,
+CHANNEL_LOOP void input_gradient(const float *dy, const float *x, const float *y, float *dx, const Planes p,
                                  int64_t c, bool relu, float mean, float k, float a, float b) {
   for (int64_t image = 0; image < p.n; ++image) {
     const int64_t at = p.at(image, c);
@@ -157,7 +144,7 @@ CHANNEL_LOOP void input_gradient(const float *dy, const float *x, const float *y
     float *d = dx + at;
 #pragma omp simd
     for (int64_t i = 0; i < p.pixels; ++i) {
-      const float dz = (!relu || out[i] > 0.f) ? g[i] : 0.f;
+      const float dz = through_relu(g[i], out[i], relu);
       d[i] = k * dz + a * (in[i] - mean) + b;
     }
   }
