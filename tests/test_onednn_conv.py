@@ -410,6 +410,22 @@ def test_the_momentum_operator_refuses_tensors_that_do_not_match_with_an_error_n
 
 
 @needs_library
+def test_the_norm_operator_refuses_tensors_that_do_not_match_with_an_error_not_a_crash(capfd):
+    import mindspore as ms
+    norm = LIBRARY.batch_norm_relu(True)
+    x, residual = np.ones((2, 3, 4, 4), np.float32), np.zeros((2, 3, 4, 4), np.float32)
+    x[0] = 3.0
+    vector, settings = ms.Tensor(np.ones(3, np.float32)), ms.Tensor([1e-5, 0.1, 1.0], ms.float32)
+    y = norm(ms.Tensor(x), vector, vector * 0, vector * 0, vector, ms.Tensor(residual), settings)[0].asnumpy()
+    np.testing.assert_allclose(y, np.where(x > 2, 1.0, 0.0), atol=1e-4)  # computes: +1 and -1 sigma, then ReLU
+    for x, residual, error in ((x, np.zeros((2, 3, 4, 5), np.float32), "the tensors are not all of one shape"),
+                               (x.astype(np.float16), residual.astype(np.float16), "float32 only, got float16")):
+        with pytest.raises(RuntimeError):
+            norm(ms.Tensor(x), vector, vector * 0, vector * 0, vector, ms.Tensor(residual), settings)[0].asnumpy()
+        assert f"norm_relu forward: {error}" in capfd.readouterr().err
+
+
+@needs_library
 def test_the_gemm_operator_refuses_matrices_that_do_not_match_with_an_error_not_a_crash(capfd):
     import mindspore as ms
     matmul = LIBRARY.matmul_by_weight()
